@@ -1,0 +1,52 @@
+# stateful-embedder: two commands do everything.
+#   make serve   prepare the real model on first use, then serve it on 127.0.0.1:50051
+#   make test    prepare what the tests need, then run every test
+# Set-up is idempotent: a second run only checks what is there.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+REAL    := models/qwen2.5-coder-0.5b-instruct
+TINY    := models/tiny
+# The variants `make test` checks (f32 is the one served by default).
+TEST_VARIANTS ?= f32,fp16,int8,q4,q8
+SERVE_VARIANT ?= f32
+ADDR    ?= 127.0.0.1:50051
+CARGO   ?= cargo
+
+.PHONY: serve test setup models real-model tiny-model build bench lint clean-models
+
+serve: setup
+	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
+	$(CARGO) build --release
+	ORT_DYLIB_PATH= ./target/release/stateful-embedder serve --model $(REAL) --addr $(ADDR)
+
+test: setup models
+	$(CARGO) build --all-targets
+	SE_REQUIRE_MODELS=1 $(CARGO) test --all-targets
+	SE_REQUIRE_MODELS=1 $(CARGO) test --doc
+	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
+
+# The Python side: the onnxruntime wheel (its libonnxruntime.so is what the
+# server loads), the model-preparation tools and the Python test clients.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: models/requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r models/requirements.txt
+	@touch $@
+
+models: real-model tiny-model
+
+real-model: setup
+	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
+
+tiny-model: setup
+	$(PY) models/prepare.py tiny
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean-models:
+	rm -rf $(REAL) $(TINY)

@@ -1,0 +1,161 @@
+"""Reads a Qwen2 GGUF: architecture facts, float32 weights and the tokenizer.
+
+The tokenizer is rebuilt from the GGUF's own tokens, merges and token types
+into the Hugging Face tokenizers format, with the Qwen2 pre-tokenizer. Nothing
+is guessed: a GGUF without tokenizer metadata is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from qwen_onnx import Arch, Layer, Weights
+
+# The Qwen2 pre-tokenizer regex (tokenizer.ggml.pre == "qwen2"): digits one
+# at a time, letters with one leading non-letter, punctuation runs, newlines.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GGUF token types (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class GgufSource:
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = GGUFReader(path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def field(self, key: str):
+        f = self.reader.fields.get(key)
+        if f is None:
+            raise KeyError(f"{self.path}: GGUF metadata has no {key!r}")
+        return f.contents()
+
+    def string_array(self, key: str) -> list[str]:
+        f = self.reader.fields.get(key)
+        if f is None:
+            raise KeyError(f"{self.path}: GGUF metadata has no {key!r}")
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def arch(self) -> Arch:
+        a = self.field("general.architecture")
+        if a != "qwen2":
+            raise ValueError(f"{self.path}: architecture {a!r} is not qwen2")
+        hidden = int(self.field("qwen2.embedding_length"))
+        heads = int(self.field("qwen2.attention.head_count"))
+        return Arch(
+            layers=int(self.field("qwen2.block_count")),
+            hidden=hidden,
+            ffn=int(self.field("qwen2.feed_forward_length")),
+            heads=heads,
+            kv_heads=int(self.field("qwen2.attention.head_count_kv")),
+            head_dim=hidden // heads,
+            vocab=len(self.reader.fields["tokenizer.ggml.tokens"].data),
+            rope_theta=float(self.field("qwen2.rope.freq_base")),
+            rms_eps=float(self.field("qwen2.attention.layer_norm_rms_epsilon")),
+            max_positions=int(self.field("qwen2.context_length")),
+        )
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor dequantised to float32 in Hugging Face layout ([out, in] for Linear)."""
+        t = self.tensors[name]
+        if t.tensor_type == GGMLQuantizationType.F32:
+            a = np.array(t.data, dtype=np.float32)
+        elif t.tensor_type == GGMLQuantizationType.F16:
+            a = np.array(t.data, dtype=np.float16).astype(np.float32)
+        else:
+            a = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        return a.reshape(shape)
+
+    def weights(self, arch: Arch, lm_head: bool = False, progress=None) -> Weights:
+        layers = []
+        for i in range(arch.layers):
+            p = f"blk.{i}."
+            layers.append(
+                Layer(
+                    attn_norm=self.tensor(p + "attn_norm.weight"),
+                    q_w=self.tensor(p + "attn_q.weight"),
+                    q_b=self.tensor(p + "attn_q.bias"),
+                    k_w=self.tensor(p + "attn_k.weight"),
+                    k_b=self.tensor(p + "attn_k.bias"),
+                    v_w=self.tensor(p + "attn_v.weight"),
+                    v_b=self.tensor(p + "attn_v.bias"),
+                    o_w=self.tensor(p + "attn_output.weight"),
+                    ffn_norm=self.tensor(p + "ffn_norm.weight"),
+                    gate_w=self.tensor(p + "ffn_gate.weight"),
+                    up_w=self.tensor(p + "ffn_up.weight"),
+                    down_w=self.tensor(p + "ffn_down.weight"),
+                )
+            )
+            if progress:
+                progress(i + 1, arch.layers)
+        return Weights(
+            embed=self.tensor("token_embd.weight"),
+            layers=layers,
+            final_norm=self.tensor("output_norm.weight"),
+            lm_head=self.tensor("output.weight") if lm_head else None,
+        )
+
+    def tokenizer_json(self) -> dict:
+        model = self.field("tokenizer.ggml.model")
+        pre = self.field("tokenizer.ggml.pre")
+        if model != "gpt2" or pre != "qwen2":
+            raise ValueError(f"{self.path}: tokenizer {model}/{pre} is not the byte-level BPE of qwen2")
+        tokens = self.string_array("tokenizer.ggml.tokens")
+        types_field = self.reader.fields["tokenizer.ggml.token_type"]
+        types = [int(types_field.parts[i][0]) for i in types_field.data]
+        merges = self.string_array("tokenizer.ggml.merges")
+
+        vocab = {}
+        added = []
+        for i, (tok, kind) in enumerate(zip(tokens, types)):
+            if kind == NORMAL:
+                vocab[tok] = i
+            elif kind in (CONTROL, USER_DEFINED):
+                added.append(
+                    {
+                        "id": i,
+                        "content": tok,
+                        "single_word": False,
+                        "lstrip": False,
+                        "rstrip": False,
+                        "normalized": False,
+                        "special": kind == CONTROL,
+                    }
+                )
+            # UNUSED ([PADnnnnnn] rows that pad the embedding matrix) never
+            # come out of the tokenizer and are left out, as in Qwen's own file.
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                    byte_level,
+                ],
+            },
+            "post_processor": dict(byte_level),
+            "decoder": dict(byte_level),
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": "",
+                "end_of_word_suffix": "",
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": vocab,
+                "merges": [m.split(" ", 1) for m in merges],
+            },
+        }

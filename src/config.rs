@@ -1,0 +1,91 @@
+//! Command line and environment: one clap struct, passed down by reference.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// A gRPC server that keeps one decoder KV cache per bidirectional stream and
+/// answers every turn with an embedding.
+#[derive(Debug, Parser)]
+#[command(name = "stateful-embedder", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Embedder gRPC API (with health and reflection).
+    Serve(Config),
+}
+
+/// The server's settings. Every flag can also be set by its environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "SE_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+
+    /// Model directory (served from its model.onnx) or one .onnx file, with
+    /// tokenizer.json and config.json beside it.
+    #[arg(long, env = "SE_MODEL", default_value = "models/qwen2.5-coder-0.5b-instruct")]
+    pub model: PathBuf,
+
+    /// ONNX Runtime intra-op threads; 0 means one per core.
+    #[arg(long, env = "SE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Default context window per conversation, in tokens (clients may ask for
+    /// another, up to the model's maximum).
+    #[arg(long, env = "SE_MAX_CONTEXT_TOKENS", default_value_t = 8192)]
+    pub max_context_tokens: usize,
+
+    /// Most Converse streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SE_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+
+    /// Most tokens in one turn (ChatML markers included); longer turns get an
+    /// in-band RESOURCE_EXHAUSTED error.
+    #[arg(long, env = "SE_MAX_TURN_TOKENS", default_value_t = 8192)]
+    pub max_turn_tokens: usize,
+
+    /// Largest gRPC message accepted or sent, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SE_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Tokens per model call when prefilling long turns (bounds the attention
+    /// scratch memory of one call).
+    #[arg(long, env = "SE_PREFILL_CHUNK_TOKENS", default_value_t = 512)]
+    pub prefill_chunk_tokens: usize,
+
+    /// Turns that may wait for the model at once before senders wait too.
+    #[arg(long, env = "SE_QUEUE_DEPTH", default_value_t = 256)]
+    pub queue_depth: usize,
+
+    /// Seconds open streams may go on after SIGINT/SIGTERM before they end with UNAVAILABLE.
+    #[arg(long, env = "SE_DRAIN_SECONDS", default_value_t = 10.0)]
+    pub drain_seconds: f64,
+
+    /// The ONNX Runtime library (libonnxruntime.so*); by default ORT_DYLIB_PATH,
+    /// then the project's .venv, then the system library path.
+    #[arg(long, env = "SE_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl Config {
+    /// The drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_seconds.max(0.0))
+    }
+
+    /// A config for the given model with every other setting at its default
+    /// (for tests and embedding the server in another program).
+    pub fn for_model(model: impl Into<PathBuf>) -> Config {
+        let cli = Cli::parse_from(["stateful-embedder", "serve"]);
+        let Command::Serve(mut config) = cli.command;
+        config.model = model.into();
+        config
+    }
+}

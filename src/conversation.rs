@@ -1,0 +1,481 @@
+//! A conversation: the token ids of its context, the KV cache behind them,
+//! and the turn that prefills new text on top and returns an embedding.
+//!
+//! # Invariants
+//! * `tokens.len() == cache.len()`: the next position is always `tokens.len()`.
+//! * A turn is all or nothing: the new cache and tokens are adopted only when
+//!   every model call succeeded, so a failed turn leaves the conversation as
+//!   it was (ONNX Runtime never writes into its inputs).
+//!
+//! # The oracle
+//! The embedding after turn k equals the embedding computed in one call with
+//! an empty cache over `concat(tokens(t1)…tokens(tk))` (after a slide: over the
+//! kept tokens followed by the turn), pooled over the same span.
+
+use std::sync::Arc;
+
+use crate::{
+    model::{KvCache, Model, ModelError},
+    tokenizer::{ROLES, TokenizerError},
+};
+
+/// The default context window, when neither client nor server sets one.
+pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 8192;
+/// The default size of one prefill call for long turns.
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
+
+/// How a turn's hidden states become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// Mean over the turn's text tokens (each has attended to the whole context).
+    #[default]
+    Mean,
+    /// The hidden state of the turn's last text token: the conversation-state vector.
+    LastToken,
+}
+
+/// What happens when a turn does not fit in the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop the oldest tokens after the first `keep_tokens` until at least
+    /// half the window is free, rebuild the cache, then run the turn.
+    #[default]
+    Slide,
+    /// Fail the turn; nothing changes.
+    Reject,
+    /// Clear the context, then run the turn.
+    Reset,
+}
+
+/// Per-conversation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationOptions {
+    /// Pooling of the returned embedding.
+    pub pooling: Pooling,
+    /// Keep only the first `dimensions` components (Matryoshka style); `None` keeps all.
+    pub dimensions: Option<usize>,
+    /// L2-normalise (after truncation).
+    pub normalize: bool,
+    /// The context window in tokens (≤ the model's maximum).
+    pub max_context_tokens: usize,
+    /// What to do when a turn does not fit.
+    pub overflow: Overflow,
+    /// Tokens at the start of the context a slide never drops (e.g. a system prompt).
+    pub keep_tokens: usize,
+    /// Also return the mean-pooled vector (useful with [`Pooling::LastToken`]).
+    pub include_turn_mean: bool,
+    /// Longest turn accepted, in tokens (a server limit).
+    pub max_turn_tokens: usize,
+    /// Tokens per model call when prefilling a long turn or a rebuilt context.
+    pub prefill_chunk_tokens: usize,
+}
+
+impl Default for ConversationOptions {
+    fn default() -> Self {
+        Self {
+            pooling: Pooling::Mean,
+            dimensions: None,
+            normalize: true,
+            max_context_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
+            overflow: Overflow::Slide,
+            keep_tokens: 0,
+            include_turn_mean: false,
+            max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+        }
+    }
+}
+
+/// Options that cannot work with this model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// More dimensions than the hidden size.
+    #[error("dimensions {asked} exceeds the model's hidden size {hidden}")]
+    Dimensions {
+        /// Asked for.
+        asked: usize,
+        /// The model's.
+        hidden: usize,
+    },
+    /// A window of zero or above the model's maximum.
+    #[error("max_context_tokens {asked} must be between 2 and the model's maximum {max}")]
+    Window {
+        /// Asked for.
+        asked: usize,
+        /// The model's maximum.
+        max: usize,
+    },
+    /// `keep_tokens` would leave no room to slide.
+    #[error("keep_tokens {keep} must be at most half the window ({window} tokens)")]
+    Keep {
+        /// Asked for.
+        keep: usize,
+        /// The window.
+        window: usize,
+    },
+    /// A zero prefill chunk.
+    #[error("prefill_chunk_tokens must be at least 1")]
+    Chunk,
+}
+
+impl ConversationOptions {
+    /// Checks the options against a model.
+    ///
+    /// # Errors
+    /// The first [`OptionsError`] found.
+    pub fn validate(&self, model: &Model) -> Result<(), OptionsError> {
+        let spec = model.spec();
+        if let Some(d) = self.dimensions
+            && (d == 0 || d > spec.hidden_size)
+        {
+            return Err(OptionsError::Dimensions {
+                asked: d,
+                hidden: spec.hidden_size,
+            });
+        }
+        if self.max_context_tokens < 2 || self.max_context_tokens > spec.max_positions {
+            return Err(OptionsError::Window {
+                asked: self.max_context_tokens,
+                max: spec.max_positions,
+            });
+        }
+        if self.keep_tokens > self.max_context_tokens / 2 {
+            return Err(OptionsError::Keep {
+                keep: self.keep_tokens,
+                window: self.max_context_tokens,
+            });
+        }
+        if self.prefill_chunk_tokens == 0 {
+            return Err(OptionsError::Chunk);
+        }
+        Ok(())
+    }
+
+    /// The embedding's length for a model of `hidden` width.
+    pub fn output_dimensions(&self, hidden: usize) -> usize {
+        self.dimensions.unwrap_or(hidden).min(hidden)
+    }
+}
+
+/// Why a turn failed. The conversation is unchanged whatever the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    /// The role is not "", "system", "user" or "assistant".
+    #[error("unknown role {0:?}: use \"\", \"system\", \"user\" or \"assistant\"")]
+    UnknownRole(String),
+    /// The text has no tokens.
+    #[error("the turn's text is empty")]
+    Empty,
+    /// The turn is over the server's per-turn limit.
+    #[error("the turn has {tokens} tokens, over the limit of {limit} per turn")]
+    TurnTooLong {
+        /// The turn's tokens.
+        tokens: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The turn alone (with the kept prefix) does not fit in the window.
+    #[error("the turn has {tokens} tokens and does not fit in the window of {window} tokens (with {kept} kept tokens)")]
+    OverWindow {
+        /// The turn's tokens.
+        tokens: usize,
+        /// Tokens a slide keeps.
+        kept: usize,
+        /// The window.
+        window: usize,
+    },
+    /// The REJECT policy refused a turn that would overflow the window.
+    #[error("context full: {context} + {tokens} tokens exceed the window of {window} (overflow policy REJECT)")]
+    ContextFull {
+        /// Tokens in the context.
+        context: usize,
+        /// The turn's tokens.
+        tokens: usize,
+        /// The window.
+        window: usize,
+    },
+    /// The options do not suit the model (stateless embeds only).
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// Tokenisation failed.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// What a turn returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOutput {
+    /// The embedding (pooled as the options say, truncated, normalised).
+    pub embedding: Vec<f32>,
+    /// The mean-pooled vector too, when `include_turn_mean` is set.
+    pub turn_mean: Option<Vec<f32>>,
+    /// Tokens the turn added to the context (ChatML markers included).
+    pub turn_tokens: usize,
+    /// Tokens in the context after the turn.
+    pub context_tokens: usize,
+    /// Tokens dropped from the context by this turn (slide or reset).
+    pub evicted_tokens: usize,
+}
+
+/// One conversation over a shared [`Model`]: its own tokens and KV cache.
+///
+/// It is `Send`: the server moves it into the engine thread with each turn
+/// and gets it back with the result. Dropping it frees its cache.
+#[derive(Debug)]
+pub struct Conversation {
+    model: Arc<Model>,
+    options: ConversationOptions,
+    tokens: Vec<u32>,
+    cache: KvCache,
+    peak_kv_bytes: u64,
+}
+
+impl Model {
+    /// A new, empty conversation.
+    ///
+    /// # Errors
+    /// [`OptionsError`] when the options do not suit this model.
+    pub fn conversation(self: &Arc<Self>, options: ConversationOptions) -> Result<Conversation, OptionsError> {
+        options.validate(self)?;
+        Ok(Conversation {
+            cache: self.empty_cache(),
+            model: self.clone(),
+            options,
+            tokens: Vec::new(),
+            peak_kv_bytes: 0,
+        })
+    }
+}
+
+/// Pools a turn's text rows as they stream out of the prefill calls.
+struct Pooler {
+    sum: Vec<f64>,
+    rows: usize,
+    last: Vec<f32>,
+}
+
+impl Pooler {
+    fn new(width: usize) -> Self {
+        Self {
+            sum: vec![0.0; width],
+            rows: 0,
+            last: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, row: &[f32]) {
+        for (s, v) in self.sum.iter_mut().zip(row) {
+            *s += f64::from(*v);
+        }
+        self.rows += 1;
+        self.last.clear();
+        self.last.extend_from_slice(row);
+    }
+
+    fn mean(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f64;
+        self.sum.iter().map(|s| (s / n) as f32).collect()
+    }
+}
+
+/// Truncates to `dims` and L2-normalises if asked.
+pub fn finish_vector(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> {
+    v.truncate(dims);
+    if normalize {
+        let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            for x in &mut v {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+    }
+    v
+}
+
+impl Conversation {
+    /// Runs one turn: tokenises `text` (wrapped in ChatML when `role` is set),
+    /// prefills it on top of the context and returns its embedding.
+    ///
+    /// # Errors
+    /// A [`TurnError`]; the conversation is then exactly as before the call.
+    pub fn turn(&mut self, text: &str, role: &str) -> Result<TurnOutput, TurnError> {
+        if !role.is_empty() && !ROLES.contains(&role) {
+            return Err(TurnError::UnknownRole(role.to_string()));
+        }
+        let turn = self.model.tokenizer().turn(text, role)?;
+        if turn.text.is_empty() {
+            return Err(TurnError::Empty);
+        }
+        let o = &self.options;
+        let n = turn.ids.len();
+        if n > o.max_turn_tokens {
+            return Err(TurnError::TurnTooLong {
+                tokens: n,
+                limit: o.max_turn_tokens,
+            });
+        }
+        let window = o.max_context_tokens;
+        let ctx = self.tokens.len();
+
+        // Decide what runs on top of what.
+        let (rebuild, evicted): (Option<Vec<u32>>, usize) = if ctx + n <= window {
+            (None, 0)
+        } else {
+            match o.overflow {
+                Overflow::Reject => {
+                    if n > window {
+                        return Err(TurnError::OverWindow {
+                            tokens: n,
+                            kept: 0,
+                            window,
+                        });
+                    }
+                    return Err(TurnError::ContextFull {
+                        context: ctx,
+                        tokens: n,
+                        window,
+                    });
+                }
+                Overflow::Reset => {
+                    if n > window {
+                        return Err(TurnError::OverWindow {
+                            tokens: n,
+                            kept: 0,
+                            window,
+                        });
+                    }
+                    (Some(Vec::new()), ctx)
+                }
+                Overflow::Slide => {
+                    let keep = o.keep_tokens.min(ctx);
+                    if keep + n > window {
+                        return Err(TurnError::OverWindow {
+                            tokens: n,
+                            kept: keep,
+                            window,
+                        });
+                    }
+                    // Leave at least half the window free, and room for the turn.
+                    let target = (window / 2).min(window - n).max(keep);
+                    let recent = target - keep;
+                    let mut kept = Vec::with_capacity(target + n);
+                    kept.extend_from_slice(&self.tokens[..keep]);
+                    kept.extend_from_slice(&self.tokens[ctx - recent..]);
+                    let evicted = ctx - kept.len();
+                    (Some(kept), evicted)
+                }
+            }
+        };
+
+        // Run: either the turn on top of the cache, or (kept ++ turn) from empty.
+        let rebuilt = rebuild.is_some();
+        let fresh;
+        let (base, prefix): (&KvCache, Vec<u32>) = match rebuild {
+            None => (&self.cache, Vec::new()),
+            Some(kept) => {
+                fresh = self.model.empty_cache();
+                (&fresh, kept)
+            }
+        };
+        let offset = prefix.len();
+        let mut sequence = prefix;
+        sequence.extend_from_slice(&turn.ids);
+        let span = (offset + turn.text.start)..(offset + turn.text.end);
+
+        let width = self.model.spec().hidden_size;
+        let mut pooler = Pooler::new(width);
+        let chunk = o.prefill_chunk_tokens.max(1);
+        let mut cache: Option<KvCache> = None;
+        for start in (0..sequence.len()).step_by(chunk) {
+            let end = (start + chunk).min(sequence.len());
+            let keep = span.start.max(start).min(end) - start..span.end.max(start).min(end) - start;
+            let past = cache.as_ref().unwrap_or(base);
+            let (hidden, next) = self.model.forward(&sequence[start..end], past, keep.clone())?;
+            for r in 0..hidden.rows() {
+                pooler.add(hidden.row(r));
+            }
+            cache = Some(next);
+        }
+        let cache = cache.expect("a turn has at least one token, so at least one call ran");
+
+        // Success: adopt the new state.
+        if rebuilt {
+            self.tokens = sequence;
+        } else {
+            self.tokens.extend_from_slice(&turn.ids);
+        }
+        let context_tokens = self.tokens.len();
+        debug_assert_eq!(cache.len(), context_tokens, "the cache covers exactly the context");
+        self.cache = cache;
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+
+        let dims = self.options.output_dimensions(width);
+        let normalize = self.options.normalize;
+        let mean = pooler.mean();
+        let embedding = match self.options.pooling {
+            Pooling::Mean => finish_vector(mean.clone(), dims, normalize),
+            Pooling::LastToken => finish_vector(pooler.last.clone(), dims, normalize),
+        };
+        let turn_mean = self
+            .options
+            .include_turn_mean
+            .then(|| finish_vector(mean, dims, normalize));
+        Ok(TurnOutput {
+            embedding,
+            turn_mean,
+            turn_tokens: n,
+            context_tokens,
+            evicted_tokens: evicted,
+        })
+    }
+
+    /// A raw-text turn's embedding (the prototype's `embed`).
+    ///
+    /// # Errors
+    /// As [`Conversation::turn`].
+    pub fn embed(&mut self, text: &str) -> Result<Vec<f32>, TurnError> {
+        self.turn(text, "").map(|o| o.embedding)
+    }
+
+    /// Drops the context and its cache; returns how many tokens were released.
+    /// The next turn's embedding equals a fresh conversation's.
+    pub fn reset(&mut self) -> usize {
+        let released = self.tokens.len();
+        self.tokens.clear();
+        self.cache = self.model.empty_cache();
+        released
+    }
+
+    /// Tokens in the context (the next position).
+    pub fn context_len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The context's token ids, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Bytes of KV cache this conversation holds.
+    pub fn kv_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+
+    /// The most KV bytes this conversation has held at once after a turn.
+    pub fn peak_kv_bytes(&self) -> u64 {
+        self.peak_kv_bytes
+    }
+
+    /// The conversation's options.
+    pub fn options(&self) -> &ConversationOptions {
+        &self.options
+    }
+
+    /// The model it runs on.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+}

@@ -1,0 +1,217 @@
+//! The engine: one worker thread that owns all model work, fed through a
+//! bounded queue.
+//!
+//! # Threading
+//! Inference never runs on a Tokio worker. Streams send [`Job`]s over a
+//! bounded channel (a full queue makes `send` wait: backpressure) and await a
+//! oneshot reply. A turn's [`Conversation`] moves into the job and comes back
+//! with the result, so no cache is ever shared or locked. If the reply's
+//! receiver is gone when the worker picks a job up (the stream was cancelled
+//! or its client vanished), the job is skipped and dropping it frees the
+//! conversation's cache at once.
+//!
+//! Dropping the last [`Engine`] handle closes the queue; the worker finishes
+//! the job in hand and exits, and `Drop` joins it.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    conversation::{Conversation, ConversationOptions, TurnError, TurnOutput},
+    model::Model,
+};
+
+/// The engine stopped (only during shutdown).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the inference engine has stopped")]
+pub struct EngineStopped;
+
+/// A turn's reply: the conversation back, and what the turn gave.
+pub type TurnReply = (Conversation, Result<TurnOutput, TurnError>);
+
+enum Job {
+    Turn {
+        conversation: Conversation,
+        text: String,
+        role: String,
+        reply: oneshot::Sender<TurnReply>,
+        span: tracing::Span,
+    },
+    Embed {
+        text: String,
+        options: ConversationOptions,
+        reply: oneshot::Sender<Result<TurnOutput, TurnError>>,
+        span: tracing::Span,
+    },
+}
+
+/// Work counters, read by `GetStats`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Turns (and stateless texts) embedded.
+    pub turns: AtomicU64,
+    /// Tokens prefilled by those turns.
+    pub tokens: AtomicU64,
+    /// Jobs waiting in the queue or running.
+    pub queued: AtomicUsize,
+}
+
+/// A handle on the engine thread. Cheap to clone via `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    /// The queue; dropping the last sender stops the worker.
+    jobs_tx: Option<mpsc::Sender<Job>>,
+    stats: Arc<EngineStats>,
+    model: Arc<Model>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the worker thread with a queue of `queue_depth` jobs.
+    ///
+    /// # Panics
+    /// If the OS cannot spawn a thread.
+    pub fn start(model: Arc<Model>, queue_depth: usize) -> Engine {
+        let (jobs_tx, jobs_rx) = mpsc::channel(queue_depth.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let worker_stats = stats.clone();
+        let worker_model = model.clone();
+        let worker = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats))
+            .expect("the OS can spawn the engine thread");
+        Engine {
+            jobs_tx: Some(jobs_tx),
+            stats,
+            model,
+            worker: Some(worker),
+        }
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Work counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), EngineStopped> {
+        let tx = self.jobs_tx.as_ref().ok_or(EngineStopped)?;
+        // Wait for room (backpressure); from here to the send nothing can be
+        // cancelled, so the count and the queue agree.
+        let permit = tx.reserve().await.map_err(|_| EngineStopped)?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        permit.send(job);
+        Ok(())
+    }
+
+    /// Runs one turn of `conversation`. Cancel-safe: dropping the future
+    /// abandons the turn and (once the worker sees it) frees the conversation.
+    ///
+    /// # Errors
+    /// [`EngineStopped`] when the engine is shutting down (the conversation is lost with it).
+    pub async fn turn(
+        &self,
+        conversation: Conversation,
+        text: String,
+        role: String,
+    ) -> Result<TurnReply, EngineStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Turn {
+            conversation,
+            text,
+            role,
+            reply,
+            span: tracing::Span::current(),
+        })
+        .await?;
+        rx.await.map_err(|_| EngineStopped)
+    }
+
+    /// Embeds `text` alone, from an empty context.
+    ///
+    /// # Errors
+    /// [`EngineStopped`] when the engine is shutting down.
+    pub async fn embed(
+        &self,
+        text: String,
+        options: ConversationOptions,
+    ) -> Result<Result<TurnOutput, TurnError>, EngineStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Embed {
+            text,
+            options,
+            reply,
+            span: tracing::Span::current(),
+        })
+        .await?;
+        rx.await.map_err(|_| EngineStopped)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.jobs_tx = None;
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}
+
+fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>) {
+    while let Some(job) = jobs_rx.blocking_recv() {
+        match job {
+            Job::Turn {
+                mut conversation,
+                text,
+                role,
+                reply,
+                span,
+            } => {
+                let _enter = span.enter();
+                if reply.is_closed() {
+                    tracing::debug!("turn abandoned before it ran; freeing its conversation");
+                    drop(conversation);
+                } else {
+                    let result = conversation.turn(&text, &role);
+                    if let Ok(out) = &result {
+                        stats.turns.fetch_add(1, Ordering::Relaxed);
+                        stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+                    }
+                    // A failed send means the stream is gone: the conversation drops here.
+                    let _ = reply.send((conversation, result));
+                }
+            }
+            Job::Embed {
+                text,
+                options,
+                reply,
+                span,
+            } => {
+                let _enter = span.enter();
+                if !reply.is_closed() {
+                    let result = model
+                        .conversation(options)
+                        .map_err(TurnError::from)
+                        .and_then(|mut c| c.turn(&text, ""));
+                    if let Ok(out) = &result {
+                        stats.turns.fetch_add(1, Ordering::Relaxed);
+                        stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+                    }
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+    tracing::debug!("engine queue closed; worker exits");
+}

@@ -1,0 +1,61 @@
+//! stateful-embedder: a gRPC server that turns long-lived conversations into
+//! embeddings, one turn at a time.
+//!
+//! Each bidirectional `Converse` stream owns one conversation: the decoder's
+//! KV cache and the token ids behind it. Each turn is prefilled on top of the
+//! cached context in one model call and answered with an embedding; the cache
+//! is freed the moment the stream ends.
+//!
+//! # Layout
+//! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`).
+//! * [`tokenizer`] turns text (and ChatML roles) into token ids.
+//! * [`model`] owns the ONNX Runtime session, discovers the I/O contract and
+//!   runs one forward pass; [`model::KvCache`] is a conversation's cache.
+//! * [`conversation`] is the state of one conversation and the turn logic:
+//!   pooling, truncation, context window and overflow policies.
+//! * [`engine`] is the one thread that runs the model, fed by a bounded queue
+//!   of turns, each carrying its conversation and a oneshot reply.
+//! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
+//!   conversions, one task per `Converse` stream; [`server`] adds health and
+//!   reflection and runs the lifecycle (load, warm up, serve, drain);
+//!   [`config`] is the command line.
+//!
+//! Data flows `service → engine → conversation → model/tokenizer` and back;
+//! a conversation's state travels with its turn, so nothing is shared between
+//! streams but the model.
+//!
+//! # Example
+//! ```
+//! use stateful_embedder::{conversation::ConversationOptions, model::{Model, ModelOptions}};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny");
+//! let model = Model::open(dir, &ModelOptions::default())?;
+//! let mut conv = model.conversation(ConversationOptions::default())?;
+//! let first: Vec<f32> = conv.embed("def add(a, b):\n    return a + b")?;
+//! let second = conv.embed("Now make it subtract.")?; // sees the first turn too
+//! assert_eq!(first.len(), model.spec().hidden_size);
+//! assert!(conv.context_len() > 0);
+//! conv.reset();
+//! assert_eq!(conv.embed("def add(a, b):\n    return a + b")?, first);
+//! # let _ = second;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+pub mod conversation;
+pub mod engine;
+pub mod model;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod tokenizer;
+
+/// The generated `embedder.v1` types, client and server.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("embedder.v1");
+
+    /// The encoded descriptor set of `proto/` (with comments), for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/embedder_descriptor.bin"));
+}

@@ -1,0 +1,558 @@
+//! The decoder model: one ONNX Runtime session, its I/O contract discovered
+//! at load, and one forward pass (`tokens + past KV → hidden states + present KV`).
+//!
+//! # Threading
+//! `ort::Session::run` takes `&mut self`, so the session sits behind a mutex.
+//! The server calls [`Model`] from one engine thread, so the lock is never
+//! contended there; library users may call it from any thread.
+//!
+//! # The contract (Hugging Face optimum / onnx-community decoder layout)
+//! inputs `input_ids` i64 `[b, s]`, `attention_mask` i64 `[b, past+s]`,
+//! optional `position_ids` i64 `[b, s]`, `past_key_values.{i}.key|value`
+//! `[b, kv_heads, past, head_dim]`; outputs `last_hidden_state` `[b, s, hidden]`
+//! and `present.{i}.key|value` `[b, kv_heads, past+s, head_dim]`. Layers, KV
+//! heads, head_dim and the element type are read from the session, never assumed.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use half::f16;
+use ort::{
+    session::{Session, SessionInputValue, builder::GraphOptimizationLevel},
+    value::{DynValue, Tensor, TensorElementType, ValueType},
+};
+
+use crate::{
+    runtime::{self, RuntimeError},
+    tokenizer::{TextTokenizer, TokenizerError},
+};
+
+/// The file a model directory is served from.
+pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
+
+/// Why a model did not load or a forward pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// ONNX Runtime is missing.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The model path is not a model.
+    #[error("{path}: {reason}")]
+    Path {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The tokenizer did not load.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// config.json exists but is not JSON.
+    #[error("{path}: invalid config.json")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The graph breaks the decoder contract.
+    #[error("{path}: breaks the decoder contract: {reason}")]
+    Contract {
+        /// The model file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// ONNX Runtime failed.
+    #[error("ONNX Runtime failed to {action}")]
+    Ort {
+        /// What was being done.
+        action: &'static str,
+        /// The runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+}
+
+fn ort_err(action: &'static str) -> impl FnOnce(ort::Error) -> ModelError {
+    move |source| ModelError::Ort { action, source }
+}
+
+/// Element type of the KV cache (and of the hidden-state output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float (the fp16 variant).
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// The name clients see (`float32`/`float16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "float32",
+            KvDtype::F16 => "float16",
+        }
+    }
+
+    fn from_ort(t: TensorElementType) -> Option<Self> {
+        match t {
+            TensorElementType::Float32 => Some(KvDtype::F32),
+            TensorElementType::Float16 => Some(KvDtype::F16),
+            _ => None,
+        }
+    }
+}
+
+/// What the loaded model is, as discovered from its session and config.json.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// A human-readable name (config.json `name`, else the directory name) and file.
+    pub name: String,
+    /// The ONNX file served.
+    pub path: PathBuf,
+    /// Decoder layers (`past_key_values.{i}.*` inputs).
+    pub layers: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Size of the hidden state (and of a full embedding).
+    pub hidden_size: usize,
+    /// Element type of the KV cache.
+    pub kv_dtype: KvDtype,
+    /// Element type of `last_hidden_state`.
+    pub hidden_dtype: KvDtype,
+    /// Whether the graph takes `position_ids`.
+    pub has_position_ids: bool,
+    /// Vocabulary size of the tokenizer.
+    pub vocab_size: usize,
+    /// The longest context the model supports (config.json
+    /// `max_position_embeddings`; 8192 when absent).
+    pub max_positions: usize,
+}
+
+impl ModelSpec {
+    /// Bytes of KV cache one token of context costs.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.layers * 2 * self.kv_heads * self.head_dim * self.kv_dtype.size()) as u64
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// ONNX Runtime intra-op threads; 0 means one per core.
+    pub threads: usize,
+    /// An explicit ONNX Runtime library (otherwise: see [`crate::runtime`]).
+    pub onnxruntime: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ConfigJson {
+    name: Option<String>,
+    hidden_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+}
+
+/// Names of the graph's inputs and outputs, built once.
+#[derive(Debug)]
+struct IoNames {
+    past: Vec<String>,
+    present: Vec<String>,
+}
+
+/// A loaded decoder model with its tokenizer. Share it with `Arc`.
+#[derive(Debug)]
+pub struct Model {
+    spec: ModelSpec,
+    tokenizer: TextTokenizer,
+    session: Mutex<Session>,
+    io: IoNames,
+    /// Bytes held by every live [`KvCache`] of this model.
+    kv_ledger: Arc<AtomicU64>,
+}
+
+/// One forward pass's hidden states: `rows × hidden` row-major f32.
+#[derive(Debug)]
+pub struct Hidden {
+    /// Row-major values.
+    pub values: Vec<f32>,
+    /// Size of a row.
+    pub width: usize,
+}
+
+impl Hidden {
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.width..(i + 1) * self.width]
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.width.max(1)
+    }
+}
+
+/// A conversation's KV cache: per layer, the `present.{i}.key|value` tensors
+/// ONNX Runtime returned, fed back unchanged as `past_key_values.{i}.*`.
+/// Its bytes are counted in the model's ledger until it is dropped.
+pub struct KvCache {
+    tensors: Vec<DynValue>,
+    len: usize,
+    bytes: u64,
+    ledger: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl KvCache {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.ledger.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Model {
+    /// Loads a model: a directory (served from `model.onnx`) or one `.onnx`
+    /// file, with `tokenizer.json` (required) and `config.json` (optional)
+    /// beside it.
+    ///
+    /// # Errors
+    /// A [`ModelError`] saying what is missing: ONNX Runtime, the file, the
+    /// tokenizer, or a part of the I/O contract.
+    pub fn open(path: impl AsRef<Path>, options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
+        let path = path.as_ref();
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join(DEFAULT_MODEL_FILE))
+        } else {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            (dir, path.to_path_buf())
+        };
+        if !file.is_file() {
+            let reason = if path.is_dir() {
+                format!("no {DEFAULT_MODEL_FILE} in this directory (run `make models` to prepare one)")
+            } else {
+                "no such model file (run `make models` to prepare one)".to_string()
+            };
+            return Err(ModelError::Path { path: file, reason });
+        }
+        // The tokenizer first: it is cheap and its absence is fatal.
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let config = read_config(&dir.join("config.json"))?;
+        let environment = runtime::environment(options.onnxruntime.as_deref())?;
+        let threads = if options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            options.threads
+        };
+        let session = Session::builder(environment)
+            .and_then(|b| {
+                b.with_optimization_level(GraphOptimizationLevel::All)
+                    .map_err(Into::into)
+            })
+            .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
+            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|mut b| b.commit_from_file(&file))
+            .map_err(ort_err("load the model"))?;
+
+        let name = config.name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+        });
+        let file_name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let spec = discover(
+            &session,
+            &file,
+            &config,
+            format!("{name} ({file_name})"),
+            tokenizer.vocab_size(),
+        )?;
+        let io = IoNames {
+            past: (0..spec.layers)
+                .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
+                .collect(),
+            present: (0..spec.layers)
+                .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
+                .collect(),
+        };
+        tracing::info!(
+            model = %spec.name,
+            layers = spec.layers,
+            kv_heads = spec.kv_heads,
+            head_dim = spec.head_dim,
+            hidden = spec.hidden_size,
+            kv_dtype = spec.kv_dtype.name(),
+            threads,
+            "model loaded"
+        );
+        Ok(Arc::new(Model {
+            spec,
+            tokenizer,
+            session: Mutex::new(session),
+            io,
+            kv_ledger: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+
+    /// What the model is.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Bytes held by all live KV caches of this model.
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv_ledger.load(Ordering::Relaxed)
+    }
+
+    /// An empty cache.
+    pub fn empty_cache(&self) -> KvCache {
+        KvCache {
+            tensors: Vec::new(),
+            len: 0,
+            bytes: 0,
+            ledger: self.kv_ledger.clone(),
+        }
+    }
+
+    /// Runs `ids` on top of `past` in one call. Returns the hidden states of
+    /// the rows in `keep` (indices into `ids`) and the cache of `past + ids`.
+    /// `past` is only read: on error nothing has changed.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when ONNX Runtime fails (e.g. out of memory).
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        past: &KvCache,
+        keep: std::ops::Range<usize>,
+    ) -> Result<(Hidden, KvCache), ModelError> {
+        let s = ids.len();
+        let p = past.len;
+        let total = p + s;
+        let input_ids = Tensor::from_array(([1usize, s], ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))
+            .map_err(ort_err("create input_ids"))?;
+        let mask =
+            Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err("create attention_mask"))?;
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * self.spec.layers);
+        inputs.push(("input_ids", input_ids.into()));
+        inputs.push(("attention_mask", mask.into()));
+        if self.spec.has_position_ids {
+            let pos = Tensor::from_array(([1usize, s], (p as i64..total as i64).collect::<Vec<_>>()))
+                .map_err(ort_err("create position_ids"))?;
+            inputs.push(("position_ids", pos.into()));
+        }
+        let empty_shape = [1usize, self.spec.kv_heads, 0, self.spec.head_dim];
+        for (i, name) in self.io.past.iter().enumerate() {
+            let value: SessionInputValue<'_> = match past.tensors.get(i) {
+                Some(t) => t.into(),
+                None => match self.spec.kv_dtype {
+                    KvDtype::F32 => Tensor::from_array((empty_shape, Vec::<f32>::new())).map(Into::into),
+                    KvDtype::F16 => Tensor::from_array((empty_shape, Vec::<f16>::new())).map(Into::into),
+                }
+                .map_err(ort_err("create an empty KV cache"))?,
+            };
+            inputs.push((name.as_str(), value));
+        }
+
+        let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
+        let hidden_value = outputs
+            .get("last_hidden_state")
+            .expect("the contract check at load guarantees last_hidden_state");
+        let width = self.spec.hidden_size;
+        let keep = keep.start.min(s)..keep.end.min(s);
+        let values = match self.spec.hidden_dtype {
+            KvDtype::F32 => {
+                let (_, data) = hidden_value
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("read last_hidden_state"))?;
+                data[keep.start * width..keep.end * width].to_vec()
+            }
+            KvDtype::F16 => {
+                let (_, data) = hidden_value
+                    .try_extract_tensor::<f16>()
+                    .map_err(ort_err("read last_hidden_state"))?;
+                data[keep.start * width..keep.end * width]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect()
+            }
+        };
+        let mut tensors = Vec::with_capacity(self.io.present.len());
+        for name in &self.io.present {
+            let t = outputs
+                .remove(name)
+                .expect("the contract check at load guarantees present.*");
+            tensors.push(t);
+        }
+        drop(outputs);
+        drop(session);
+        let bytes = total as u64 * self.spec.kv_bytes_per_token();
+        self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
+        Ok((
+            Hidden { values, width },
+            KvCache {
+                tensors,
+                len: total,
+                bytes,
+                ledger: self.kv_ledger.clone(),
+            },
+        ))
+    }
+}
+
+fn read_config(path: &Path) -> Result<ConfigJson, ModelError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ModelError::Config {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(_) => Ok(ConfigJson::default()),
+    }
+}
+
+/// Reads the I/O contract off the session; fails fast on any breach.
+fn discover(
+    session: &Session,
+    path: &Path,
+    config: &ConfigJson,
+    name: String,
+    vocab_size: usize,
+) -> Result<ModelSpec, ModelError> {
+    let breach = |reason: String| ModelError::Contract {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let input = |n: &str| session.inputs().iter().find(|o| o.name() == n).map(|o| o.dtype());
+    let output = |n: &str| session.outputs().iter().find(|o| o.name() == n).map(|o| o.dtype());
+    let tensor = |t: &ValueType| match t {
+        ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.iter().copied().collect::<Vec<i64>>())),
+        _ => None,
+    };
+
+    for n in ["input_ids", "attention_mask"] {
+        match input(n).and_then(tensor) {
+            Some((TensorElementType::Int64, _)) => {}
+            Some((ty, _)) => return Err(breach(format!("input {n} is {ty:?}, not int64"))),
+            None => return Err(breach(format!("no input {n}"))),
+        }
+    }
+    let has_position_ids = input("position_ids").is_some();
+
+    let mut layers = 0;
+    while input(&format!("past_key_values.{layers}.key")).is_some() {
+        layers += 1;
+    }
+    if layers == 0 {
+        return Err(breach(
+            "no past_key_values.0.key input: not a decoder with a KV cache".into(),
+        ));
+    }
+    let (kv_ty, kv_shape) = input("past_key_values.0.key")
+        .and_then(tensor)
+        .ok_or_else(|| breach("past_key_values.0.key is not a tensor".into()))?;
+    let kv_dtype =
+        KvDtype::from_ort(kv_ty).ok_or_else(|| breach(format!("KV cache type {kv_ty:?} is not float32 or float16")))?;
+    if kv_shape.len() != 4 || kv_shape[1] <= 0 || kv_shape[3] <= 0 {
+        return Err(breach(format!(
+            "past_key_values.0.key has shape {kv_shape:?}; expected [batch, kv_heads, past, head_dim] with fixed kv_heads and head_dim"
+        )));
+    }
+    for i in 0..layers {
+        for kind in ["key", "value"] {
+            let past = format!("past_key_values.{i}.{kind}");
+            match input(&past).and_then(tensor) {
+                Some((ty, shape))
+                    if ty == kv_ty && shape.len() == 4 && shape[1] == kv_shape[1] && shape[3] == kv_shape[3] => {}
+                Some((ty, shape)) => {
+                    return Err(breach(format!(
+                        "{past} is {ty:?} {shape:?}, unlike past_key_values.0.key"
+                    )));
+                }
+                None => return Err(breach(format!("no input {past}"))),
+            }
+            if output(&format!("present.{i}.{kind}")).is_none() {
+                return Err(breach(format!("no output present.{i}.{kind}")));
+            }
+        }
+    }
+    if input(&format!("past_key_values.{layers}.value")).is_some() {
+        return Err(breach(format!("past_key_values.{layers}.value without a matching key")));
+    }
+
+    let Some((hidden_ty, hidden_shape)) = output("last_hidden_state").and_then(tensor) else {
+        let hint = if output("logits").is_some() {
+            ": it only has logits; run `python models/prepare.py import EXPORT_DIR --out DIR` to add it"
+        } else {
+            ""
+        };
+        return Err(breach(format!("no last_hidden_state output{hint}")));
+    };
+    let hidden_dtype = KvDtype::from_ort(hidden_ty)
+        .ok_or_else(|| breach(format!("last_hidden_state is {hidden_ty:?}, not float32 or float16")))?;
+    let hidden_size = match hidden_shape.last() {
+        Some(&d) if d > 0 => d as usize,
+        _ => config
+            .hidden_size
+            .ok_or_else(|| breach("last_hidden_state's width is dynamic and config.json has no hidden_size".into()))?,
+    };
+    Ok(ModelSpec {
+        name,
+        path: path.to_path_buf(),
+        layers,
+        kv_heads: kv_shape[1] as usize,
+        head_dim: kv_shape[3] as usize,
+        hidden_size,
+        kv_dtype,
+        hidden_dtype,
+        has_position_ids,
+        vocab_size,
+        max_positions: config.max_position_embeddings.unwrap_or(8192),
+    })
+}

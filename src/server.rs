@@ -1,0 +1,174 @@
+//! The server's lifecycle: bind, load, warm up, serve, drain, stop.
+//!
+//! `run` serves grpc.health.v1 and reflection at once (health NOT_SERVING),
+//! loads the model on a blocking thread, runs one warm-up turn, then flips
+//! health to SERVING. On the `shutdown` future: health NOT_SERVING, new
+//! streams are refused with UNAVAILABLE, open streams may go on until they end
+//! or the drain deadline passes, then every stream still open ends with
+//! UNAVAILABLE "server shutting down" and the server stops.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    codegen::http::{HeaderValue, Response},
+    transport::Server,
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::util::MapResponseLayer;
+
+use crate::{
+    config::Config,
+    conversation::ConversationOptions,
+    engine::Engine,
+    model::{Model, ModelOptions},
+    pb::{self, embedder_server::EmbedderServer},
+    service::{EmbedderService, Limits, Shared},
+};
+
+/// Time the server gives connections to close after every stream has ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Serves until `shutdown` resolves (then drains) or the model fails to load.
+///
+/// # Errors
+/// When the model cannot be loaded or warmed up, or the transport fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let shared = Shared::new(Limits::from_config(&config));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
+    let embedder = EmbedderServer::new(EmbedderService::new(shared.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    // Load and warm up off the runtime.
+    let loader_config = config.clone();
+    let mut loader = tokio::task::spawn_blocking(move || load(&loader_config));
+
+    let drained = tokio_util::sync::CancellationToken::new();
+    let drain = {
+        let (shared, health, drained) = (shared.clone(), health.clone(), drained.clone());
+        let deadline = config.drain_timeout();
+        async move {
+            shutdown.await;
+            tracing::info!(open_streams = shared.active_sessions(), "shutting down: draining");
+            set_health(&health, ServingStatus::NotServing).await;
+            shared.draining.cancel();
+            let all = u32::try_from(shared.limits.max_sessions).unwrap_or(u32::MAX);
+            if tokio::time::timeout(deadline, shared.sessions.acquire_many(all))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    open_streams = shared.active_sessions(),
+                    "drain deadline passed; ending open streams"
+                );
+            }
+            shared.root.cancel();
+            drained.cancel();
+        }
+    };
+
+    let serve = Server::builder()
+        .layer(MapResponseLayer::new(oversize_is_resource_exhausted))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(embedder)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    tokio::pin!(serve);
+
+    let mut loaded = false;
+    loop {
+        tokio::select! {
+            result = &mut serve => {
+                result.context("the gRPC transport failed")?;
+                break;
+            }
+            joined = &mut loader, if !loaded => {
+                loaded = true;
+                let engine = joined.context("the model loader panicked")??;
+                let _ = shared.engine.set(engine);
+                set_health(&health, ServingStatus::Serving).await;
+                tracing::info!("serving");
+            }
+            () = async { drained.cancelled().await; tokio::time::sleep(CLOSE_GRACE).await } => {
+                tracing::warn!("connections still open after the drain; stopping anyway");
+                break;
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads the model, starts the engine, and runs one warm-up turn.
+fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
+    let started = std::time::Instant::now();
+    let options = ModelOptions {
+        threads: config.threads,
+        onnxruntime: config.onnxruntime.clone(),
+    };
+    let model = Model::open(&config.model, &options)
+        .with_context(|| format!("loading the model {}", config.model.display()))?;
+    let defaults = ConversationOptions {
+        max_context_tokens: config.max_context_tokens,
+        max_turn_tokens: config.max_turn_tokens,
+        prefill_chunk_tokens: config.prefill_chunk_tokens,
+        ..ConversationOptions::default()
+    };
+    let mut warm = model
+        .conversation(defaults)
+        .context("the server's --max-context-tokens / --prefill-chunk-tokens do not suit the model")?;
+    warm.turn("Warm-up: def add(a, b):\n    return a + b", "user")
+        .context("the warm-up turn failed")?;
+    drop(warm);
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded and warm"
+    );
+    Ok(Arc::new(Engine::start(model, config.queue_depth)))
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <EmbedderServer<EmbedderService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// tonic answers an over-size request with OUT_OF_RANGE before any handler
+/// runs; gRPC's convention is RESOURCE_EXHAUSTED. Rewrites that one status
+/// (on trailers-only responses, where it sits in the headers).
+fn oversize_is_resource_exhausted<B>(mut response: Response<B>) -> Response<B> {
+    let headers = response.headers_mut();
+    let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if oversize {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+    }
+    response
+}

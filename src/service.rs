@@ -1,0 +1,532 @@
+//! The `embedder.v1.Embedder` gRPC service: the edge where proto types stop.
+//!
+//! # Threading
+//! Each `Converse` stream is one lightweight Tokio task (`converse_task`) that
+//! reads requests in order, hands turns to the [`Engine`] thread with the
+//! stream's [`Conversation`], and writes one response per request into a
+//! bounded channel (a slow reader pushes back). The task owns the
+//! conversation; when the stream ends, is cancelled, or its client vanishes,
+//! the task returns and the conversation's KV cache is dropped with it.
+
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::{
+    config::Config,
+    conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
+    engine::Engine,
+    pb::{self, converse_request::Action, converse_response::Result as Reply},
+};
+
+/// Why one request failed (answered in-band on a stream, or as the status of a unary call).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A ConverseRequest with no action.
+    #[error("the request has no action: set one of options, turn or reset")]
+    NoAction,
+    /// Options after the first request.
+    #[error("options are allowed only as the stream's first request")]
+    OptionsNotFirst,
+    /// An enum number this server does not know.
+    #[error("unknown {field} value {value}")]
+    UnknownEnum {
+        /// The field.
+        field: &'static str,
+        /// The number sent.
+        value: i32,
+    },
+    /// An Embed request with no texts.
+    #[error("texts is empty")]
+    NoTexts,
+    /// Options that do not suit the model.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The turn failed.
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+}
+
+impl RequestError {
+    /// The gRPC code: chosen per variant, on purpose (no catch-all).
+    pub fn code(&self) -> Code {
+        match self {
+            RequestError::NoAction
+            | RequestError::OptionsNotFirst
+            | RequestError::UnknownEnum { .. }
+            | RequestError::NoTexts
+            | RequestError::Options(_) => Code::InvalidArgument,
+            RequestError::Turn(e) => match e {
+                TurnError::UnknownRole(_) | TurnError::Empty | TurnError::Options(_) => Code::InvalidArgument,
+                TurnError::TurnTooLong { .. } | TurnError::OverWindow { .. } | TurnError::ContextFull { .. } => {
+                    Code::ResourceExhausted
+                }
+                TurnError::Tokenizer(_) | TurnError::Model(_) => Code::Internal,
+            },
+        }
+    }
+
+    /// One clear sentence for the client (internal failures hide their chain,
+    /// which goes to the log).
+    pub fn client_message(&self) -> String {
+        match self.code() {
+            Code::Internal => "the model failed to run this turn; the conversation is unchanged".to_string(),
+            _ => self.to_string(),
+        }
+    }
+
+    fn log(&self) {
+        if self.code() == Code::Internal {
+            tracing::error!(error = %ErrorChain(self), "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+    }
+
+    fn to_status(&self) -> Status {
+        self.log();
+        Status::new(self.code(), self.client_message())
+    }
+
+    fn to_pb(&self) -> pb::Error {
+        self.log();
+        pb::Error {
+            code: self.code() as i32,
+            message: self.client_message(),
+        }
+    }
+}
+
+/// Displays an error with its sources.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------ conversions
+
+fn pooling(value: i32) -> Result<Pooling, RequestError> {
+    match pb::Pooling::try_from(value) {
+        Ok(pb::Pooling::Unspecified | pb::Pooling::Mean) => Ok(Pooling::Mean),
+        Ok(pb::Pooling::LastToken) => Ok(Pooling::LastToken),
+        Err(_) => Err(RequestError::UnknownEnum {
+            field: "pooling",
+            value,
+        }),
+    }
+}
+
+fn overflow(value: i32) -> Result<Overflow, RequestError> {
+    match pb::Overflow::try_from(value) {
+        Ok(pb::Overflow::Unspecified | pb::Overflow::Slide) => Ok(Overflow::Slide),
+        Ok(pb::Overflow::Reject) => Ok(Overflow::Reject),
+        Ok(pb::Overflow::Reset) => Ok(Overflow::Reset),
+        Err(_) => Err(RequestError::UnknownEnum {
+            field: "overflow",
+            value,
+        }),
+    }
+}
+
+fn dimensions(value: u32) -> Option<usize> {
+    (value != 0).then_some(value as usize)
+}
+
+impl Limits {
+    /// The options a stream starts with.
+    fn default_options(&self) -> ConversationOptions {
+        ConversationOptions {
+            max_context_tokens: self.max_context_tokens,
+            max_turn_tokens: self.max_turn_tokens,
+            prefill_chunk_tokens: self.prefill_chunk_tokens,
+            ..ConversationOptions::default()
+        }
+    }
+
+    /// Session options from the wire, over the server's defaults.
+    fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, RequestError> {
+        let base = self.default_options();
+        Ok(ConversationOptions {
+            pooling: pooling(o.pooling)?,
+            dimensions: dimensions(o.dimensions),
+            normalize: o.normalize.unwrap_or(true),
+            max_context_tokens: if o.max_context_tokens == 0 {
+                base.max_context_tokens
+            } else {
+                o.max_context_tokens as usize
+            },
+            overflow: overflow(o.overflow)?,
+            keep_tokens: o.keep_tokens as usize,
+            include_turn_mean: o.include_turn_mean,
+            ..base
+        })
+    }
+}
+
+fn embedding(out: TurnOutput) -> pb::Embedding {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    pb::Embedding {
+        values: out.embedding,
+        turn_tokens: count(out.turn_tokens),
+        context_tokens: count(out.context_tokens),
+        evicted_tokens: count(out.evicted_tokens),
+        turn_mean: out.turn_mean.unwrap_or_default(),
+    }
+}
+
+// ------------------------------------------------------------ the service
+
+/// Server-wide limits the service applies.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Default window (already capped at the model's maximum).
+    pub max_context_tokens: usize,
+    /// Longest turn.
+    pub max_turn_tokens: usize,
+    /// Tokens per prefill call.
+    pub prefill_chunk_tokens: usize,
+    /// Streams at once.
+    pub max_sessions: usize,
+}
+
+impl Limits {
+    /// The limits a config sets.
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            max_context_tokens: config.max_context_tokens,
+            max_turn_tokens: config.max_turn_tokens,
+            prefill_chunk_tokens: config.prefill_chunk_tokens,
+            max_sessions: config.max_sessions,
+        }
+    }
+}
+
+/// State shared by the service and the server's lifecycle code.
+#[derive(Debug)]
+pub struct Shared {
+    /// Set once the model is loaded and warm; until then RPCs are UNAVAILABLE.
+    pub engine: OnceLock<Arc<Engine>>,
+    /// One permit per open Converse stream.
+    pub sessions: Arc<Semaphore>,
+    /// Limits.
+    pub limits: Limits,
+    /// Cancelled after the drain deadline: every stream ends with UNAVAILABLE.
+    pub root: CancellationToken,
+    /// Cancelled on SIGINT/SIGTERM: new streams are refused.
+    pub draining: CancellationToken,
+}
+
+impl Shared {
+    /// Fresh state for a server with these limits.
+    pub fn new(limits: Limits) -> Arc<Shared> {
+        Arc::new(Shared {
+            engine: OnceLock::new(),
+            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
+            limits,
+            root: CancellationToken::new(),
+            draining: CancellationToken::new(),
+        })
+    }
+
+    /// Streams open now.
+    pub fn active_sessions(&self) -> usize {
+        self.limits.max_sessions - self.sessions.available_permits()
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct EmbedderService {
+    shared: Arc<Shared>,
+}
+
+impl EmbedderService {
+    /// A service over shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, Status> {
+        self.shared
+            .engine
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the model is still loading; retry when health is SERVING"))
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), Status> {
+        if self.shared.draining.is_cancelled() {
+            return Err(Status::unavailable("server shutting down"));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::embedder_server::Embedder for EmbedderService {
+    type ConverseStream = ReceiverStream<Result<pb::ConverseResponse, Status>>;
+
+    async fn converse(
+        &self,
+        request: Request<Streaming<pb::ConverseRequest>>,
+    ) -> Result<Response<Self::ConverseStream>, Status> {
+        self.refuse_if_draining()?;
+        let engine = self.engine()?;
+        let permit = self.shared.sessions.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many open streams: the server's limit is {}",
+                self.shared.limits.max_sessions
+            ))
+        })?;
+        let stream_id = next_stream_id();
+        let peer = request.remote_addr();
+        let conversation = engine
+            .model()
+            .conversation(self.shared.limits.default_options())
+            .map_err(|e| Status::internal(format!("the server's default options are invalid: {e}")))?;
+        let (responses_tx, responses_rx) = mpsc::channel(16);
+        let task = ConverseTask {
+            engine,
+            limits: self.shared.limits.clone(),
+            inbound: request.into_inner(),
+            responses_tx,
+            cancel: self.shared.root.child_token(),
+            conversation: Some(conversation),
+            _permit: permit,
+        };
+        let span = tracing::info_span!("converse", stream_id, peer = ?peer);
+        tokio::spawn(task.run().instrument(span));
+        Ok(Response::new(ReceiverStream::new(responses_rx)))
+    }
+
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        self.refuse_if_draining()?;
+        let engine = self.engine()?;
+        let req = request.into_inner();
+        let options = ConversationOptions {
+            pooling: pooling(req.pooling).map_err(|e| e.to_status())?,
+            dimensions: dimensions(req.dimensions),
+            normalize: req.normalize.unwrap_or(true),
+            ..self.shared.limits.default_options()
+        };
+        if req.texts.is_empty() {
+            return Err(RequestError::NoTexts.to_status());
+        }
+        options
+            .validate(engine.model())
+            .map_err(|e| RequestError::from(e).to_status())?;
+        let mut embeddings = Vec::with_capacity(req.texts.len());
+        for (i, text) in req.texts.into_iter().enumerate() {
+            let out = engine
+                .embed(text, options.clone())
+                .await
+                .map_err(|_| Status::unavailable("server shutting down"))?
+                .map_err(|e| {
+                    let e = RequestError::from(e);
+                    Status::new(e.code(), format!("texts[{i}]: {}", e.client_message()))
+                })?;
+            embeddings.push(embedding(out));
+        }
+        Ok(Response::new(pb::EmbedResponse { embeddings }))
+    }
+
+    async fn get_model_info(&self, _: Request<pb::GetModelInfoRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+        let engine = self.engine()?;
+        let spec = engine.model().spec();
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::ModelInfo {
+            name: spec.name.clone(),
+            layers: n(spec.layers),
+            hidden_size: n(spec.hidden_size),
+            kv_heads: n(spec.kv_heads),
+            head_dim: n(spec.head_dim),
+            kv_dtype: spec.kv_dtype.name().to_string(),
+            vocab_size: n(spec.vocab_size),
+            max_context_tokens: n(self.shared.limits.max_context_tokens),
+            kv_bytes_per_token: spec.kv_bytes_per_token(),
+        }))
+    }
+
+    async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
+        let engine = self.engine()?;
+        let stats = engine.stats();
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(Response::new(pb::Stats {
+            active_sessions: u32::try_from(self.shared.active_sessions()).unwrap_or(u32::MAX),
+            kv_cache_bytes: engine.model().kv_cache_bytes(),
+            turns_total: stats.turns.load(Relaxed),
+            tokens_total: stats.tokens.load(Relaxed),
+            queued_turns: u32::try_from(stats.queued.load(Relaxed)).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+fn next_stream_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How a stream ended, for its closing log line.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    HalfClosed,
+    ClientGone,
+    ShuttingDown,
+    InboundError,
+}
+
+/// One Converse stream: owns its conversation until the stream ends.
+struct ConverseTask {
+    engine: Arc<Engine>,
+    limits: Limits,
+    inbound: Streaming<pb::ConverseRequest>,
+    /// Responses to the client; a failed send means the client is gone.
+    responses_tx: mpsc::Sender<Result<pb::ConverseResponse, Status>>,
+    /// Cancelled after the server's drain deadline.
+    cancel: CancellationToken,
+    /// `None` only while a turn is in the engine, or after the engine lost it.
+    conversation: Option<Conversation>,
+    /// Holds one of the server's stream slots for the task's lifetime.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConverseTask {
+    async fn run(mut self) {
+        let started = Instant::now();
+        let (mut index, mut turns, mut tokens, mut peak) = (0u64, 0u64, 0u64, 0u64);
+        tracing::info!("stream opened");
+        let ending = loop {
+            let message = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    let _ = self.responses_tx.send(Err(Status::unavailable("server shutting down"))).await;
+                    break Ending::ShuttingDown;
+                }
+                () = self.responses_tx.closed() => break Ending::ClientGone,
+                m = self.inbound.message() => m,
+            };
+            let request = match message {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ending::HalfClosed,
+                Err(status) => {
+                    let status = inbound_status(status);
+                    tracing::debug!(code = ?status.code(), message = status.message(), "inbound stream failed");
+                    let _ = self.responses_tx.send(Err(status)).await;
+                    break Ending::InboundError;
+                }
+            };
+            let tag = request.tag;
+            let result = match request.action {
+                None => Err(RequestError::NoAction),
+                Some(Action::Options(o)) if index == 0 => self.apply_options(&o),
+                Some(Action::Options(_)) => Err(RequestError::OptionsNotFirst),
+                Some(Action::Reset(_)) => Ok(self.reset()),
+                Some(Action::Turn(turn)) => {
+                    let Some(conversation) = self.conversation.take() else {
+                        break Ending::ShuttingDown;
+                    };
+                    let job = self.engine.turn(conversation, turn.text, turn.role);
+                    let reply = tokio::select! {
+                        biased;
+                        () = self.cancel.cancelled() => {
+                            let _ = self.responses_tx.send(Err(Status::unavailable("server shutting down"))).await;
+                            break Ending::ShuttingDown;
+                        }
+                        () = self.responses_tx.closed() => break Ending::ClientGone,
+                        r = job => r,
+                    };
+                    let Ok((conversation, outcome)) = reply else {
+                        let _ = self
+                            .responses_tx
+                            .send(Err(Status::unavailable("server shutting down")))
+                            .await;
+                        break Ending::ShuttingDown;
+                    };
+                    self.conversation = Some(conversation);
+                    outcome
+                        .map(|out| {
+                            turns += 1;
+                            tokens += out.turn_tokens as u64;
+                            Reply::Embedding(embedding(out))
+                        })
+                        .map_err(RequestError::from)
+                }
+            };
+            if let Some(c) = &self.conversation {
+                peak = peak.max(c.peak_kv_bytes());
+            }
+            let result = result.unwrap_or_else(|e| Reply::Error(e.to_pb()));
+            let response = pb::ConverseResponse {
+                tag,
+                index,
+                result: Some(result),
+            };
+            index += 1;
+            if self.responses_tx.send(Ok(response)).await.is_err() {
+                break Ending::ClientGone;
+            }
+        };
+        drop(self.conversation.take());
+        tracing::info!(
+            ending = ?ending,
+            duration_ms = started.elapsed().as_millis() as u64,
+            requests = index,
+            turns,
+            tokens,
+            peak_kv_bytes = peak,
+            "stream closed"
+        );
+    }
+
+    fn apply_options(&mut self, o: &pb::SessionOptions) -> Result<Reply, RequestError> {
+        let options = self.limits.session_options(o)?;
+        let engine = self.engine.clone();
+        let conversation = engine.model().conversation(options)?;
+        let hidden = engine.model().spec().hidden_size;
+        let ready = pb::SessionReady {
+            dimensions: conversation.options().output_dimensions(hidden) as u32,
+            max_context_tokens: conversation.options().max_context_tokens as u32,
+        };
+        self.conversation = Some(conversation);
+        Ok(Reply::Ready(ready))
+    }
+
+    fn reset(&mut self) -> Reply {
+        let released = self.conversation.as_mut().map_or(0, Conversation::reset);
+        Reply::Reset(pb::ResetDone {
+            released_tokens: u32::try_from(released).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// The status to end a stream with when reading from it failed. tonic reports
+/// an over-size message as OUT_OF_RANGE; gRPC's convention (and every other
+/// implementation's) is RESOURCE_EXHAUSTED.
+pub fn inbound_status(status: Status) -> Status {
+    if is_oversize(&status) {
+        Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+/// Whether a status is tonic's "message too large".
+pub fn is_oversize(status: &Status) -> bool {
+    status.code() == Code::OutOfRange && status.message().contains("message length too large")
+}
