@@ -19,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the Embedder gRPC API (with health and reflection).
     Serve(Config),
+    /// A Converse client: JSON-lines turns on stdin, one JSON line per response on stdout.
+    Converse(crate::client::ClientConfig),
 }
 
 /// The server's settings. Every flag can also be set by its environment variable.
@@ -84,7 +86,9 @@ impl Config {
     /// (for tests and embedding the server in another program).
     pub fn for_model(model: impl Into<PathBuf>) -> Config {
         let cli = Cli::parse_from(["stateful-embedder", "serve"]);
-        let Command::Serve(mut config) = cli.command;
+        let Command::Serve(mut config) = cli.command else {
+            unreachable!("parsed the serve subcommand")
+        };
         config.model = model.into();
         config
     }

@@ -18,7 +18,8 @@
 //! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
 //!   conversions, one task per `Converse` stream; [`server`] adds health and
 //!   reflection and runs the lifecycle (load, warm up, serve, drain);
-//!   [`config`] is the command line.
+//!   [`config`] is the command line; [`client`] is a small Rust client
+//!   (`stateful-embedder converse`) for scripts and tests.
 //!
 //! Data flows `service → engine → conversation → model/tokenizer` and back;
 //! a conversation's state travels with its turn, so nothing is shared between
@@ -42,6 +43,7 @@
 //! # }
 //! ```
 
+pub mod client;
 pub mod config;
 pub mod conversation;
 pub mod engine;

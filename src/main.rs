@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(config) => serve(config),
+        Command::Converse(config) => converse(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +48,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
         std::io::stdout().flush().ok();
         server::run(config, listener, shutdown_signal()).await
     })
+}
+
+fn converse(config: stateful_embedder::client::ClientConfig) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(stateful_embedder::client::run(config))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -12,7 +12,10 @@
 //!    (where `make setup` installs `models/requirements.txt`),
 //! 4. the system library path (`libonnxruntime.so`).
 //!
-//! The first candidate that loads wins; the process keeps it for its lifetime.
+//! A path the user names (1 or 2) is the only candidate: if it does not load,
+//! that is the error, rather than a silent fall-back to another library.
+//! Otherwise the first of 3 and 4 that loads wins. The process keeps the
+//! library it loaded for its lifetime.
 
 use std::{
     path::{Path, PathBuf},
@@ -54,13 +57,13 @@ static LOADED: OnceLock<Loaded> = OnceLock::new();
 
 /// The candidates for the library, in discovery order.
 pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut out = Vec::new();
     if let Some(p) = explicit {
-        out.push(p.to_path_buf());
+        return vec![p.to_path_buf()];
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(p));
+        return vec![PathBuf::from(p)];
     }
+    let mut out = Vec::new();
     let mut venvs = Vec::new();
     if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|p| !p.is_empty()) {
         venvs.push(PathBuf::from(v));
@@ -140,4 +143,26 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Runt
 /// The library the process loaded, if any.
 pub fn loaded_path() -> Option<&'static Path> {
     LOADED.get().map(|l| l.path.as_path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A named library is the only candidate; otherwise venvs come before the system path.
+    #[test]
+    fn discovery_order() {
+        let named = Path::new("/opt/ort/libonnxruntime.so.1.99.0");
+        assert_eq!(candidates(Some(named)), vec![named.to_path_buf()]);
+        let implicit = candidates(None);
+        if std::env::var_os("ORT_DYLIB_PATH").is_none_or(|p| p.is_empty()) {
+            assert_eq!(implicit.last(), Some(&PathBuf::from("libonnxruntime.so")));
+            let venv_lib = implicit
+                .iter()
+                .position(|p| p.to_string_lossy().contains("site-packages/onnxruntime/capi"));
+            if let Some(i) = venv_lib {
+                assert!(i < implicit.len() - 1, "venv libraries come before the system path");
+            }
+        }
+    }
 }

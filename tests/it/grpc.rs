@@ -1,0 +1,557 @@
+//! The gRPC service against a real server process on an ephemeral port (tiny
+//! model), with tonic clients and the Rust `converse` client process.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use stateful_embedder::{
+    conversation::ConversationOptions,
+    pb::{
+        self, ConverseRequest, ConverseResponse, converse_request::Action, converse_response::Result as Reply,
+        embedder_client::EmbedderClient,
+    },
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::common::{self, F32, assert_close, oracle};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stateful-embedder");
+
+/// A server process on 127.0.0.1:0, killed on drop.
+pub struct TestServer {
+    child: Child,
+    pub addr: String,
+}
+
+impl TestServer {
+    /// Starts the server on the tiny model with extra flags; returns once health is SERVING.
+    pub async fn start(extra: &[&str]) -> TestServer {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+            .arg(common::tiny_dir())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the server binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(Duration::from_secs(60), line)
+            .await
+            .expect("the server prints its address within 60 s")
+            .unwrap()
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("a 'listening on' line")
+            .to_string();
+        let server = TestServer {
+            child,
+            addr: format!("http://{addr}"),
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    async fn wait_serving(&self) {
+        let mut health = HealthClient::new(self.channel().await);
+        let mut watch = health
+            .watch(HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let serving = async {
+            while let Some(status) = watch.next().await {
+                if status.expect("health status").status() == ServingStatus::Serving {
+                    return;
+                }
+            }
+            panic!("the health watch ended before SERVING");
+        };
+        tokio::time::timeout(Duration::from_secs(60), serving)
+            .await
+            .expect("SERVING within 60 s");
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    pub async fn client(&self) -> EmbedderClient<Channel> {
+        EmbedderClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    /// Polls GetStats until `done` holds (bounded: 20 s), returning the last stats.
+    pub async fn wait_stats(&self, what: &str, done: impl Fn(&pb::Stats) -> bool) -> pb::Stats {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let stats = client.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "{what}: stats never got there: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn turn(tag: &str, text: &str, role: &str) -> ConverseRequest {
+    ConverseRequest {
+        tag: tag.into(),
+        action: Some(Action::Turn(pb::Turn {
+            text: text.into(),
+            role: role.into(),
+        })),
+    }
+}
+
+fn options(o: pb::SessionOptions) -> ConverseRequest {
+    ConverseRequest {
+        tag: "options".into(),
+        action: Some(Action::Options(o)),
+    }
+}
+
+fn reset(tag: &str) -> ConverseRequest {
+    ConverseRequest {
+        tag: tag.into(),
+        action: Some(Action::Reset(pb::Reset {})),
+    }
+}
+
+/// Sends all requests at once on one stream (pipelined), half-closes, collects every response.
+async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<ConverseRequest>) -> Vec<ConverseResponse> {
+    let stream = client
+        .converse(tokio_stream::iter(requests))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    stream.collect::<Result<Vec<_>, _>>().await.expect("the stream ends OK")
+}
+
+fn embedding(r: &ConverseResponse) -> &pb::Embedding {
+    match &r.result {
+        Some(Reply::Embedding(e)) => e,
+        other => panic!("expected an embedding at index {}, got {other:?}", r.index),
+    }
+}
+
+fn error(r: &ConverseResponse) -> &pb::Error {
+    match &r.result {
+        Some(Reply::Error(e)) => e,
+        other => panic!("expected an error at index {}, got {other:?}", r.index),
+    }
+}
+
+const TURNS: [(&str, &str); 3] = [
+    ("You are a terse coding assistant.", "system"),
+    ("def add(a, b):\n    return a + b", "user"),
+    ("Rust: fn add(a: i32, b: i32) -> i32 { a + b }", "assistant"),
+];
+
+#[tokio::test]
+/// The engine's oracle holds over the wire: each streamed turn equals the one-shot embedding.
+async fn oracle_holds_over_the_wire() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.client().await;
+    let requests = TURNS
+        .iter()
+        .enumerate()
+        .map(|(i, (t, r))| turn(&format!("t{i}"), t, r))
+        .collect();
+    let responses = converse_all(&mut client, requests).await;
+    let model = common::tiny();
+    let mut context = Vec::new();
+    for (i, ((text, role), r)) in TURNS.iter().zip(&responses).enumerate() {
+        let tt = model.tokenizer().turn(text, role).unwrap();
+        let span = context.len() + tt.text.start..context.len() + tt.text.end;
+        context.extend_from_slice(&tt.ids);
+        let want = oracle(&model, &context, span, &ConversationOptions::default());
+        let e = embedding(r);
+        assert_close(&format!("turn {i}"), &e.values, &want, F32);
+        assert_eq!(e.context_tokens as usize, context.len());
+        assert_eq!(e.turn_tokens as usize, tt.ids.len());
+    }
+}
+
+#[tokio::test]
+/// Pipelined requests come back one per request, in order, with their index and tag.
+async fn pipelined_requests_come_back_in_order() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.client().await;
+    let mut requests = vec![options(pb::SessionOptions {
+        dimensions: 16,
+        ..Default::default()
+    })];
+    for i in 0..24 {
+        requests.push(match i % 6 {
+            0 => reset(&format!("r{i}")),
+            1 => ConverseRequest {
+                tag: format!("bad{i}"),
+                action: None,
+            },
+            _ => turn(&format!("t{i}"), &format!("turn number {i}: some text"), "user"),
+        });
+    }
+    let tags: Vec<String> = requests.iter().map(|r| r.tag.clone()).collect();
+    let responses = converse_all(&mut client, requests).await;
+    assert_eq!(responses.len(), tags.len());
+    for (i, (r, tag)) in responses.iter().zip(&tags).enumerate() {
+        assert_eq!(r.index, i as u64);
+        assert_eq!(&r.tag, tag);
+        match (i, &r.result) {
+            (0, Some(Reply::Ready(ready))) => assert_eq!(ready.dimensions, 16),
+            (_, Some(Reply::Reset(_))) => assert!(tag.starts_with('r')),
+            (_, Some(Reply::Error(e))) => {
+                assert!(tag.starts_with("bad"));
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+            }
+            (_, Some(Reply::Embedding(e))) => {
+                assert!(tag.starts_with('t'));
+                assert_eq!(e.values.len(), 16);
+            }
+            (_, other) => panic!("unexpected response {other:?} for {tag}"),
+        }
+    }
+}
+
+#[tokio::test]
+/// In-band errors leave the session unchanged and usable; the next good turn still meets the oracle.
+async fn in_band_errors_keep_the_session() {
+    let server = TestServer::start(&["--max-turn-tokens", "40"]).await;
+    let mut client = server.client().await;
+    let requests = vec![
+        options(pb::SessionOptions {
+            // "a" is 16 tokens, "full" 38 (over the window), "b" 31 (fits).
+            max_context_tokens: 50,
+            overflow: pb::Overflow::Reject as i32,
+            ..Default::default()
+        }),
+        turn("a", TURNS[1].0, "user"),
+        options(pb::SessionOptions::default()),
+        ConverseRequest {
+            tag: "none".into(),
+            action: None,
+        },
+        turn("empty", "", "user"),
+        turn("role", "hi", "robot"),
+        turn("long", &"word ".repeat(60), ""),
+        turn("full", &"many words ".repeat(16), "user"),
+        turn("b", TURNS[2].0, "assistant"),
+    ];
+    let responses = converse_all(&mut client, requests).await;
+    assert!(matches!(responses[0].result, Some(Reply::Ready(_))));
+    let first = embedding(&responses[1]);
+    let codes: Vec<i32> = responses[2..8].iter().map(|r| error(r).code).collect();
+    let ia = Code::InvalidArgument as i32;
+    let re = Code::ResourceExhausted as i32;
+    assert_eq!(codes, vec![ia, ia, ia, ia, re, re], "{responses:#?}");
+    assert!(error(&responses[2]).message.contains("first request"));
+    assert!(
+        error(&responses[7]).message.contains("REJECT"),
+        "{}",
+        error(&responses[7]).message
+    );
+    let last = embedding(&responses[8]);
+    assert_eq!(
+        last.context_tokens,
+        first.context_tokens + last.turn_tokens,
+        "the failed requests added nothing"
+    );
+    let model = common::tiny();
+    let a = model.tokenizer().turn(TURNS[1].0, "user").unwrap();
+    let b = model.tokenizer().turn(TURNS[2].0, "assistant").unwrap();
+    let mut context = a.ids.clone();
+    let span = context.len() + b.text.start..context.len() + b.text.end;
+    context.extend_from_slice(&b.ids);
+    let want = oracle(&model, &context, span, &ConversationOptions::default());
+    assert_close("turn after errors", &last.values, &want, F32);
+
+    // Options that cannot work are an in-band error too, and the defaults stay.
+    let responses = converse_all(
+        &mut client,
+        vec![
+            options(pb::SessionOptions {
+                dimensions: 10_000,
+                ..Default::default()
+            }),
+            turn("ok", "still works", ""),
+        ],
+    )
+    .await;
+    assert_eq!(error(&responses[0]).code, ia);
+    assert_eq!(embedding(&responses[1]).values.len(), 64);
+}
+
+#[tokio::test]
+/// After a normal close, a cancellation and a killed client process, GetStats shows 0 sessions and 0 KV bytes.
+async fn caches_are_freed_when_streams_end() {
+    let server = TestServer::start(&[]).await;
+    let zero = |s: &pb::Stats| s.active_sessions == 0 && s.kv_cache_bytes == 0;
+
+    // Normal close.
+    let mut client = server.client().await;
+    let responses = converse_all(&mut client, vec![turn("a", TURNS[1].0, "user")]).await;
+    assert_eq!(responses.len(), 1);
+    let stats = server.wait_stats("after a normal close", zero).await;
+    assert_eq!(stats.turns_total, 1);
+
+    // Cancellation: the client drops the stream while it is open and holds a cache.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(turn("a", TURNS[1].0, "user")).await.unwrap();
+    let mut stream = client
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(embedding(&first).context_tokens > 0);
+    let open = server.wait_stats("while open", |s| s.active_sessions == 1).await;
+    assert!(
+        open.kv_cache_bytes > 0,
+        "an open conversation holds its cache: {open:?}"
+    );
+    println!("GetStats with one open stream: {open:?}");
+    drop(stream);
+    drop(tx);
+    let after = server.wait_stats("after cancellation", zero).await;
+    println!("GetStats after cancellation: {after:?}");
+
+    // A client process killed mid-stream.
+    let mut child = Command::new(BIN)
+        .args(["converse", "--addr", &server.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"text": "def add(a, b): return a + b", "role": "user"}}"#).unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"values\""), "the client got its embedding: {line}");
+    let open = server
+        .wait_stats("client process open", |s| s.active_sessions == 1)
+        .await;
+    assert!(open.kv_cache_bytes > 0);
+    child.kill().unwrap(); // SIGKILL: no goodbye on the wire
+    child.wait().unwrap();
+    server.wait_stats("after the client process was killed", zero).await;
+}
+
+#[tokio::test]
+/// A message over --max-message-bytes gets RESOURCE_EXHAUSTED (stream and unary); the server keeps serving.
+async fn oversize_messages_are_resource_exhausted() {
+    let server = TestServer::start(&["--max-message-bytes", "2048"]).await;
+    let mut client = server.client().await;
+    let big = "x".repeat(4096);
+
+    let mut stream = client
+        .converse(tokio_stream::iter(vec![turn("big", &big, "")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = match stream.next().await {
+        Some(Ok(r)) => panic!("no response expected for an oversize message, got {r:?}"),
+        Some(Err(s)) => s,
+        None => panic!("the stream ended OK"),
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    let status = client
+        .embed(pb::EmbedRequest {
+            texts: vec![big],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    let ok = converse_all(&mut client, vec![turn("small", "small text", "")]).await;
+    assert_eq!(embedding(&ok[0]).values.len(), 64);
+}
+
+#[tokio::test]
+/// Streams over --max-sessions get RESOURCE_EXHAUSTED; the open ones keep working, and a slot frees on close.
+async fn stream_limit_is_resource_exhausted() {
+    let server = TestServer::start(&["--max-sessions", "2"]).await;
+    let mut client = server.client().await;
+    let mut open = Vec::new();
+    for i in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(turn(&format!("s{i}"), "hello", "")).await.unwrap();
+        let mut s = client
+            .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        open.push((tx, s));
+    }
+    let (_tx3, rx3) = tokio::sync::mpsc::channel::<ConverseRequest>(4);
+    let refused = client
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx3))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("limit is 2"), "{}", refused.message());
+
+    // The open streams still work.
+    let (tx, s) = &mut open[0];
+    tx.send(turn("again", "more", "")).await.unwrap();
+    assert!(embedding(&s.next().await.unwrap().unwrap()).context_tokens > 1);
+
+    // Closing one frees a slot.
+    open.pop();
+    server.wait_stats("one slot free", |s| s.active_sessions == 1).await;
+    let ok = converse_all(&mut client, vec![turn("new", "new stream", "")]).await;
+    assert_eq!(ok.len(), 1);
+}
+
+#[tokio::test]
+/// Embed is stateless (each text equals a fresh conversation's first raw turn); ModelInfo describes the model.
+async fn embed_and_model_info() {
+    let server = TestServer::start(&["--max-context-tokens", "1024"]).await;
+    let mut client = server.client().await;
+    let texts = vec!["first text".to_string(), "second, different text".to_string()];
+    let got = client
+        .embed(pb::EmbedRequest {
+            texts: texts.clone(),
+            pooling: pb::Pooling::LastToken as i32,
+            dimensions: 32,
+            normalize: Some(false),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let model = common::tiny();
+    let o = ConversationOptions {
+        pooling: stateful_embedder::conversation::Pooling::LastToken,
+        dimensions: Some(32),
+        normalize: false,
+        ..Default::default()
+    };
+    for (text, e) in texts.iter().zip(&got.embeddings) {
+        let want = model.conversation(o.clone()).unwrap().turn(text, "").unwrap();
+        assert_close(text, &e.values, &want.embedding, F32);
+        assert_eq!(e.context_tokens, e.turn_tokens);
+    }
+    let empty = client
+        .embed(pb::EmbedRequest {
+            texts: vec![String::new()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.layers, info.hidden_size, info.kv_heads, info.head_dim),
+        (2, 64, 2, 16)
+    );
+    assert_eq!(info.kv_dtype, "float32");
+    assert_eq!(info.max_context_tokens, 1024);
+    assert_eq!(info.kv_bytes_per_token, 2 * 2 * 2 * 16 * 4);
+    assert!(info.vocab_size > 151_000);
+}
+
+#[tokio::test]
+/// SIGTERM: health goes NOT_SERVING, new streams are refused, an open stream ends
+/// with UNAVAILABLE after the drain deadline, and the process exits 0.
+async fn shutdown_drains_then_ends_streams() {
+    let mut server = TestServer::start(&["--drain-seconds", "1"]).await;
+    let mut client = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(turn("a", "hello", "")).await.unwrap();
+    let mut stream = client
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut health = HealthClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = health
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.status() == ServingStatus::NotServing {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health never went NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = client
+        .converse(tokio_stream::iter(vec![turn("late", "hi", "")]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    // The open stream still works during the drain…
+    tx.send(turn("b", "during drain", "")).await.unwrap();
+    let r = stream.next().await.unwrap().unwrap();
+    assert_eq!(r.index, 1);
+    // …and ends with UNAVAILABLE once the deadline passes.
+    let end = stream.next().await.expect("the stream ends with a status");
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "server shutting down");
+    let exit = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -1,0 +1,455 @@
+//! The engine's oracle: a turn's embedding from a conversation equals the
+//! one-shot embedding of the same tokens with an empty cache, same pooling,
+//! same span — across turns, roles, poolings, truncation, overflow policies,
+//! resets and failed turns; on the tiny model (f32, fp16) and the real one (f32).
+
+use std::sync::Arc;
+
+use stateful_embedder::{
+    conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
+    model::Model,
+};
+
+use crate::common::{self, F32, FP16, Tolerance, assert_close, cosine, oracle};
+
+const TEXTS: [&str; 10] = [
+    "def add(a, b):\n    return a + b",
+    "Now write the same thing in Rust, please.",
+    "fn add(a: i32, b: i32) -> i32 { a + b }",
+    "Why does Rust need the types spelled out?",
+    "Because function signatures are the contract; inference stops at them.",
+    "Émojis and ünïcode: 🦀 → 🐍, 日本語のテキスト.",
+    "SELECT name, count(*) FROM users GROUP BY name HAVING count(*) > 1;",
+    "    indented\n\tand tabbed\n\n\nwith blank lines",
+    "x",
+    "The quick brown fox jumps over the lazy dog. 1234567890",
+];
+
+/// Drives a conversation and checks every turn against the oracle, tracking
+/// the expected context independently of the code under test.
+struct Script {
+    model: Arc<Model>,
+    conv: Conversation,
+    options: ConversationOptions,
+    context: Vec<u32>,
+    tol: Tolerance,
+    worst: (f64, f32),
+}
+
+impl Script {
+    fn new(model: &Arc<Model>, options: ConversationOptions, tol: Tolerance) -> Script {
+        Script {
+            conv: model.conversation(options.clone()).expect("valid options"),
+            model: model.clone(),
+            options,
+            context: Vec::new(),
+            tol,
+            worst: (1.0, 0.0),
+        }
+    }
+
+    /// The context the policy should leave before the turn, and how many tokens it evicts.
+    fn expected_base(&self, n: usize) -> (Vec<u32>, usize) {
+        let w = self.options.max_context_tokens;
+        let ctx = &self.context;
+        if ctx.len() + n <= w {
+            return (ctx.clone(), 0);
+        }
+        match self.options.overflow {
+            Overflow::Reset => (Vec::new(), ctx.len()),
+            Overflow::Slide => {
+                let keep = self.options.keep_tokens.min(ctx.len());
+                let target = (w / 2).min(w - n).max(keep);
+                let mut kept = ctx[..keep].to_vec();
+                kept.extend_from_slice(&ctx[ctx.len() - (target - keep)..]);
+                let evicted = ctx.len() - kept.len();
+                (kept, evicted)
+            }
+            Overflow::Reject => panic!("the script does not expect a REJECT overflow here"),
+        }
+    }
+
+    fn turn(&mut self, text: &str, role: &str) -> TurnOutput {
+        let tt = self.model.tokenizer().turn(text, role).expect("tokenizes");
+        let (mut full, evicted) = self.expected_base(tt.ids.len());
+        let span = full.len() + tt.text.start..full.len() + tt.text.end;
+        full.extend_from_slice(&tt.ids);
+        let out = self.conv.turn(text, role).expect("the turn succeeds");
+        let want = oracle(&self.model, &full, span.clone(), &self.options);
+        let what = format!("turn {:?} (role {role:?}) at context {}", text, full.len());
+        let (c, d) = assert_close(&what, &out.embedding, &want, self.tol);
+        self.worst = (self.worst.0.min(c), self.worst.1.max(d));
+        if self.options.include_turn_mean {
+            let mean_opts = ConversationOptions {
+                pooling: Pooling::Mean,
+                ..self.options.clone()
+            };
+            let want_mean = oracle(&self.model, &full, span, &mean_opts);
+            let got = out.turn_mean.as_ref().expect("turn_mean was asked for");
+            assert_close("turn_mean", got, &want_mean, self.tol);
+        } else {
+            assert!(out.turn_mean.is_none());
+        }
+        assert_eq!(self.conv.tokens(), &full[..], "the conversation's context");
+        assert_eq!(out.context_tokens, full.len());
+        assert_eq!(out.turn_tokens, tt.ids.len());
+        assert_eq!(out.evicted_tokens, evicted);
+        assert_eq!(
+            self.conv.kv_bytes(),
+            full.len() as u64 * self.model.spec().kv_bytes_per_token()
+        );
+        self.context = full;
+        out
+    }
+
+    fn report(&self, name: &str) {
+        println!(
+            "oracle {name} [{}]: worst cosine {:.9}, worst max abs diff {:.3e}",
+            self.model.spec().name,
+            self.worst.0,
+            self.worst.1
+        );
+    }
+}
+
+fn opts() -> ConversationOptions {
+    ConversationOptions::default()
+}
+
+fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
+    let hidden = model.spec().hidden_size;
+    // 1, 2 and 10 raw turns, MEAN.
+    for turns in [1, 2, 10] {
+        let mut s = Script::new(model, opts(), tol);
+        for text in TEXTS.iter().take(turns) {
+            s.turn(text, "");
+        }
+        s.report(&format!("{label} {turns} turns"));
+    }
+    // ChatML roles: markers join the context, only the text is pooled; LAST_TOKEN and MEAN both.
+    for pooling in [Pooling::Mean, Pooling::LastToken] {
+        let o = ConversationOptions {
+            pooling,
+            include_turn_mean: pooling == Pooling::LastToken,
+            ..opts()
+        };
+        let mut s = Script::new(model, o, tol);
+        s.turn("You are a terse coding assistant.", "system");
+        s.turn(TEXTS[0], "user");
+        s.turn(TEXTS[2], "assistant");
+        s.turn(TEXTS[3], "");
+        s.turn(TEXTS[4], "user");
+        s.report(&format!("{label} chatml {pooling:?}"));
+    }
+    // Truncation (Matryoshka) with and without normalisation.
+    for (dims, normalize) in [(hidden / 2, true), (hidden / 4, false)] {
+        let o = ConversationOptions {
+            dimensions: Some(dims),
+            normalize,
+            ..opts()
+        };
+        let mut s = Script::new(model, o, tol);
+        let out = s.turn(TEXTS[0], "user");
+        assert_eq!(out.embedding.len(), dims);
+        s.turn(TEXTS[1], "user");
+    }
+    // SLIDE without and with keep_tokens, and chunked prefill (chunks of 7 tokens).
+    for (keep, chunk) in [(0, 512), (12, 512), (12, 7)] {
+        let o = ConversationOptions {
+            max_context_tokens: 64,
+            keep_tokens: keep,
+            prefill_chunk_tokens: chunk,
+            ..opts()
+        };
+        let mut s = Script::new(model, o, tol);
+        let mut evicted = 0;
+        for text in TEXTS.iter().cycle().take(14) {
+            evicted += s.turn(text, "user").evicted_tokens;
+        }
+        assert!(evicted > 0, "the window of 64 must have slid");
+        if keep > 0 {
+            let first = model.tokenizer().turn(TEXTS[0], "user").unwrap().ids;
+            assert_eq!(
+                &s.conv.tokens()[..keep],
+                &first[..keep],
+                "the kept prefix survives every slide"
+            );
+        }
+        s.report(&format!("{label} slide keep={keep} chunk={chunk} (evicted {evicted})"));
+    }
+    // RESET overflow clears the context, then runs the turn.
+    let o = ConversationOptions {
+        max_context_tokens: 40,
+        overflow: Overflow::Reset,
+        ..opts()
+    };
+    let mut s = Script::new(model, o, tol);
+    let mut resets = 0;
+    for text in TEXTS.iter().take(8) {
+        let before = s.conv.context_len();
+        let out = s.turn(text, "user");
+        if out.evicted_tokens > 0 {
+            assert_eq!(out.evicted_tokens, before);
+            resets += 1;
+        }
+    }
+    assert!(resets > 0, "a window of 40 tokens must have overflowed");
+}
+
+#[test]
+/// The oracle holds on the tiny f32 model across the whole suite.
+fn tiny_f32_oracle() {
+    run_suite(&common::tiny(), F32, "tiny f32");
+}
+
+#[test]
+/// The oracle holds on the tiny fp16 model (fp16 KV) within the fp16 tolerance.
+fn tiny_fp16_oracle() {
+    run_suite(&common::tiny_fp16(), FP16, "tiny fp16");
+}
+
+#[test]
+/// The oracle holds on the real model in f32, including dimensions 64 and 512.
+fn real_f32_oracle() {
+    let Some(model) = common::real() else { return };
+    for turns in [1, 2, 10] {
+        let mut s = Script::new(&model, opts(), F32);
+        for text in TEXTS.iter().take(turns) {
+            s.turn(text, "");
+        }
+        s.report(&format!("real f32 {turns} turns"));
+    }
+    for (pooling, dims) in [
+        (Pooling::Mean, Some(512)),
+        (Pooling::LastToken, Some(64)),
+        (Pooling::Mean, None),
+    ] {
+        let o = ConversationOptions {
+            pooling,
+            dimensions: dims,
+            include_turn_mean: true,
+            ..opts()
+        };
+        let mut s = Script::new(&model, o, F32);
+        s.turn("You are a terse coding assistant.", "system");
+        let out = s.turn(TEXTS[0], "user");
+        assert_eq!(out.embedding.len(), dims.unwrap_or(896));
+        s.turn(TEXTS[2], "assistant");
+        s.report(&format!("real f32 chatml {pooling:?} dims {dims:?}"));
+    }
+    for keep in [0, 16] {
+        let o = ConversationOptions {
+            max_context_tokens: 96,
+            keep_tokens: keep,
+            ..opts()
+        };
+        let mut s = Script::new(&model, o, F32);
+        let mut evicted = 0;
+        for text in TEXTS.iter().cycle().take(12) {
+            evicted += s.turn(text, "user").evicted_tokens;
+        }
+        assert!(evicted > 0);
+        s.report(&format!("real f32 slide keep={keep}"));
+    }
+}
+
+/// A ~45-token first turn, as the prototype's first scenario.
+const FIRST_45: &str = "I am writing a small Python service that reads JSON lines from a TCP socket, \
+validates each record against a JSON schema, and writes the valid records to PostgreSQL in batches \
+of one hundred rows, logging every rejected line.";
+const SECOND: &str = "Now add retries with exponential backoff when the database is unavailable.";
+
+#[test]
+/// The prototype's three scenarios on the real model: a ~45-token first turn,
+/// a second turn that grows the context and changes the vector, and a reset
+/// that gives exactly a new conversation's first embedding.
+fn real_prototype_scenarios() {
+    let Some(model) = common::real() else { return };
+    let mut conv = model.conversation(opts()).unwrap();
+    let first = conv.turn(FIRST_45, "").unwrap();
+    println!("first turn: {} tokens", first.turn_tokens);
+    assert!(
+        (35..=55).contains(&first.turn_tokens),
+        "about 45 tokens, got {}",
+        first.turn_tokens
+    );
+    assert_eq!(first.context_tokens, first.turn_tokens);
+    assert_eq!(first.embedding.len(), 896);
+    let norm: f32 = first.embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+
+    let second = conv.turn(SECOND, "").unwrap();
+    assert_eq!(second.context_tokens, first.turn_tokens + second.turn_tokens);
+    let c = cosine(&first.embedding, &second.embedding);
+    println!("cosine(first turn, second turn) = {c:.4}");
+    assert!(c < 0.999, "a different turn must give a different vector");
+
+    let released = conv.reset();
+    assert_eq!(released, second.context_tokens);
+    assert_eq!(conv.context_len(), 0);
+    assert_eq!(conv.kv_bytes(), 0);
+    let again = conv.turn(FIRST_45, "").unwrap();
+    let fresh = model.conversation(opts()).unwrap().turn(FIRST_45, "").unwrap();
+    assert_eq!(
+        again.embedding, fresh.embedding,
+        "after reset, exactly a fresh conversation's first embedding"
+    );
+    assert_eq!(again.embedding, first.embedding);
+}
+
+#[test]
+/// Reset mid-conversation: the next turn equals a fresh conversation's first turn, bit for bit.
+fn reset_mid_conversation_is_fresh() {
+    for model in [common::tiny(), common::tiny_fp16()] {
+        let mut conv = model.conversation(opts()).unwrap();
+        conv.turn(TEXTS[0], "user").unwrap();
+        conv.turn(TEXTS[1], "assistant").unwrap();
+        assert!(model.kv_cache_bytes() >= conv.kv_bytes());
+        conv.reset();
+        assert_eq!((conv.context_len(), conv.kv_bytes()), (0, 0));
+        let after = conv.turn(TEXTS[2], "user").unwrap();
+        let fresh = model.conversation(opts()).unwrap().turn(TEXTS[2], "user").unwrap();
+        assert_eq!(after, fresh);
+    }
+}
+
+/// Snapshot of what a failed turn must not change.
+fn state(conv: &Conversation) -> (Vec<u32>, u64) {
+    (conv.tokens().to_vec(), conv.kv_bytes())
+}
+
+#[test]
+/// Failed turns (over the turn limit, REJECT overflow, empty, unknown role,
+/// over the window) change nothing, and the oracle still holds for the next good turn.
+fn failed_turns_lose_nothing() {
+    let model = common::tiny();
+    let o = ConversationOptions {
+        max_context_tokens: 48,
+        overflow: Overflow::Reject,
+        max_turn_tokens: 30,
+        ..opts()
+    };
+    let mut s = Script::new(&model, o, F32);
+    s.turn(TEXTS[0], "user");
+    let before = state(&s.conv);
+
+    let long = "word ".repeat(40);
+    assert!(matches!(
+        s.conv.turn(&long, ""),
+        Err(TurnError::TurnTooLong { limit: 30, .. })
+    ));
+    assert_eq!(state(&s.conv), before);
+    assert!(matches!(s.conv.turn("", "user"), Err(TurnError::Empty)));
+    assert_eq!(state(&s.conv), before);
+    assert!(matches!(s.conv.turn("hi", "tool"), Err(TurnError::UnknownRole(r)) if r == "tool"));
+    assert_eq!(state(&s.conv), before);
+    // Fill the window until REJECT refuses.
+    let err = loop {
+        let snapshot = state(&s.conv);
+        let tt = model.tokenizer().turn(TEXTS[3], "user").unwrap();
+        if s.conv.context_len() + tt.ids.len() > 48 {
+            let e = s.conv.turn(TEXTS[3], "user").unwrap_err();
+            assert_eq!(state(&s.conv), snapshot, "REJECT changed the conversation");
+            break e;
+        }
+        s.turn(TEXTS[3], "user");
+    };
+    assert!(matches!(err, TurnError::ContextFull { window: 48, .. }), "{err}");
+    // A short turn that fits still works and still meets the oracle.
+    s.turn("ok", "");
+    s.report("tiny f32 after failed turns");
+}
+
+#[test]
+/// A turn longer than the window is rejected under every policy, and nothing changes.
+fn turn_over_window_is_rejected() {
+    let model = common::tiny();
+    for overflow in [Overflow::Slide, Overflow::Reset, Overflow::Reject] {
+        let o = ConversationOptions {
+            max_context_tokens: 16,
+            overflow,
+            ..opts()
+        };
+        let mut conv = model.conversation(o).unwrap();
+        conv.turn("short", "").unwrap();
+        let before = state(&conv);
+        let err = conv.turn(&"many words here ".repeat(10), "").unwrap_err();
+        assert!(
+            matches!(err, TurnError::OverWindow { window: 16, .. }),
+            "{overflow:?}: {err}"
+        );
+        assert_eq!(state(&conv), before);
+    }
+}
+
+#[test]
+/// Options that cannot work are refused up front.
+fn invalid_options_are_refused() {
+    let model = common::tiny();
+    let hidden = model.spec().hidden_size;
+    let bad = |o: ConversationOptions| model.conversation(o).unwrap_err();
+    assert_eq!(
+        bad(ConversationOptions {
+            dimensions: Some(hidden + 1),
+            ..opts()
+        }),
+        OptionsError::Dimensions {
+            asked: hidden + 1,
+            hidden
+        }
+    );
+    assert!(matches!(
+        bad(ConversationOptions {
+            max_context_tokens: model.spec().max_positions + 1,
+            ..opts()
+        }),
+        OptionsError::Window { .. }
+    ));
+    assert!(matches!(
+        bad(ConversationOptions {
+            max_context_tokens: 100,
+            keep_tokens: 51,
+            ..opts()
+        }),
+        OptionsError::Keep { .. }
+    ));
+}
+
+#[test]
+/// Dropping conversations returns their KV bytes: the model's ledger goes back to what it was.
+fn kv_ledger_returns_to_zero() {
+    // A model of its own: the shared ones see other tests' caches.
+    let model = Model::open(common::tiny_dir(), &Default::default()).unwrap();
+    let mut convs: Vec<_> = (0..5).map(|_| model.conversation(opts()).unwrap()).collect();
+    for c in &mut convs {
+        c.turn(TEXTS[0], "user").unwrap();
+    }
+    let held: u64 = convs.iter().map(Conversation::kv_bytes).sum();
+    assert!(held > 0);
+    assert!(model.kv_cache_bytes() >= held);
+    assert_eq!(model.kv_cache_bytes(), held);
+    drop(convs);
+    assert_eq!(model.kv_cache_bytes(), 0);
+}
+
+#[test]
+/// The oracle is sharp: the same text embedded after other turns differs from
+/// the text alone, and from the one-shot embedding over a wrong context.
+fn context_changes_the_embedding() {
+    let model = common::tiny();
+    let mut conv = model.conversation(opts()).unwrap();
+    conv.turn(TEXTS[0], "user").unwrap();
+    let in_context = conv.turn(TEXTS[1], "user").unwrap().embedding;
+    let alone = model
+        .conversation(opts())
+        .unwrap()
+        .turn(TEXTS[1], "user")
+        .unwrap()
+        .embedding;
+    assert!(cosine(&in_context, &alone) < 0.9999, "the context must matter");
+    // Position matters too: the right tokens after a different first turn differ.
+    let mut other = model.conversation(opts()).unwrap();
+    other.turn(TEXTS[2], "user").unwrap();
+    let after_other = other.turn(TEXTS[1], "user").unwrap().embedding;
+    assert!(cosine(&in_context, &after_other) < 0.9999);
+}
