@@ -22,7 +22,6 @@ serve: setup
 	ORT_DYLIB_PATH= ./target/release/stateful-embedder serve --model $(REAL) --addr $(ADDR)
 
 test: setup models
-	$(CARGO) build --all-targets
 	SE_REQUIRE_MODELS=1 $(CARGO) test --all-targets
 	SE_REQUIRE_MODELS=1 $(CARGO) test --doc
 	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider

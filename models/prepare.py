@@ -413,11 +413,12 @@ def import_export(args) -> None:
         if "logits" not in names:
             raise SystemExit(f"{model_path}: has neither last_hidden_state nor logits")
         producer = {o: n for n in g.node for o in n.output}
-        node = producer["logits"]
-        while node.op_type not in ("MatMul", "Gemm"):
-            node = producer[node.input[0]]  # e.g. Identity or a Cast after the lm_head
-        hidden = node.input[0]
-        g.node.append(onnx.helper.make_node("Identity", [hidden], ["last_hidden_state"], name="import_last_hidden_state"))
+        if "last_hidden_state" not in producer:
+            node = producer["logits"]
+            while node.op_type not in ("MatMul", "Gemm"):
+                node = producer[node.input[0]]  # e.g. Identity or a Cast after the lm_head
+            hidden = node.input[0]
+            g.node.append(onnx.helper.make_node("Identity", [hidden], ["last_hidden_state"], name="import_last_hidden_state"))
         elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) if v.name == "logits"), onnx.TensorProto.FLOAT)
         g.output.append(onnx.helper.make_tensor_value_info("last_hidden_state", elem, ["batch_size", "sequence_length", None]))
     if not args.keep_logits and "logits" in [o.name for o in g.output]:

@@ -1,0 +1,239 @@
+"""The prepared models themselves, run with Python onnxruntime: the converted
+real model generates code, chunked prefill agrees with one-shot, left-padded
+batches are right, the tokenizer is Qwen's, and `prepare.py import` adopts a
+logits-only export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import BIN, MODELS, REAL, ROOT, TINY, require
+from tokenizers import Tokenizer
+
+VARIANTS = {
+    # file: max abs diff held between one-shot, two-chunk and token-by-token runs.
+    "model.onnx": 1e-4,  # f32: the same arithmetic, only GEMM blocking can differ
+    "model_fp16.onnx": 1e-2,  # fp16 outputs: one fp16 ulp of values up to ~8
+    "model_q4.onnx": 1e-3,  # 4-bit weight-only MatMulNBits: measured exact (0.0)
+    # These quantise activations per call, so chunking changes their numbers;
+    # see test_quantised_chunking for the direction they keep.
+    "model_q8.onnx": None,
+    "model_int8.onnx": None,
+}
+# Mean-pooled cosine held between one-shot and two-chunk runs, for the variants above marked None.
+PER_CALL_QUANTISED = {"model_int8.onnx": 0.98, "model_q8.onnx": 0.999}
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def kv_type(sess):
+    t = next(i.type for i in sess.get_inputs() if i.name == "past_key_values.0.key")
+    return np.float16 if "float16" in t else np.float32
+
+
+def run(sess, ids, past=None, mask=None, positions=None):
+    """One call; returns (last_hidden_state, [present...])."""
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    b, s = ids.shape
+    layers = sum(1 for i in sess.get_inputs() if i.name.endswith(".key"))
+    kv = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key").shape
+    p = 0 if past is None else past[0].shape[2]
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, p + s), np.int64) if mask is None else mask,
+        "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy() if positions is None else positions,
+    }
+    for i in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            feed[f"past_key_values.{i}.{kind}"] = (
+                np.zeros((b, kv[1], 0, kv[3]), kv_type(sess)) if past is None else past[2 * i + j]
+            )
+    out = sess.run(None, feed)
+    names = [o.name for o in sess.get_outputs()]
+    hidden = out[names.index("last_hidden_state")]
+    present = [out[names.index(n)] for n in names if n.startswith("present.")]
+    return hidden, present
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_file(str(require(REAL / "tokenizer.json")))
+
+
+@pytest.fixture(scope="module")
+def sixty(tokenizer):
+    text = (
+        "def merge_sorted(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+        "        if a[i] <= b[j]:\n            out.append(a[i]); i += 1\n        else:\n"
+        "            out.append(b[j]); j += 1\n    return out + a[i:] + b[j:]\n"
+    )
+    ids = tokenizer.encode(text).ids[:60]
+    assert len(ids) == 60
+    return ids
+
+
+def test_tokenizer_is_qwens(tokenizer):
+    """'Hello world' is [9707, 1879]; ChatML markers are single ids; code, unicode and emoji round-trip."""
+    assert tokenizer.encode("Hello world").ids == [9707, 1879]
+    for marker, id_ in [("<|endoftext|>", 151643), ("<|im_start|>", 151644), ("<|im_end|>", 151645), ("<|fim_prefix|>", 151659)]:
+        assert tokenizer.encode(marker).ids == [id_]
+        assert tokenizer.token_to_id(marker) == id_
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids == [151644, 872, 198, 6023, 151645]
+    for sample in [
+        "fn main() {\n\tprintln!(\"{}\", 1 + 2);\n}\n",
+        "Ünïcödé — naïve café, 日本語, עברית, Ελληνικά",
+        "emoji 🦀🐍👩‍💻 and flags 🇫🇷",
+        "   leading spaces and trailing   \n\n",
+        "1234567890 3.14159",
+    ]:
+        assert tokenizer.decode(tokenizer.encode(sample).ids, skip_special_tokens=False) == sample
+    # Digits are split one by one, as Qwen2's pre-tokenizer does.
+    assert len(tokenizer.encode("1234").ids) == 4
+
+
+def test_real_model_generates_code(tokenizer):
+    """Greedy decoding with the KV-cache loop answers the ChatML prompt with a Python function."""
+    from gguf_source import GgufSource  # noqa: PLC0415
+
+    sess = session(require(REAL / "model.onnx"))
+    gguf = subprocess.run(
+        [sys.executable, str(MODELS / "prepare.py"), "gguf-path"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    lm_head = GgufSource(gguf).tensor("output.weight")
+    prompt = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWrite a Python function that returns the sum of a list.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    hidden, past = run(sess, tokenizer.encode(prompt).ids)
+    out = []
+    for _ in range(160):
+        nxt = int(np.argmax(hidden[0, -1] @ lm_head.T))
+        if nxt == tokenizer.token_to_id("<|im_end|>"):
+            break
+        out.append(nxt)
+        text = tokenizer.decode(out)
+        if "def " in text and "\n    return " in text.split("def ", 1)[1] and text.endswith("\n"):
+            break
+        hidden, past = run(sess, [nxt], past)
+    text = tokenizer.decode(out)
+    print(f"\n--- generated ---\n{text}\n---")
+    assert "def " in text and "return" in text
+
+
+@pytest.mark.parametrize("variant", [v for v, tol in VARIANTS.items() if tol is not None])
+def test_chunking_agrees(variant, sixty):
+    """One-shot, two-chunk and token-by-token runs of the same 60 tokens agree on hidden states and present KV."""
+    tol = VARIANTS[variant]
+    sess = session(require(REAL / variant))
+    h1, p1 = run(sess, sixty)
+    ha, pa = run(sess, sixty[:25])
+    hb, pb_ = run(sess, sixty[25:], pa)
+    h2 = np.concatenate([ha, hb], axis=1)
+    past, rows = None, []
+    for t in sixty:
+        h, past = run(sess, [t], past)
+        rows.append(h)
+    h3 = np.concatenate(rows, axis=1)
+    diffs = {
+        "two-chunk hidden": np.abs(h1.astype(np.float32) - h2).max(),
+        "token-by-token hidden": np.abs(h1.astype(np.float32) - h3).max(),
+        "two-chunk present": max(np.abs(a.astype(np.float32) - b).max() for a, b in zip(p1, pb_)),
+        "token-by-token present": max(np.abs(a.astype(np.float32) - b).max() for a, b in zip(p1, past)),
+    }
+    print(f"\n{variant}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    for what, d in diffs.items():
+        assert d <= tol, f"{variant}: {what} differs by {d} (> {tol})"
+
+
+@pytest.mark.parametrize("variant", sorted(PER_CALL_QUANTISED))
+def test_quantised_chunking(variant, sixty):
+    """Dynamic int8 quantises each call's whole activation with one scale, and the
+    8-bit MatMulNBits int8-compute kernel takes a different path per call shape,
+    so chunking changes their numbers; what holds is the direction: the cosine
+    of the mean hidden state of one-shot vs two-chunk runs."""
+    sess = session(require(REAL / variant))
+    h1, _ = run(sess, sixty)
+    ha, pa = run(sess, sixty[:25])
+    hb, _ = run(sess, sixty[25:], pa)
+    h2 = np.concatenate([ha, hb], axis=1)
+    m1, m2 = h1[0].mean(0), h2[0].mean(0)
+    cos = float(m1 @ m2 / np.linalg.norm(m1) / np.linalg.norm(m2))
+    print(f"\n{variant} one-shot vs two-chunk: max abs diff {np.abs(h1 - h2).max():.2f}, mean-pool cosine {cos:.6f}")
+    assert cos >= PER_CALL_QUANTISED[variant]
+
+
+def test_left_padded_batch(tokenizer):
+    """A left-padded batch of two sequences equals the two unbatched runs on the real tokens."""
+    sess = session(require(REAL / "model.onnx"))
+    a = tokenizer.encode("print('hello, world')").ids
+    b = tokenizer.encode("SELECT * FROM orders WHERE total > 100 ORDER BY created_at DESC;").ids
+    n = max(len(a), len(b))
+    ids = np.full((2, n), 151643, np.int64)
+    mask = np.zeros((2, n), np.int64)
+    for row, seq in enumerate((a, b)):
+        ids[row, n - len(seq):] = seq
+        mask[row, n - len(seq):] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    hb, _ = run(sess, ids, mask=mask, positions=positions)
+    worst = 0.0
+    for row, seq in enumerate((a, b)):
+        h, _ = run(sess, seq)
+        worst = max(worst, float(np.abs(hb[row, n - len(seq):] - h[0]).max()))
+    print(f"\nleft-padded batch vs unbatched: max abs diff {worst:.2e}")
+    assert worst <= 1e-3
+
+
+def test_contract_check_on_real_model():
+    """`prepare.py check` reads the contract of the prepared model."""
+    require(REAL / "model.onnx")
+    out = subprocess.run(
+        [sys.executable, str(MODELS / "prepare.py"), "check", str(REAL)], check=True, capture_output=True, text=True
+    ).stdout
+    found = json.loads(out)
+    assert found["layers"] == 24 and found["kv_shape"][1] == 2 and found["kv_shape"][3] == 64
+    assert not found["logits"]
+
+
+def test_import_adopts_a_logits_only_export(tmp_path):
+    """A logits-only optimum-style export is refused by the server with a pointer to
+    `prepare.py import`, which adds last_hidden_state, drops the lm_head, and serves the same hidden states."""
+    src = require(TINY / "model_logits.onnx")
+    export = tmp_path / "export"
+    export.mkdir()
+    m = onnx.load(str(src))
+    keep = [o for o in m.graph.output if o.name != "last_hidden_state"]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    onnx.save(m, str(export / "model.onnx"))
+    (export / "tokenizer.json").write_bytes((TINY / "tokenizer.json").read_bytes())
+
+    refused = subprocess.run(
+        [str(BIN), "serve", "--addr", "127.0.0.1:0", "--model", str(export)], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "prepare.py import" in refused.stderr, refused.stderr
+
+    out = tmp_path / "imported"
+    subprocess.run(
+        [sys.executable, str(MODELS / "prepare.py"), "import", str(export), "--out", str(out)], check=True
+    )
+    imported = onnx.load(str(out / "model.onnx"))
+    assert "last_hidden_state" in [o.name for o in imported.graph.output]
+    assert "logits" not in [o.name for o in imported.graph.output]
+    assert len(imported.graph.initializer) < len(m.graph.initializer), "the lm_head weight is dropped"
+    ids = Tokenizer.from_file(str(TINY / "tokenizer.json")).encode("def f(x): return x").ids
+    h_imported, _ = run(session(out / "model.onnx"), ids)
+    h_tiny, _ = run(session(TINY / "model.onnx"), ids)
+    assert np.abs(h_imported - h_tiny).max() <= 1e-6
