@@ -106,3 +106,21 @@ def test_grpcurl_three_turn_converse(server):
     contexts = [int(r["embedding"]["contextTokens"]) for r in responses]
     assert contexts == sorted(contexts) and contexts[0] > 0
     assert all(len(r["embedding"]["values"]) == 64 for r in responses)
+
+
+def test_readme_python_client_runs(pb, server):
+    """clients/python/converse.py, the README's example, runs as shown against a server."""
+    from conftest import GEN, ROOT  # noqa: PLC0415
+
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = dict(os.environ, PYTHONPATH=str(GEN))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "clients/python/converse.py"), server.addr], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # The tiny model's hidden size is 64, so its options (dimensions 512) are an
+    # in-band error and the session goes on with the defaults: that is shown too.
+    assert [line.split()[2] for line in lines] == ["error", "embedding", "embedding", "embedding"], out.stdout
