@@ -123,4 +123,4 @@ def test_readme_python_client_runs(pb, server):
     lines = out.stdout.splitlines()
     # The tiny model's hidden size is 64, so its options (dimensions 512) are an
     # in-band error and the session goes on with the defaults: that is shown too.
-    assert [line.split()[2] for line in lines] == ["error", "embedding", "embedding", "embedding"], out.stdout
+    assert [line.split(" ")[2] for line in lines] == ["error", "embedding", "embedding", "embedding"], out.stdout
