@@ -19,7 +19,7 @@ CARGO   ?= cargo
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
 	$(CARGO) build --release
-	ORT_DYLIB_PATH= ./target/release/stateful-embedder serve --model $(REAL) --addr $(ADDR)
+	./target/release/stateful-embedder serve --model $(REAL) --addr $(ADDR)
 
 test: setup models
 	SE_REQUIRE_MODELS=1 $(CARGO) test --all-targets
@@ -42,6 +42,16 @@ real-model: setup
 
 tiny-model: setup
 	$(PY) models/prepare.py tiny
+
+# Every comparison of BENCHMARKS.md in one run (not part of `make test`).
+bench: setup $(VENV)/.bench-installed
+	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
+	$(CARGO) build --release --bins
+	$(PY) bench/run.py
+
+$(VENV)/.bench-installed: bench/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
+	@touch $@
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,366 @@
+//! `se-bench`: the Rust half of the benchmark harness (`make bench` runs it
+//! through `bench/run.py`, which writes BENCHMARKS.md).
+//!
+//! * `se-bench engine` — in-process figures on one model: one call vs token
+//!   by token, stateful vs stateless turns 1…20, turn latency with an empty
+//!   and a 500-token context, RSS per live conversation and after 1,000
+//!   conversations, and (with `--reference`) each variant's fidelity to f32.
+//! * `se-bench load` — a gRPC load generator: N concurrent streams × M turns,
+//!   reporting tokens/s and p50/p90/p99 turn latency.
+//!
+//! Both print one JSON object on stdout.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use stateful_embedder::{
+    conversation::{ConversationOptions, Pooling},
+    model::{Model, ModelOptions},
+    pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
+};
+use tokio_stream::StreamExt;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks for stateful-embedder")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// In-process engine figures.
+    Engine(EngineArgs),
+    /// gRPC load generator.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Model file (.onnx) or directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A model to compare embeddings against (the f32 reference), for fidelity.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Repetitions per measurement (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// ONNX Runtime threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Only the per-turn speed and fidelity (for the variants).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Turns per stream (each waits for the previous answer).
+    #[arg(long, default_value_t = 10)]
+    turns: usize,
+    /// Streams each worker opens one after another (for the open/close churn test).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+/// Turn texts of about 40–45 tokens each (the prototype's turn size), one per
+/// line, shared with the Python contenders.
+const TURNS: &str = include_str!("../../bench/turns.txt");
+
+fn turn_text(i: usize) -> &'static str {
+    let lines: Vec<&'static str> = TURNS.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[i % lines.len()]
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Median, min and max of durations, in milliseconds.
+fn stats(samples: &[Duration]) -> serde_json::Value {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.is_empty() {
+        0.0
+    } else if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+    };
+    json!({ "median_ms": median, "min_ms": ms.first().copied().unwrap_or(0.0), "max_ms": ms.last().copied().unwrap_or(0.0), "n": ms.len() })
+}
+
+fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted_ms.len() - 1) as f64).round() as usize;
+    sorted_ms[i.min(sorted_ms.len() - 1)]
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed(), out)
+}
+
+fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
+    let rss_start = rss_bytes();
+    let (load_time, model) = time(|| {
+        Model::open(
+            &args.model,
+            &ModelOptions {
+                threads: args.threads,
+                onnxruntime: None,
+            },
+        )
+    });
+    let model = model?;
+    let rss_loaded = rss_bytes();
+    let tok = model.tokenizer();
+    let ids45 = tok.encode(turn_text(0))?;
+    let opts = ConversationOptions::default();
+    // Warm-up.
+    model.conversation(opts.clone())?.turn(turn_text(0), "")?;
+
+    // Turn latency at turn 1..10 of a conversation of ~45-token turns (also the variants' speed).
+    let mut per_turn = Vec::new();
+    for _ in 0..args.reps {
+        let mut conv = model.conversation(opts.clone())?;
+        for i in 0..10 {
+            let (d, _) = time(|| conv.turn(turn_text(i), ""));
+            per_turn.push(d);
+        }
+    }
+    let mut out = json!({
+        "model": model.spec().name,
+        "load_ms": load_time.as_secs_f64() * 1e3,
+        "rss_start": rss_start,
+        "rss_loaded": rss_loaded,
+        "turn_tokens": ids45.len(),
+        "turns_1_to_10": stats(&per_turn),
+    });
+
+    if let Some(reference) = &args.reference {
+        let reference = Model::open(
+            reference,
+            &ModelOptions {
+                threads: args.threads,
+                onnxruntime: None,
+            },
+        )?;
+        let mut worst = [1.0f64; 2];
+        for (k, pooling) in [Pooling::Mean, Pooling::LastToken].into_iter().enumerate() {
+            let o = ConversationOptions {
+                pooling,
+                ..opts.clone()
+            };
+            let mut a = model.conversation(o.clone())?;
+            let mut b = reference.conversation(o)?;
+            for i in 0..10 {
+                let x = a.turn(turn_text(i), "")?.embedding;
+                let y = b.turn(turn_text(i), "")?.embedding;
+                let c: f64 = x.iter().zip(&y).map(|(p, q)| f64::from(*p) * f64::from(*q)).sum();
+                worst[k] = worst[k].min(c);
+            }
+        }
+        out["fidelity_min_cosine_mean"] = json!(worst[0]);
+        out["fidelity_min_cosine_last_token"] = json!(worst[1]);
+    }
+    if args.quick {
+        return Ok(out);
+    }
+
+    // 1. The prototype's way (one token per call) vs one call, 45 tokens, empty context.
+    let (mut one_call, mut token_by_token) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        let empty = model.empty_cache();
+        let (d, r) = time(|| model.forward(&ids45, &empty, 0..ids45.len()));
+        r?;
+        one_call.push(d);
+        let t = Instant::now();
+        let mut cache = model.empty_cache();
+        for id in &ids45 {
+            cache = model.forward(std::slice::from_ref(id), &cache, 0..1)?.1;
+        }
+        token_by_token.push(t.elapsed());
+    }
+    out["prototype"] = json!({ "one_call": stats(&one_call), "token_by_token": stats(&token_by_token) });
+
+    // 45-token turn on an empty and on a ~500-token context.
+    let (mut empty_ctx, mut ctx500) = (Vec::new(), Vec::new());
+    let mut context_len = 0;
+    for _ in 0..args.reps {
+        let mut conv = model.conversation(opts.clone())?;
+        let (d, r) = time(|| conv.turn(turn_text(0), ""));
+        r?;
+        empty_ctx.push(d);
+        let mut conv = model.conversation(opts.clone())?;
+        let mut i = 1;
+        while conv.context_len() < 500 - ids45.len() / 2 {
+            conv.turn(turn_text(i), "")?;
+            i += 1;
+        }
+        context_len = conv.context_len();
+        let (d, r) = time(|| conv.turn(turn_text(0), ""));
+        r?;
+        ctx500.push(d);
+    }
+    out["turn45"] =
+        json!({ "empty_context": stats(&empty_ctx), "context": context_len, "after_context": stats(&ctx500) });
+
+    // 2. Stateless (the whole conversation from an empty cache) vs stateful, turns 1..20.
+    let mut curve = Vec::new();
+    let mut turn_ids: Vec<Vec<u32>> = Vec::new();
+    for i in 0..20 {
+        turn_ids.push(tok.encode(turn_text(i))?);
+    }
+    let mut stateful: Vec<Vec<Duration>> = vec![Vec::new(); 20];
+    let mut stateless: Vec<Vec<Duration>> = vec![Vec::new(); 20];
+    for _ in 0..args.reps.min(3) {
+        let mut conv = model.conversation(opts.clone())?;
+        let mut all: Vec<u32> = Vec::new();
+        for k in 0..20 {
+            let (d, r) = time(|| conv.turn(turn_text(k), ""));
+            r?;
+            stateful[k].push(d);
+            all.extend_from_slice(&turn_ids[k]);
+            let start = all.len() - turn_ids[k].len();
+            let empty = model.empty_cache();
+            let (d, r) = time(|| model.forward(&all, &empty, start..all.len()));
+            r?;
+            stateless[k].push(d);
+        }
+    }
+    for k in 0..20 {
+        curve.push(json!({ "turn": k + 1, "stateful": stats(&stateful[k]), "stateless": stats(&stateless[k]) }));
+    }
+    out["stateless_vs_stateful"] = json!(curve);
+
+    // 7. RSS per live conversation (one 1,000-token turn each) and after 1,000
+    //    short conversations opened, used and closed.
+    let live_n = 16;
+    let long_turn = (0..40).map(turn_text).collect::<Vec<_>>().join(" ");
+    let long_ids = tok.encode(&long_turn)?;
+    let long_turn = tok.decode(&long_ids[..1000.min(long_ids.len())])?;
+    let before_live = rss_bytes();
+    let mut live = Vec::new();
+    for _ in 0..live_n {
+        let mut conv = model.conversation(opts.clone())?;
+        conv.turn(&long_turn, "")?;
+        live.push(conv);
+    }
+    let after_live = rss_bytes();
+    let kv: u64 = live.iter().map(|c| c.kv_bytes()).sum();
+    drop(live);
+    let before_churn = rss_bytes();
+    for i in 0..1000 {
+        let mut conv = model.conversation(opts.clone())?;
+        conv.turn(&format!("conversation {i}: hello"), "user")?;
+        conv.turn("and goodbye", "assistant")?;
+    }
+    let after_churn = rss_bytes();
+    out["memory"] = json!({
+        "live_conversations": live_n,
+        "rss_before_live": before_live,
+        "rss_with_live": after_live,
+        "kv_bytes_live": kv,
+        "rss_before_churn": before_churn,
+        "rss_after_1000": after_churn,
+    });
+    Ok(out)
+}
+
+async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.streams {
+        let addr = args.addr.clone();
+        let (turns, rounds) = (args.turns, args.rounds);
+        tasks.push(tokio::spawn(async move {
+            let mut client = EmbedderClient::connect(addr).await?;
+            let mut latencies = Vec::with_capacity(turns * rounds);
+            let mut tokens = 0u64;
+            for _ in 0..rounds {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let mut responses = client
+                    .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                for i in 0..turns {
+                    let request = pb::ConverseRequest {
+                        tag: String::new(),
+                        action: Some(Action::Turn(pb::Turn {
+                            text: turn_text(i).to_string(),
+                            role: String::new(),
+                        })),
+                    };
+                    let t = Instant::now();
+                    tx.send(request).await.context("the stream closed")?;
+                    let r = responses.next().await.context("the stream ended")??;
+                    latencies.push(t.elapsed());
+                    match r.result {
+                        Some(Reply::Embedding(e)) => tokens += u64::from(e.turn_tokens),
+                        other => anyhow::bail!("unexpected response {other:?}"),
+                    }
+                }
+                drop(tx);
+                while responses.next().await.is_some() {}
+            }
+            anyhow::Ok((latencies, tokens))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut tokens = 0;
+    for t in tasks {
+        let (l, n) = t.await??;
+        all.extend(l);
+        tokens += n;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut ms: Vec<f64> = all.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(json!({
+        "streams": args.streams,
+        "turns_per_stream": args.turns,
+        "rounds": args.rounds,
+        "turns": ms.len(),
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens as f64 / elapsed,
+        "p50_ms": percentile(&ms, 50.0),
+        "p90_ms": percentile(&ms, 90.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "median_ms": percentile(&ms, 50.0),
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let out = match &cli.command {
+        Cmd::Engine(a) => engine(a)?,
+        Cmd::Load(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(load(a))?,
+    };
+    println!("{out}");
+    Ok(())
+}
