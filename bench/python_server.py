@@ -11,6 +11,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import grpc_health.v1.health
+import grpc_health.v1.health_pb2_grpc
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
@@ -54,6 +56,8 @@ class Embedder(rpc.EmbedderServicer):
 
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
 rpc.add_EmbedderServicer_to_server(Embedder(), server)
+health = grpc_health.v1.health.HealthServicer()
+grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server(health, server)
 server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
 server.start()
 print("listening", flush=True)

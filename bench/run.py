@@ -127,7 +127,21 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the server contenders")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--resume", action="store_true", help="reuse the stages bench/partial.json already holds")
     args = ap.parse_args()
+    partial = ROOT / "bench/partial.json"
+    saved = json.loads(partial.read_text()) if args.resume and partial.exists() else {}
+
+    def stage(key, fn):
+        if key in saved:
+            log(f"reusing {key} from {partial}")
+            R[key] = saved[key]
+        else:
+            R[key] = fn()
+            saved[key] = R[key]
+            partial.write_text(json.dumps(saved, default=str))
+        return R[key]
+
     R = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     R["machine"] = {
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -140,30 +154,34 @@ def main():
     R["machine"]["onnxruntime"] = onnxruntime.__version__
 
     # 6. The hardware: GEMM throughput at the turn's shapes.
-    R["gemm"] = gemm()
+    stage("gemm", gemm)
 
     # 1, 2, 7 (in process) on f32.
-    R["engine"] = run_json([RELEASE / "se-bench", "engine", "--model", REAL / "model.onnx", "--reps", args.reps])
+    stage("engine", lambda: run_json([RELEASE / "se-bench", "engine", "--model", REAL / "model.onnx", "--reps", args.reps]))
 
     # 4. Variants: speed and fidelity to f32, and the llama.cpp peer, alternated.
-    R["variants"] = {v: [] for v in VARIANTS}
-    R["llama"] = []
-    gguf = subprocess.run([PY, ROOT / "models/prepare.py", "gguf-path"], capture_output=True, text=True).stdout.strip()
-    try:
-        import llama_cpp  # noqa: F401
+    def peers():
+        out = {"variants": {v: [] for v in VARIANTS}, "llama": []}
+        gguf = subprocess.run([PY, ROOT / "models/prepare.py", "gguf-path"], capture_output=True, text=True).stdout.strip()
+        try:
+            import llama_cpp  # noqa: F401
 
-        have_llama = True
-    except ImportError:
-        have_llama = False
-        log("llama-cpp-python is not installed: the peer comparison is skipped (bench/requirements.txt)")
-    for _ in range(2):
-        for v in VARIANTS:
-            if (REAL / v).exists():
-                R["variants"][v].append(
-                    run_json([RELEASE / "se-bench", "engine", "--quick", "--model", REAL / v, "--reference", REAL / "model.onnx", "--reps", 3])
-                )
-        if have_llama:
-            R["llama"].append(run_json([PY, ROOT / "bench/llama_peer.py", gguf, REAL / "tokenizer.json", 3]))
+            have_llama = True
+        except ImportError:
+            have_llama = False
+            log("llama-cpp-python is not installed: the peer comparison is skipped (bench/requirements.txt)")
+        for _ in range(2):
+            for v in VARIANTS:
+                if (REAL / v).exists():
+                    out["variants"][v].append(run_json([
+                        RELEASE / "se-bench", "engine", "--quick", "--model", REAL / v, "--reference", REAL / "model.onnx", "--reps", 3
+                    ]))
+            if have_llama:
+                out["llama"].append(run_json([PY, ROOT / "bench/llama_peer.py", gguf, REAL / "tokenizer.json", 3]))
+        return out
+
+    got = stage("peers", peers)
+    R["variants"], R["llama"] = got["variants"], got["llama"]
 
     # 3, 5, 7 over gRPC: our server vs the Python server, alternated.
     gen = ROOT / "tests/python/gen"

@@ -81,15 +81,4 @@ impl Config {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.drain_seconds.max(0.0))
     }
-
-    /// A config for the given model with every other setting at its default
-    /// (for tests and embedding the server in another program).
-    pub fn for_model(model: impl Into<PathBuf>) -> Config {
-        let cli = Cli::parse_from(["stateful-embedder", "serve"]);
-        let Command::Serve(mut config) = cli.command else {
-            unreachable!("parsed the serve subcommand")
-        };
-        config.model = model.into();
-        config
-    }
 }

@@ -300,10 +300,8 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
             let mut tokens = 0u64;
             for _ in 0..rounds {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut responses = client
-                    .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
+                let mut rx = Some(rx);
+                let mut responses = None;
                 for i in 0..turns {
                     let request = pb::ConverseRequest {
                         tag: String::new(),
@@ -314,6 +312,13 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                     };
                     let t = Instant::now();
                     tx.send(request).await.context("the stream closed")?;
+                    // Open the stream with the first request already queued: some
+                    // servers (grpcio) send no headers before they have an answer.
+                    if let Some(rx) = rx.take() {
+                        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+                        responses = Some(client.converse(stream).await?.into_inner());
+                    }
+                    let responses = responses.as_mut().expect("opened on the first turn");
                     let r = responses.next().await.context("the stream ended")??;
                     latencies.push(t.elapsed());
                     match r.result {
@@ -322,7 +327,9 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                     }
                 }
                 drop(tx);
-                while responses.next().await.is_some() {}
+                if let Some(mut responses) = responses {
+                    while responses.next().await.is_some() {}
+                }
             }
             anyhow::Ok((latencies, tokens))
         }));

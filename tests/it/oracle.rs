@@ -453,3 +453,35 @@ fn context_changes_the_embedding() {
     let after_other = other.turn(TEXTS[1], "user").unwrap().embedding;
     assert!(cosine(&in_context, &after_other) < 0.9999);
 }
+
+#[test]
+/// The quantised and fp16 variants of the real model load (contract read off
+/// their graphs) and embed close to f32: fp16 and q8 within cosine 0.999, q4
+/// and int8 (the default quantisers, known to drift) within 0.9.
+fn real_variants_load_and_embed() {
+    let Some(f32_model) = common::real() else { return };
+    let mut reference = f32_model.conversation(opts()).unwrap();
+    let want: Vec<Vec<f32>> = TEXTS[..3]
+        .iter()
+        .map(|t| reference.turn(t, "user").unwrap().embedding)
+        .collect();
+    for (file, kv, min_cosine) in [
+        ("model_fp16.onnx", stateful_embedder::model::KvDtype::F16, 0.999),
+        ("model_q8.onnx", stateful_embedder::model::KvDtype::F32, 0.999),
+        ("model_q4.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
+        ("model_int8.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
+    ] {
+        let Some(path) = common::model_file(common::real_dir(), file) else {
+            continue;
+        };
+        let model = Model::open(&path, &Default::default()).unwrap();
+        assert_eq!((model.spec().layers, model.spec().kv_dtype), (24, kv));
+        let mut conv = model.conversation(opts()).unwrap();
+        for (text, want) in TEXTS[..3].iter().zip(&want) {
+            let got = conv.turn(text, "user").unwrap().embedding;
+            let c = cosine(&got, want);
+            println!("{file}: cosine to f32 {c:.5}");
+            assert!(c >= min_cosine, "{file}: cosine {c} < {min_cosine}");
+        }
+    }
+}
