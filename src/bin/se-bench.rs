@@ -73,6 +73,9 @@ struct LoadArgs {
     /// Streams each worker opens one after another (for the open/close churn test).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Send this text every turn instead of bench/turns.txt's lines.
+    #[arg(long)]
+    text: Option<String>,
 }
 
 /// Turn texts of about 40–45 tokens each (the prototype's turn size), one per
@@ -293,7 +296,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
     let mut tasks = Vec::new();
     for _ in 0..args.streams {
         let addr = args.addr.clone();
-        let (turns, rounds) = (args.turns, args.rounds);
+        let (turns, rounds, text) = (args.turns, args.rounds, args.text.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = EmbedderClient::connect(addr).await?;
             let mut latencies = Vec::with_capacity(turns * rounds);
@@ -306,7 +309,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                     let request = pb::ConverseRequest {
                         tag: String::new(),
                         action: Some(Action::Turn(pb::Turn {
-                            text: turn_text(i).to_string(),
+                            text: text.clone().unwrap_or_else(|| turn_text(i).to_string()),
                             role: String::new(),
                         })),
                     };
