@@ -319,6 +319,13 @@ impl Conversation {
         }
         let window = o.max_context_tokens;
         let ctx = self.tokens.len();
+        if n > window {
+            return Err(TurnError::OverWindow {
+                tokens: n,
+                kept: 0,
+                window,
+            });
+        }
 
         // Decide what runs on top of what.
         let (rebuild, evicted): (Option<Vec<u32>>, usize) = if ctx + n <= window {
@@ -326,29 +333,13 @@ impl Conversation {
         } else {
             match o.overflow {
                 Overflow::Reject => {
-                    if n > window {
-                        return Err(TurnError::OverWindow {
-                            tokens: n,
-                            kept: 0,
-                            window,
-                        });
-                    }
                     return Err(TurnError::ContextFull {
                         context: ctx,
                         tokens: n,
                         window,
                     });
                 }
-                Overflow::Reset => {
-                    if n > window {
-                        return Err(TurnError::OverWindow {
-                            tokens: n,
-                            kept: 0,
-                            window,
-                        });
-                    }
-                    (Some(Vec::new()), ctx)
-                }
+                Overflow::Reset => (Some(Vec::new()), ctx),
                 Overflow::Slide => {
                     let keep = o.keep_tokens.min(ctx);
                     if keep + n > window {
