@@ -414,10 +414,7 @@ impl ConverseTask {
         let ending = loop {
             let message = tokio::select! {
                 biased;
-                () = self.cancel.cancelled() => {
-                    let _ = self.responses_tx.send(Err(Status::unavailable("server shutting down"))).await;
-                    break Ending::ShuttingDown;
-                }
+                () = self.cancel.cancelled() => break self.shutting_down().await,
                 () = self.responses_tx.closed() => break Ending::ClientGone,
                 m = self.inbound.message() => m,
             };
@@ -444,19 +441,12 @@ impl ConverseTask {
                     let job = self.engine.turn(conversation, turn.text, turn.role);
                     let reply = tokio::select! {
                         biased;
-                        () = self.cancel.cancelled() => {
-                            let _ = self.responses_tx.send(Err(Status::unavailable("server shutting down"))).await;
-                            break Ending::ShuttingDown;
-                        }
+                        () = self.cancel.cancelled() => break self.shutting_down().await,
                         () = self.responses_tx.closed() => break Ending::ClientGone,
                         r = job => r,
                     };
                     let Ok((conversation, outcome)) = reply else {
-                        let _ = self
-                            .responses_tx
-                            .send(Err(Status::unavailable("server shutting down")))
-                            .await;
-                        break Ending::ShuttingDown;
+                        break self.shutting_down().await;
                     };
                     self.conversation = Some(conversation);
                     outcome
@@ -492,6 +482,15 @@ impl ConverseTask {
             peak_kv_bytes = peak,
             "stream closed"
         );
+    }
+
+    /// Ends the stream with UNAVAILABLE (a failed send: the client is gone anyway).
+    async fn shutting_down(&self) -> Ending {
+        let _ = self
+            .responses_tx
+            .send(Err(Status::unavailable("server shutting down")))
+            .await;
+        Ending::ShuttingDown
     }
 
     fn apply_options(&mut self, o: &pb::SessionOptions) -> Result<Reply, RequestError> {
