@@ -10,16 +10,18 @@ REAL    := models/qwen2.5-coder-0.5b-instruct
 TINY    := models/tiny
 # The variants `make test` checks (f32 is the one served by default).
 TEST_VARIANTS ?= f32,fp16,int8,q4,q8
+# `make serve SERVE_VARIANT=q8` serves another variant (see models/README.md).
 SERVE_VARIANT ?= f32
+SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIANT).onnx)
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test setup models real-model tiny-model build bench lint clean-models
+.PHONY: serve test setup models real-model tiny-model bench lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
 	$(CARGO) build --release
-	./target/release/stateful-embedder serve --model $(REAL) --addr $(ADDR)
+	./target/release/stateful-embedder serve --model $(REAL)/$(SERVE_FILE) --addr $(ADDR)
 
 test: setup models
 	SE_REQUIRE_MODELS=1 $(CARGO) test --all-targets
