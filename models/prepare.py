@@ -188,7 +188,7 @@ def save_model(model, path: Path) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     data = path.name + ".data"
-    if not _under_2gb(model) or model.ByteSize() > EXTERNAL_DATA_OVER:
+    if _byte_size(model) > EXTERNAL_DATA_OVER:
         (path.parent / data).unlink(missing_ok=True)
         onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
     else:
@@ -196,11 +196,11 @@ def save_model(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _under_2gb(model) -> bool:
+def _byte_size(model) -> int:
     try:
-        return model.ByteSize() < (2 << 30) - 1
+        return model.ByteSize()
     except Exception:  # protobuf refuses to size a message over 2 GiB
-        return False
+        return 1 << 62
 
 
 def write_json(path: Path, value: dict, indent: int | None = 1) -> None:

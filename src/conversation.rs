@@ -405,15 +405,14 @@ impl Conversation {
 
         let dims = self.options.output_dimensions(width);
         let normalize = self.options.normalize;
-        let mean = pooler.mean();
-        let embedding = match self.options.pooling {
-            Pooling::Mean => finish_vector(mean.clone(), dims, normalize),
-            Pooling::LastToken => finish_vector(pooler.last.clone(), dims, normalize),
-        };
         let turn_mean = self
             .options
             .include_turn_mean
-            .then(|| finish_vector(mean, dims, normalize));
+            .then(|| finish_vector(pooler.mean(), dims, normalize));
+        let embedding = match self.options.pooling {
+            Pooling::Mean => finish_vector(pooler.mean(), dims, normalize),
+            Pooling::LastToken => finish_vector(std::mem::take(&mut pooler.last), dims, normalize),
+        };
         Ok(TurnOutput {
             embedding,
             turn_mean,

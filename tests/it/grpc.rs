@@ -166,6 +166,27 @@ async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<Conver
     stream.collect::<Result<Vec<_>, _>>().await.expect("the stream ends OK")
 }
 
+/// An open stream with one turn answered: the sender (keep it to keep the
+/// stream open), the response stream, and the first response.
+async fn open_stream(
+    client: &mut EmbedderClient<Channel>,
+    first: ConverseRequest,
+) -> (
+    tokio::sync::mpsc::Sender<ConverseRequest>,
+    tonic::Streaming<ConverseResponse>,
+    ConverseResponse,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let mut stream = client
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.next().await.unwrap().unwrap();
+    (tx, stream, response)
+}
+
 fn embedding(r: &ConverseResponse) -> &pb::Embedding {
     match &r.result {
         Some(Reply::Embedding(e)) => e,
@@ -334,14 +355,7 @@ async fn caches_are_freed_when_streams_end() {
     assert_eq!(stats.turns_total, 1);
 
     // Cancellation: the client drops the stream while it is open and holds a cache.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(turn("a", TURNS[1].0, "user")).await.unwrap();
-    let mut stream = client
-        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.next().await.unwrap().unwrap();
+    let (tx, stream, first) = open_stream(&mut client, turn("a", TURNS[1].0, "user")).await;
     assert!(embedding(&first).context_tokens > 0);
     let open = server.wait_stats("while open", |s| s.active_sessions == 1).await;
     assert!(
@@ -418,14 +432,7 @@ async fn stream_limit_is_resource_exhausted() {
     let mut client = server.client().await;
     let mut open = Vec::new();
     for i in 0..2 {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(turn(&format!("s{i}"), "hello", "")).await.unwrap();
-        let mut s = client
-            .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        s.next().await.unwrap().unwrap();
+        let (tx, s, _) = open_stream(&mut client, turn(&format!("s{i}"), "hello", "")).await;
         open.push((tx, s));
     }
     let (_tx3, rx3) = tokio::sync::mpsc::channel::<ConverseRequest>(4);
@@ -506,14 +513,7 @@ async fn embed_and_model_info() {
 async fn shutdown_drains_then_ends_streams() {
     let mut server = TestServer::start(&["--drain-seconds", "4"]).await;
     let mut client = server.client().await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(turn("a", "hello", "")).await.unwrap();
-    let mut stream = client
-        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
+    let (tx, mut stream, _) = open_stream(&mut client, turn("a", "hello", "")).await;
 
     let status = Command::new("kill")
         .args(["-TERM", &server.pid().to_string()])
