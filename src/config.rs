@@ -66,6 +66,17 @@ pub struct Config {
     #[arg(long, env = "SE_QUEUE_DEPTH", default_value_t = 256)]
     pub queue_depth: usize,
 
+    /// Most turns of different streams that share one model call (1 turns
+    /// batching off). Turns are batched only when they queue up behind a
+    /// running call; nothing waits to fill a batch.
+    #[arg(long, env = "SE_MAX_BATCH_TURNS", default_value_t = 16)]
+    pub max_batch_turns: usize,
+
+    /// Most padded token slots in one batched call (turns × (longest context +
+    /// longest turn)): bounds the memory of one call.
+    #[arg(long, env = "SE_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    pub max_batch_tokens: usize,
+
     /// Seconds open streams may go on after SIGINT/SIGTERM before they end with UNAVAILABLE.
     #[arg(long, env = "SE_DRAIN_SECONDS", default_value_t = 10.0)]
     pub drain_seconds: f64,
@@ -77,6 +88,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// How the engine batches turns.
+    pub fn batch_limits(&self) -> crate::conversation::BatchLimits {
+        crate::conversation::BatchLimits {
+            max_turns: self.max_batch_turns.max(1),
+            max_padded_tokens: self.max_batch_tokens,
+        }
+    }
+
     /// The drain deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.drain_seconds.max(0.0))

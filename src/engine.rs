@@ -10,6 +10,14 @@
 //! or its client vanished), the job is skipped and dropping it frees the
 //! conversation's cache at once.
 //!
+//! # Batching
+//! When the worker frees up it takes every job waiting (up to
+//! [`BatchLimits::max_turns`]) and runs them through [`run_turns`], which
+//! shares one model call between turns of different streams that fit
+//! together. Nothing waits to fill a batch: a lone turn runs at once, and
+//! batches form only when turns queue up behind a running call, which is
+//! when sharing the weight reads pays.
+//!
 //! Dropping the last [`Engine`] handle closes the queue; the worker finishes
 //! the job in hand and exits, and `Drop` joins it.
 
@@ -21,7 +29,7 @@ use std::sync::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    conversation::{Conversation, ConversationOptions, TurnError, TurnOutput},
+    conversation::{BatchLimits, Conversation, ConversationOptions, TurnError, TurnOutput, TurnRequest, run_turns},
     model::Model,
 };
 
@@ -71,18 +79,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the worker thread with a queue of `queue_depth` jobs.
+    /// Starts the worker thread with a queue of `queue_depth` jobs, batching
+    /// queued turns within `limits`.
     ///
     /// # Panics
     /// If the OS cannot spawn a thread.
-    pub fn start(model: Arc<Model>, queue_depth: usize) -> Engine {
+    pub fn start(model: Arc<Model>, queue_depth: usize, limits: BatchLimits) -> Engine {
         let (jobs_tx, jobs_rx) = mpsc::channel(queue_depth.max(1));
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let worker_model = model.clone();
         let worker = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats))
+            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats, limits))
             .expect("the OS can spawn the engine thread");
         Engine {
             jobs_tx: Some(jobs_tx),
@@ -167,28 +176,46 @@ impl Drop for Engine {
     }
 }
 
-fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>) {
-    while let Some(job) = jobs_rx.blocking_recv() {
+/// A turn to run in the current batch, with where its answer goes.
+enum Reply {
+    Turn(oneshot::Sender<TurnReply>),
+    Embed(oneshot::Sender<Result<TurnOutput, TurnError>>),
+}
+
+fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>, limits: BatchLimits) {
+    let max_jobs = limits.max_turns.max(1);
+    while let Some(first) = jobs_rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_jobs {
+            match jobs_rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let taken = jobs.len();
+        run_jobs(&model, jobs, &stats, limits);
+        stats.queued.fetch_sub(taken, Ordering::Relaxed);
+    }
+    tracing::debug!("engine queue closed; worker exits");
+}
+
+fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: BatchLimits) {
+    // (conversation, text, role, reply, span) of every job still wanted.
+    let mut work = Vec::with_capacity(jobs.len());
+    for job in jobs {
         match job {
             Job::Turn {
-                mut conversation,
+                conversation,
                 text,
                 role,
                 reply,
                 span,
             } => {
-                let _enter = span.enter();
                 if reply.is_closed() {
+                    let _enter = span.enter();
                     tracing::debug!("turn abandoned before it ran; freeing its conversation");
-                    drop(conversation);
                 } else {
-                    let result = conversation.turn(&text, &role);
-                    if let Ok(out) = &result {
-                        stats.turns.fetch_add(1, Ordering::Relaxed);
-                        stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
-                    }
-                    // A failed send means the stream is gone: the conversation drops here.
-                    let _ = reply.send((conversation, result));
+                    work.push((conversation, text, role, Reply::Turn(reply), span));
                 }
             }
             Job::Embed {
@@ -197,21 +224,50 @@ fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc
                 reply,
                 span,
             } => {
-                let _enter = span.enter();
-                if !reply.is_closed() {
-                    let result = model
-                        .conversation(options)
-                        .map_err(TurnError::from)
-                        .and_then(|mut c| c.turn(&text, ""));
-                    if let Ok(out) = &result {
-                        stats.turns.fetch_add(1, Ordering::Relaxed);
-                        stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+                if reply.is_closed() {
+                    continue;
+                }
+                match model.conversation(options) {
+                    Ok(conversation) => work.push((conversation, text, String::new(), Reply::Embed(reply), span)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
                     }
-                    let _ = reply.send(result);
                 }
             }
         }
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
     }
-    tracing::debug!("engine queue closed; worker exits");
+    if work.is_empty() {
+        return;
+    }
+
+    let results = {
+        let mut requests: Vec<TurnRequest<'_>> = work
+            .iter_mut()
+            .map(|(conversation, text, role, _, _)| TurnRequest {
+                conversation,
+                text,
+                role,
+            })
+            .collect();
+        run_turns(&mut requests, limits)
+    };
+    if work.len() > 1 {
+        tracing::debug!(turns = work.len(), "ran a batch of turns");
+    }
+    for ((conversation, _, _, reply, span), result) in work.into_iter().zip(results) {
+        let _enter = span.enter();
+        if let Ok(out) = &result {
+            stats.turns.fetch_add(1, Ordering::Relaxed);
+            stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+        }
+        // A failed send means the stream is gone: the conversation drops here.
+        match reply {
+            Reply::Turn(tx) => {
+                let _ = tx.send((conversation, result));
+            }
+            Reply::Embed(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
 }

@@ -186,6 +186,8 @@ pub struct Model {
     io: IoNames,
     /// Bytes held by every live [`KvCache`] of this model.
     kv_ledger: Arc<AtomicU64>,
+    /// Model calls (`Session::run`) so far.
+    calls: AtomicU64,
 }
 
 /// One forward pass's hidden states: `rows × hidden` row-major f32.
@@ -332,6 +334,7 @@ impl Model {
             session: Mutex::new(session),
             io,
             kv_ledger: Arc::new(AtomicU64::new(0)),
+            calls: AtomicU64::new(0),
         }))
     }
 
@@ -348,6 +351,11 @@ impl Model {
     /// Bytes held by all live KV caches of this model.
     pub fn kv_cache_bytes(&self) -> u64 {
         self.kv_ledger.load(Ordering::Relaxed)
+    }
+
+    /// Model calls run so far (one per [`Model::forward`] or [`Model::forward_batch`]).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// An empty cache.
@@ -401,6 +409,7 @@ impl Model {
         }
 
         let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
         let hidden_value = outputs
             .get("last_hidden_state")
@@ -444,6 +453,194 @@ impl Model {
                 ledger: self.kv_ledger.clone(),
             },
         ))
+    }
+}
+
+/// One row of [`Model::forward_batch`]: new tokens on top of a cache.
+#[derive(Debug, Clone)]
+pub struct BatchRow<'a> {
+    /// The tokens to run (at least one).
+    pub ids: &'a [u32],
+    /// The cache they run on top of (only read).
+    pub past: &'a KvCache,
+    /// Rows of `ids` whose hidden states to return.
+    pub keep: std::ops::Range<usize>,
+}
+
+impl Model {
+    /// Runs several rows in one call: each row's tokens on top of its own
+    /// cache. Returns, per row, what [`Model::forward`] would (equal up to
+    /// float rounding: the GEMMs see other shapes).
+    ///
+    /// # Layout
+    /// With `P` the longest past and `N` the longest row, row `b` is laid out as
+    /// `[pad; P - p_b] [past_b] [pad; N - n_b] [ids_b]`; `attention_mask` is 0 on
+    /// the pads, so no real token attends to them, and `position_ids` continue
+    /// each row's own context. The pasts are copied into `[B, kv_heads, P, d]`
+    /// tensors and each row's cache is copied back out of `present.*`: the
+    /// price of batching, small next to the GEMMs it shares.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when ONNX Runtime fails; no cache has changed then.
+    pub fn forward_batch(&self, rows: &[BatchRow<'_>]) -> Result<Vec<(Hidden, KvCache)>, ModelError> {
+        if let [row] = rows {
+            return Ok(vec![self.forward(row.ids, row.past, row.keep.clone())?]);
+        }
+        let b = rows.len();
+        let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
+        let n = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let total = p + n;
+        let mut ids = vec![0i64; b * n];
+        let mut mask = vec![0i64; b * total];
+        let mut pos = vec![0i64; b * n];
+        for (i, r) in rows.iter().enumerate() {
+            let (pi, ni) = (r.past.len, r.ids.len());
+            for (j, &t) in r.ids.iter().enumerate() {
+                ids[i * n + n - ni + j] = i64::from(t);
+            }
+            mask[i * total + p - pi..i * total + p].fill(1);
+            mask[i * total + total - ni..(i + 1) * total].fill(1);
+            for (j, slot) in pos[i * n..(i + 1) * n].iter_mut().enumerate() {
+                // Pads sit at the row's first new position; they are masked anyway.
+                *slot = (pi + j.saturating_sub(n - ni)) as i64;
+            }
+        }
+        let input_ids = Tensor::from_array(([b, n], ids)).map_err(ort_err("create input_ids"))?;
+        let mask = Tensor::from_array(([b, total], mask)).map_err(ort_err("create attention_mask"))?;
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * self.spec.layers);
+        inputs.push(("input_ids", input_ids.into()));
+        inputs.push(("attention_mask", mask.into()));
+        if self.spec.has_position_ids {
+            let pos = Tensor::from_array(([b, n], pos)).map_err(ort_err("create position_ids"))?;
+            inputs.push(("position_ids", pos.into()));
+        }
+        for (t, name) in self.io.past.iter().enumerate() {
+            let packed = match self.spec.kv_dtype {
+                KvDtype::F32 => self.pack_past::<f32>(rows, t, p)?,
+                KvDtype::F16 => self.pack_past::<f16>(rows, t, p)?,
+            };
+            inputs.push((name.as_str(), packed.into()));
+        }
+
+        let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let outputs = session.run(inputs).map_err(ort_err("run the model"))?;
+        let hidden_value = outputs
+            .get("last_hidden_state")
+            .expect("the contract check at load guarantees last_hidden_state");
+        let width = self.spec.hidden_size;
+        let hidden_rows = |data: &dyn Fn(usize, usize) -> Vec<f32>| -> Vec<Hidden> {
+            rows.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let ni = r.ids.len();
+                    let keep = r.keep.start.min(ni)..r.keep.end.min(ni);
+                    let first = i * n + n - ni;
+                    Hidden {
+                        values: data((first + keep.start) * width, (first + keep.end) * width),
+                        width,
+                    }
+                })
+                .collect()
+        };
+        let hidden = match self.spec.hidden_dtype {
+            KvDtype::F32 => {
+                let (_, data) = hidden_value
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("read last_hidden_state"))?;
+                hidden_rows(&|a, z| data[a..z].to_vec())
+            }
+            KvDtype::F16 => {
+                let (_, data) = hidden_value
+                    .try_extract_tensor::<f16>()
+                    .map_err(ort_err("read last_hidden_state"))?;
+                hidden_rows(&|a, z| data[a..z].iter().map(|v| v.to_f32()).collect())
+            }
+        };
+        let mut tensors: Vec<Vec<DynValue>> = rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
+        for name in &self.io.present {
+            let present = outputs
+                .get(name.as_str())
+                .expect("the contract check at load guarantees present.*");
+            let split = match self.spec.kv_dtype {
+                KvDtype::F32 => self.unpack_present::<f32>(present, rows, p, n)?,
+                KvDtype::F16 => self.unpack_present::<f16>(present, rows, p, n)?,
+            };
+            for (row, t) in tensors.iter_mut().zip(split) {
+                row.push(t);
+            }
+        }
+        drop(outputs);
+        drop(session);
+        Ok(rows
+            .iter()
+            .zip(hidden)
+            .zip(tensors)
+            .map(|((r, hidden), tensors)| {
+                let len = r.past.len + r.ids.len();
+                let bytes = len as u64 * self.spec.kv_bytes_per_token();
+                self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
+                let cache = KvCache {
+                    tensors,
+                    len,
+                    bytes,
+                    ledger: self.kv_ledger.clone(),
+                };
+                (hidden, cache)
+            })
+            .collect())
+    }
+
+    /// Cache tensor `t` of every row, right-aligned into one `[B, kv_heads, p, d]` tensor.
+    fn pack_past<T>(&self, rows: &[BatchRow<'_>], t: usize, p: usize) -> Result<DynValue, ModelError>
+    where
+        T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
+    {
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let mut packed = vec![T::default(); rows.len() * heads * p * d];
+        for (i, r) in rows.iter().enumerate() {
+            let pi = r.past.len;
+            let Some(value) = r.past.tensors.get(t) else { continue };
+            let (_, data) = value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?;
+            for h in 0..heads {
+                let dst = ((i * heads + h) * p + p - pi) * d;
+                packed[dst..dst + pi * d].copy_from_slice(&data[h * pi * d..(h + 1) * pi * d]);
+            }
+        }
+        Tensor::from_array(([rows.len(), heads, p, d], packed))
+            .map(Tensor::into_dyn)
+            .map_err(ort_err("create a batched KV cache"))
+    }
+
+    /// Each row's own `[1, kv_heads, p_b + n_b, d]` cache out of a batched `present` tensor.
+    fn unpack_present<T>(
+        &self,
+        present: &DynValue,
+        rows: &[BatchRow<'_>],
+        p: usize,
+        n: usize,
+    ) -> Result<Vec<DynValue>, ModelError>
+    where
+        T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+    {
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let total = p + n;
+        let (_, data) = present.try_extract_tensor::<T>().map_err(ort_err("read present"))?;
+        rows.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (pi, ni) = (r.past.len, r.ids.len());
+                let mut own = Vec::with_capacity(heads * (pi + ni) * d);
+                for h in 0..heads {
+                    let base = (i * heads + h) * total * d;
+                    own.extend_from_slice(&data[base + (p - pi) * d..base + p * d]);
+                    own.extend_from_slice(&data[base + (total - ni) * d..base + total * d]);
+                }
+                Tensor::from_array(([1usize, heads, pi + ni, d], own))
+                    .map(Tensor::into_dyn)
+                    .map_err(ort_err("create a KV cache"))
+            })
+            .collect()
     }
 }
 

@@ -144,7 +144,11 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded and warm"
     );
-    Ok(Arc::new(Engine::start(model, config.queue_depth)))
+    Ok(Arc::new(Engine::start(
+        model,
+        config.queue_depth,
+        config.batch_limits(),
+    )))
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -373,6 +373,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             turns_total: stats.turns.load(Relaxed),
             tokens_total: stats.tokens.load(Relaxed),
             queued_turns: u32::try_from(stats.queued.load(Relaxed)).unwrap_or(u32::MAX),
+            model_calls_total: engine.model().calls(),
         }))
     }
 }

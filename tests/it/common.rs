@@ -130,3 +130,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> (f
     );
     (c, d)
 }
+
+/// A model instance of its own, for tests that count its calls (the shared
+/// ones are used by tests running in parallel).
+pub fn tiny_private(file: &str) -> Arc<Model> {
+    Model::open(tiny_dir().join(file), &ModelOptions::default()).expect("the tiny model loads")
+}

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use stateful_embedder::{
-    conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
+    conversation::{
+        BatchLimits, Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput,
+        TurnRequest, run_turns,
+    },
     model::Model,
 };
 
@@ -70,35 +73,52 @@ impl Script {
     }
 
     fn turn(&mut self, text: &str, role: &str) -> TurnOutput {
+        let expected = self.expect(text, role);
+        let out = self.conv.turn(text, role).expect("the turn succeeds");
+        self.check(expected, out)
+    }
+
+    /// What a turn of `text` should leave: the full context, the pooled span,
+    /// the turn's tokens and the eviction.
+    fn expect(&self, text: &str, role: &str) -> Expected {
         let tt = self.model.tokenizer().turn(text, role).expect("tokenizes");
         let (mut full, evicted) = self.expected_base(tt.ids.len());
         let span = full.len() + tt.text.start..full.len() + tt.text.end;
         full.extend_from_slice(&tt.ids);
-        let out = self.conv.turn(text, role).expect("the turn succeeds");
-        let want = oracle(&self.model, &full, span.clone(), &self.options);
-        let what = format!("turn {:?} (role {role:?}) at context {}", text, full.len());
-        let (c, d) = assert_close(&what, &out.embedding, &want, self.tol);
+        Expected {
+            what: format!("turn {:?} (role {role:?}) at context {}", text, full.len()),
+            full,
+            span,
+            turn_tokens: tt.ids.len(),
+            evicted,
+        }
+    }
+
+    /// Checks a turn's output and the conversation against the oracle.
+    fn check(&mut self, e: Expected, out: TurnOutput) -> TurnOutput {
+        let want = oracle(&self.model, &e.full, e.span.clone(), &self.options);
+        let (c, d) = assert_close(&e.what, &out.embedding, &want, self.tol);
         self.worst = (self.worst.0.min(c), self.worst.1.max(d));
         if self.options.include_turn_mean {
             let mean_opts = ConversationOptions {
                 pooling: Pooling::Mean,
                 ..self.options.clone()
             };
-            let want_mean = oracle(&self.model, &full, span, &mean_opts);
+            let want_mean = oracle(&self.model, &e.full, e.span, &mean_opts);
             let got = out.turn_mean.as_ref().expect("turn_mean was asked for");
             assert_close("turn_mean", got, &want_mean, self.tol);
         } else {
             assert!(out.turn_mean.is_none());
         }
-        assert_eq!(self.conv.tokens(), &full[..], "the conversation's context");
-        assert_eq!(out.context_tokens, full.len());
-        assert_eq!(out.turn_tokens, tt.ids.len());
-        assert_eq!(out.evicted_tokens, evicted);
+        assert_eq!(self.conv.tokens(), &e.full[..], "the conversation's context");
+        assert_eq!(out.context_tokens, e.full.len());
+        assert_eq!(out.turn_tokens, e.turn_tokens);
+        assert_eq!(out.evicted_tokens, e.evicted);
         assert_eq!(
             self.conv.kv_bytes(),
-            full.len() as u64 * self.model.spec().kv_bytes_per_token()
+            e.full.len() as u64 * self.model.spec().kv_bytes_per_token()
         );
-        self.context = full;
+        self.context = e.full;
         out
     }
 
@@ -110,6 +130,15 @@ impl Script {
             self.worst.1
         );
     }
+}
+
+/// What a turn should leave, computed independently of the code under test.
+struct Expected {
+    what: String,
+    full: Vec<u32>,
+    span: std::ops::Range<usize>,
+    turn_tokens: usize,
+    evicted: usize,
 }
 
 fn opts() -> ConversationOptions {
@@ -484,5 +513,232 @@ fn real_variants_load_and_embed() {
             println!("{file}: cosine to f32 {c:.5}");
             assert!(c >= min_cosine, "{file}: cosine {c} < {min_cosine}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Batched turns: several conversations' turns in one model call.
+
+/// Texts of 9–16 tokens, so that a batch of them pads little.
+const SIMILAR: [&str; 6] = [
+    "def mul(a, b):\n    return a * b",
+    "Now write the same thing in Go, please.",
+    "Then add a docstring that explains the types.",
+    "Why does Go want the types spelled out here?",
+    "SELECT id FROM users WHERE age > 30;",
+    "The lazy dog sleeps under the warm sun.",
+];
+
+/// Runs one batched round: each script's turn in one `run_turns` call, every
+/// result checked against the oracle. Returns the model calls it took.
+fn batched_round(model: &Arc<Model>, scripts: &mut [Script], turns: &[(&str, &str)]) -> u64 {
+    let expected: Vec<Expected> = scripts.iter().zip(turns).map(|(s, (t, r))| s.expect(t, r)).collect();
+    let before = model.calls();
+    let results = {
+        let mut requests: Vec<TurnRequest<'_>> = scripts
+            .iter_mut()
+            .zip(turns)
+            .map(|(s, (text, role))| TurnRequest {
+                conversation: &mut s.conv,
+                text,
+                role,
+            })
+            .collect();
+        run_turns(&mut requests, BatchLimits::default())
+    };
+    let calls = model.calls() - before;
+    for ((s, e), r) in scripts.iter_mut().zip(expected).zip(results) {
+        s.check(e, r.expect("the batched turn succeeds"));
+    }
+    calls
+}
+
+/// Six conversations with different histories, poolings, dimensions and
+/// slides, batched twice in a row, then continued one by one: every turn meets
+/// the oracle, and the batched rounds take one call per group of similar
+/// lengths.
+fn batch_suite(file: &str, tol: Tolerance, label: &str) {
+    let model = common::tiny_private(file);
+    let hidden = model.spec().hidden_size;
+    let slide = ConversationOptions {
+        max_context_tokens: 64,
+        keep_tokens: 12,
+        ..opts()
+    };
+    let mut scripts = vec![
+        Script::new(&model, opts(), tol),
+        Script::new(&model, opts(), tol),
+        Script::new(
+            &model,
+            ConversationOptions {
+                pooling: Pooling::LastToken,
+                include_turn_mean: true,
+                ..opts()
+            },
+            tol,
+        ),
+        Script::new(
+            &model,
+            ConversationOptions {
+                dimensions: Some(hidden / 2),
+                normalize: false,
+                ..opts()
+            },
+            tol,
+        ),
+        Script::new(&model, slide.clone(), tol),
+        Script::new(&model, slide, tol),
+    ];
+    // Histories of 0 to 3 turns, run one by one.
+    scripts[1].turn(TEXTS[0], "");
+    scripts[2].turn("You are a terse coding assistant.", "system");
+    scripts[2].turn(TEXTS[0], "user");
+    scripts[2].turn(TEXTS[2], "assistant");
+    scripts[3].turn(TEXTS[4], "user");
+    scripts[3].turn(TEXTS[9], "user");
+    // Fill the sliding windows so that the batched turns overflow them.
+    for (k, first) in [(4, 0), (5, 3)] {
+        let next = model.tokenizer().turn(SIMILAR[k], "user").unwrap().ids.len();
+        let mut i = first;
+        while scripts[k].conv.context_len() + next <= 64 {
+            scripts[k].turn(TEXTS[i % TEXTS.len()], "user");
+            i += 1;
+        }
+    }
+
+    let round1: Vec<(&str, &str)> = SIMILAR.iter().map(|t| (*t, "user")).collect();
+    // The two slides rebuild their kept tokens with the turn (over 32 tokens):
+    // too long to pad the short turns to, so they share a call of their own.
+    assert_eq!(
+        batched_round(&model, &mut scripts, &round1),
+        2,
+        "two calls for the round"
+    );
+    for s in &scripts[4..] {
+        assert!(s.conv.context_len() < 64, "the slide ran");
+    }
+    // Again on top of the batched caches, now all of different lengths.
+    let round2: Vec<(&str, &str)> = SIMILAR.iter().rev().zip(["user"; 6]).map(|(t, r)| (*t, r)).collect();
+    assert_eq!(
+        batched_round(&model, &mut scripts, &round2),
+        1,
+        "one call for the round"
+    );
+    // And one by one on top of those.
+    for s in &mut scripts {
+        s.turn(TEXTS[1], "user");
+    }
+    for (i, s) in scripts.iter().enumerate() {
+        s.report(&format!("{label} batched, conversation {i}"));
+    }
+}
+
+#[test]
+/// Batched turns meet the oracle on the tiny f32 model, one call per round.
+fn tiny_f32_batched_oracle() {
+    batch_suite("model.onnx", F32, "tiny f32");
+}
+
+#[test]
+/// Batched turns meet the oracle on the tiny fp16 model (fp16 KV copied in and out).
+fn tiny_fp16_batched_oracle() {
+    batch_suite("model_fp16.onnx", FP16, "tiny fp16");
+}
+
+#[test]
+/// Turns whose shapes differ too much are not padded together, a turn longer
+/// than a prefill chunk runs alone, a failed turn in a batch changes nothing
+/// and hurts no other, and batching can be turned off.
+fn batches_group_by_shape() {
+    let model = common::tiny_private("model.onnx");
+    let mut long = Script::new(&model, opts(), F32);
+    while long.conv.context_len() < 600 {
+        long.turn(TEXTS[7], "user");
+    }
+    let mut a = Script::new(&model, opts(), F32);
+    let mut b = Script::new(&model, opts(), F32);
+    let chunked_opts = ConversationOptions {
+        prefill_chunk_tokens: 4,
+        ..opts()
+    };
+    let mut chunked = Script::new(&model, chunked_opts, F32);
+    let mut bad = Script::new(&model, opts(), F32);
+    bad.turn(TEXTS[0], "user");
+    let bad_before = state(&bad.conv);
+
+    let texts = [SIMILAR[0], SIMILAR[1], SIMILAR[2], SIMILAR[3], ""];
+    let expected: Vec<Expected> = [&long, &a, &b, &chunked]
+        .iter()
+        .zip(texts)
+        .map(|(s, t)| s.expect(t, "user"))
+        .collect();
+    let chunked_calls = expected[3].turn_tokens.div_ceil(4) as u64;
+    let before = model.calls();
+    let results = {
+        let mut requests: Vec<TurnRequest<'_>> = [&mut long, &mut a, &mut b, &mut chunked, &mut bad]
+            .into_iter()
+            .zip(texts)
+            .map(|(s, text)| TurnRequest {
+                conversation: &mut s.conv,
+                text,
+                role: "user",
+            })
+            .collect();
+        run_turns(&mut requests, BatchLimits::default())
+    };
+    // The long context alone, a and b together, the chunked turn in its chunks.
+    assert_eq!(model.calls() - before, 1 + 1 + chunked_calls);
+    let mut results = results.into_iter();
+    for (s, e) in [&mut long, &mut a, &mut b, &mut chunked].into_iter().zip(expected) {
+        s.check(e, results.next().unwrap().expect("the turn succeeds"));
+    }
+    assert!(matches!(results.next(), Some(Err(TurnError::Empty))));
+    assert_eq!(state(&bad.conv), bad_before, "the failed turn changed its conversation");
+    bad.turn(TEXTS[1], "user");
+
+    // Batching off: one call per turn.
+    let (ea, eb) = (a.expect(TEXTS[3], ""), b.expect(TEXTS[4], ""));
+    let before = model.calls();
+    let results = run_turns(
+        &mut [
+            TurnRequest {
+                conversation: &mut a.conv,
+                text: TEXTS[3],
+                role: "",
+            },
+            TurnRequest {
+                conversation: &mut b.conv,
+                text: TEXTS[4],
+                role: "",
+            },
+        ],
+        BatchLimits {
+            max_turns: 1,
+            ..BatchLimits::default()
+        },
+    );
+    assert_eq!(model.calls() - before, 2);
+    let mut results = results.into_iter();
+    a.check(ea, results.next().unwrap().unwrap());
+    b.check(eb, results.next().unwrap().unwrap());
+}
+
+#[test]
+/// Batched turns meet the oracle on the real model in f32: four conversations
+/// with different histories, two batched rounds.
+fn real_f32_batched_oracle() {
+    let Some(model) = common::real() else { return };
+    let mut scripts: Vec<Script> = (0..4).map(|_| Script::new(&model, opts(), F32)).collect();
+    for (i, s) in scripts.iter_mut().enumerate() {
+        for text in TEXTS.iter().take(i) {
+            s.turn(text, "user");
+        }
+    }
+    let round: Vec<(&str, &str)> = SIMILAR.iter().take(4).map(|t| (*t, "user")).collect();
+    batched_round(&model, &mut scripts, &round);
+    let round: Vec<(&str, &str)> = SIMILAR.iter().skip(2).map(|t| (*t, "")).collect();
+    batched_round(&model, &mut scripts, &round);
+    for (i, s) in scripts.iter().enumerate() {
+        s.report(&format!("real f32 batched, conversation {i}"));
     }
 }
