@@ -582,3 +582,52 @@ async fn reflection_v1_lists_the_services() {
     assert!(names.contains(&"embedder.v1.Embedder".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
+
+#[tokio::test]
+/// Turns of streams that queue up behind a running call share one model call,
+/// and each still meets the oracle. A long turn (8,000 tokens in 16-token
+/// chunks) keeps the engine busy while eight streams send a turn each; the
+/// test waits until all eight are queued, so the batch is certain.
+async fn queued_turns_of_many_streams_share_a_call() {
+    let server = TestServer::start(&["--prefill-chunk-tokens", "16"]).await;
+    let mut client = server.client().await;
+    let base = server.wait_stats("start", |_| true).await;
+
+    let long_text = "alpha beta gamma delta ".repeat(2000);
+    let long_tokens = common::tiny().tokenizer().turn(&long_text, "").unwrap().ids.len();
+    let (long_tx, mut long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
+    long_tx.send(turn("long", &long_text, "")).await.unwrap();
+    server.wait_stats("the long turn queued", |s| s.queued_turns == 1).await;
+
+    // Equal lengths, so that no padding rule splits the batch.
+    let texts: Vec<String> = (0..8).map(|i| format!("stream {i}: what does this function return?")).collect();
+    let mut streams = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(turn(&format!("s{i}"), text, "user")).await.unwrap();
+        let stream = client
+            .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((tx, stream));
+    }
+    let queued = server.wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9).await;
+    println!("queued while the long turn ran: {queued:?}");
+
+    let long = long_rx.next().await.unwrap().unwrap();
+    assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
+    let model = common::tiny();
+    for ((_, stream), text) in streams.iter_mut().zip(&texts) {
+        let r = stream.next().await.unwrap().unwrap();
+        let tt = model.tokenizer().turn(text, "user").unwrap();
+        let want = oracle(&model, &tt.ids, tt.text.clone(), &ConversationOptions::default());
+        assert_close(&format!("stream {}", r.tag), &embedding(&r).values, &want, F32);
+    }
+    let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
+    let calls = after.model_calls_total - base.model_calls_total;
+    println!("turns {} in {calls} calls", after.turns_total - base.turns_total);
+    // "hello" 1 call, the long turn ceil(n/64) calls, the eight turns one call.
+    assert_eq!(calls, 1 + long_tokens.div_ceil(16) as u64 + 1);
+    assert_eq!(after.turns_total - base.turns_total, 10);
+}
