@@ -3,10 +3,12 @@
 //!
 //! * `se-bench engine` — in-process figures on one model: one call vs token
 //!   by token, stateful vs stateless turns 1…20, turn latency with an empty
-//!   and a 500-token context, RSS per live conversation and after 1,000
+//!   and a 500-token context and after 4,000 tokens, eight conversations'
+//!   turns one by one vs batched, RSS per live conversation and after 1,000
 //!   conversations, and (with `--reference`) each variant's fidelity to f32.
 //! * `se-bench load` — a gRPC load generator: N concurrent streams × M turns,
-//!   reporting tokens/s and p50/p90/p99 turn latency.
+//!   reporting tokens/s, p50/p90/p99 turn latency and (from our server's
+//!   GetStats) how many model calls served the turns.
 //!
 //! Both print one JSON object on stdout.
 
@@ -19,7 +21,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use stateful_embedder::{
-    conversation::{ConversationOptions, Pooling},
+    conversation::{BatchLimits, Conversation, ConversationOptions, Pooling, TurnRequest, run_turns},
     model::{Model, ModelOptions},
     pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
 };
@@ -116,6 +118,27 @@ fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
     }
     let i = ((p / 100.0) * (sorted_ms.len() - 1) as f64).round() as usize;
     sorted_ms[i.min(sorted_ms.len() - 1)]
+}
+
+/// A short chat turn, for the batching figures.
+const SHORT_TURN: &str = "Yes, and add unit tests too.";
+
+/// One turn on each conversation through `run_turns`; returns the wall time.
+fn round(convs: &mut [Conversation], texts: &[&str], limits: BatchLimits) -> anyhow::Result<Duration> {
+    let mut requests: Vec<TurnRequest<'_>> = convs
+        .iter_mut()
+        .zip(texts)
+        .map(|(conversation, text)| TurnRequest {
+            conversation,
+            text,
+            role: "",
+        })
+        .collect();
+    let (d, results) = time(|| run_turns(&mut requests, limits));
+    for r in results {
+        r?;
+    }
+    Ok(d)
 }
 
 fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
@@ -257,6 +280,62 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     }
     out["stateless_vs_stateful"] = json!(curve);
 
+    // 5 (in process). Batching: 8 conversations with ~270 tokens of context;
+    //    a round of one turn each, one by one vs in one `run_turns` call
+    //    (alternating which goes first), for 45-token and for short turns.
+    let streams = 8;
+    let mut convs = (0..streams)
+        .map(|_| model.conversation(opts.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for k in 1..7 {
+        round(&mut convs, &vec![turn_text(k); streams], BatchLimits::default())?;
+    }
+    let start_context = convs[0].context_len();
+    let mut batching = serde_json::Map::new();
+    for (label, text) in [("turn45", turn_text(0)), ("short", SHORT_TURN)] {
+        let (mut alone, mut batched) = (Vec::new(), Vec::new());
+        for rep in 0..args.reps {
+            let texts = vec![text; streams];
+            let off = BatchLimits {
+                max_turns: 1,
+                ..BatchLimits::default()
+            };
+            for first in [rep % 2 == 0, rep % 2 == 1] {
+                if first {
+                    alone.push(round(&mut convs, &texts, off)?);
+                } else {
+                    batched.push(round(&mut convs, &texts, BatchLimits::default())?);
+                }
+            }
+        }
+        batching.insert(
+            label.into(),
+            json!({ "turn_tokens": tok.encode(text)?.len(), "one_by_one": stats(&alone), "batched": stats(&batched) }),
+        );
+    }
+    batching.insert("conversations".into(), json!(streams));
+    batching.insert(
+        "context".into(),
+        json!([start_context, convs.iter().map(|c| c.context_len()).max()]),
+    );
+    drop(convs);
+    out["batching"] = serde_json::Value::Object(batching);
+
+    // A 45-token turn after ~4,000 tokens of context (attention's share grows with context).
+    let mut conv = model.conversation(opts.clone())?;
+    let long_text = (0..100).map(turn_text).collect::<Vec<_>>().join(" ");
+    let long_ids = tok.encode(&long_text)?;
+    conv.turn(&tok.decode(&long_ids[..4000.min(long_ids.len())])?, "")?;
+    let mut ctx4000 = Vec::new();
+    let context_before = conv.context_len();
+    for _ in 0..args.reps.min(3) {
+        let (d, r) = time(|| conv.turn(turn_text(0), ""));
+        r?;
+        ctx4000.push(d);
+    }
+    out["turn45_long_context"] = json!({ "context": context_before, "turn": stats(&ctx4000) });
+    drop(conv);
+
     // 7. RSS per live conversation (one 1,000-token turn each) and after 1,000
     //    short conversations opened, used and closed.
     let live_n = 16;
@@ -291,7 +370,15 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     Ok(out)
 }
 
+/// The server's (turns, model calls) so far, if it answers GetStats.
+async fn server_calls(addr: &str) -> Option<(u64, u64)> {
+    let mut client = EmbedderClient::connect(addr.to_string()).await.ok()?;
+    let s = client.get_stats(pb::GetStatsRequest {}).await.ok()?.into_inner();
+    Some((s.turns_total, s.model_calls_total))
+}
+
 async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
+    let calls_before = server_calls(&args.addr).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.streams {
@@ -345,6 +432,10 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
         tokens += n;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let calls = match (calls_before, server_calls(&args.addr).await) {
+        (Some((t0, c0)), Some((t1, c1))) => json!({ "turns": t1 - t0, "model_calls": c1 - c0 }),
+        _ => serde_json::Value::Null,
+    };
     let mut ms: Vec<f64> = all.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     Ok(json!({
@@ -359,6 +450,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
         "p90_ms": percentile(&ms, 90.0),
         "p99_ms": percentile(&ms, 99.0),
         "median_ms": percentile(&ms, 50.0),
+        "server_calls": calls,
     }))
 }
 

@@ -600,7 +600,9 @@ async fn queued_turns_of_many_streams_share_a_call() {
     server.wait_stats("the long turn queued", |s| s.queued_turns == 1).await;
 
     // Equal lengths, so that no padding rule splits the batch.
-    let texts: Vec<String> = (0..8).map(|i| format!("stream {i}: what does this function return?")).collect();
+    let texts: Vec<String> = (0..8)
+        .map(|i| format!("stream {i}: what does this function return?"))
+        .collect();
     let mut streams = Vec::new();
     for (i, text) in texts.iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -612,7 +614,9 @@ async fn queued_turns_of_many_streams_share_a_call() {
             .into_inner();
         streams.push((tx, stream));
     }
-    let queued = server.wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9).await;
+    let queued = server
+        .wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9)
+        .await;
     println!("queued while the long turn ran: {queued:?}");
 
     let long = long_rx.next().await.unwrap().unwrap();
