@@ -23,6 +23,7 @@ same machine prepares nothing again. See models/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -252,7 +253,33 @@ def build_variants(src, arch, cached: Path, variants: list[str], lm_head: bool =
             save_model(model, cached / VARIANT_FILES["fp16"])
         del model
     weights = None
-    if "int8" in variants and not (cached / VARIANT_FILES["int8"]).exists():
+    quantised = [v for v in ("int8", "q4", "q8") if v in variants and not (cached / VARIANT_FILES[v]).exists()]
+    if not quantised:
+        return
+    with unlinked_copy(f32_path) as f32_path:
+        quantise(f32_path, cached, quantised)
+
+
+@contextlib.contextmanager
+def unlinked_copy(model_path: Path):
+    """The f32 model, as a path the onnx loader accepts: onnx refuses external
+    data with several hard links (its guard against link attacks), and an
+    installed model is hard-linked into models/. Such a model is copied to a
+    temporary folder beside it for as long as the quantisers read it."""
+    data = model_path.with_name(model_path.name + ".data")
+    if not data.exists() or data.stat().st_nlink <= 1:
+        yield model_path
+        return
+    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".quantise-") as tmp:
+        with Step("copying the f32 model for the quantisers (its data is hard-linked)"):
+            for f in (model_path, data):
+                shutil.copyfile(f, Path(tmp) / f.name)
+        yield Path(tmp) / model_path.name
+
+
+def quantise(f32_path: Path, cached: Path, variants: list[str]) -> None:
+    """Writes the quantised variants into cached/, from the f32 model."""
+    if "int8" in variants:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         out = cached / VARIANT_FILES["int8"]
@@ -267,7 +294,7 @@ def build_variants(src, arch, cached: Path, variants: list[str], lm_head: bool =
             )
             os.replace(tmp, out)
     for name, bits, block, level in (("q4", 4, 32, 4), ("q8", 8, 128, 4)):
-        if name in variants and not (cached / VARIANT_FILES[name]).exists():
+        if name in variants:
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -514,7 +514,9 @@ pub struct BatchLimits {
     /// Most turns in one call; 1 turns batching off.
     pub max_turns: usize,
     /// Most padded token slots in one call (turns × (longest cache + longest
-    /// turn)): bounds the call's KV copies and attention memory.
+    /// turn)): bounds the call's extra memory, about twice the slots' KV bytes
+    /// (the packed caches in, the batched `present.*` out): at the default,
+    /// 2 × 16,384 × 24 KiB = 768 MiB on the real model in f32.
     pub max_padded_tokens: usize,
 }
 

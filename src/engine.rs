@@ -50,11 +50,21 @@ enum Job {
         span: tracing::Span,
     },
     Embed {
-        text: String,
+        texts: Vec<String>,
         options: ConversationOptions,
-        reply: oneshot::Sender<Result<TurnOutput, TurnError>>,
+        reply: oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
         span: tracing::Span,
     },
+}
+
+impl Job {
+    /// Texts the job embeds (what `EngineStats::queued` counts).
+    fn texts(&self) -> usize {
+        match self {
+            Job::Turn { .. } => 1,
+            Job::Embed { texts, .. } => texts.len(),
+        }
+    }
 }
 
 /// Work counters, read by `GetStats`.
@@ -116,7 +126,7 @@ impl Engine {
         // Wait for room (backpressure); from here to the send nothing can be
         // cancelled, so the count and the queue agree.
         let permit = tx.reserve().await.map_err(|_| EngineStopped)?;
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.stats.queued.fetch_add(job.texts(), Ordering::Relaxed);
         permit.send(job);
         Ok(())
     }
@@ -144,18 +154,19 @@ impl Engine {
         rx.await.map_err(|_| EngineStopped)
     }
 
-    /// Embeds `text` alone, from an empty context.
+    /// Embeds each text alone, from an empty context; the texts are queued
+    /// as one job, so they share model calls as far as their lengths allow.
     ///
     /// # Errors
     /// [`EngineStopped`] when the engine is shutting down.
     pub async fn embed(
         &self,
-        text: String,
+        texts: Vec<String>,
         options: ConversationOptions,
-    ) -> Result<Result<TurnOutput, TurnError>, EngineStopped> {
+    ) -> Result<Vec<Result<TurnOutput, TurnError>>, EngineStopped> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Embed {
-            text,
+            texts,
             options,
             reply,
             span: tracing::Span::current(),
@@ -176,11 +187,17 @@ impl Drop for Engine {
     }
 }
 
-/// A turn to run in the current batch, with where its answer goes.
+/// Where a turn's answer goes: a stream's reply, or slot `index` of embed job `job`.
 enum Reply {
     Turn(oneshot::Sender<TurnReply>),
-    Embed(oneshot::Sender<Result<TurnOutput, TurnError>>),
+    Embed { job: usize, index: usize },
 }
+
+/// An embed job being answered: its reply and a slot per text.
+type EmbedJob = (
+    oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
+    Vec<Option<Result<TurnOutput, TurnError>>>,
+);
 
 fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>, limits: BatchLimits) {
     let max_jobs = limits.max_turns.max(1);
@@ -192,7 +209,7 @@ fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc
                 Err(_) => break,
             }
         }
-        let taken = jobs.len();
+        let taken = jobs.iter().map(Job::texts).sum();
         run_jobs(&model, jobs, &stats, limits);
         stats.queued.fetch_sub(taken, Ordering::Relaxed);
     }
@@ -200,8 +217,9 @@ fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc
 }
 
 fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: BatchLimits) {
-    // (conversation, text, role, reply, span) of every job still wanted.
+    // (conversation, text, role, reply, span) of every turn still wanted.
     let mut work = Vec::with_capacity(jobs.len());
+    let mut embeds: Vec<EmbedJob> = Vec::new();
     for job in jobs {
         match job {
             Job::Turn {
@@ -219,7 +237,7 @@ fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: Bat
                 }
             }
             Job::Embed {
-                text,
+                texts,
                 options,
                 reply,
                 span,
@@ -227,17 +245,26 @@ fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: Bat
                 if reply.is_closed() {
                     continue;
                 }
-                match model.conversation(options) {
-                    Ok(conversation) => work.push((conversation, text, String::new(), Reply::Embed(reply), span)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
+                let job = embeds.len();
+                let mut slots = Vec::with_capacity(texts.len());
+                for (index, text) in texts.into_iter().enumerate() {
+                    match model.conversation(options.clone()) {
+                        Ok(conversation) => {
+                            slots.push(None);
+                            work.push((
+                                conversation,
+                                text,
+                                String::new(),
+                                Reply::Embed { job, index },
+                                span.clone(),
+                            ));
+                        }
+                        Err(e) => slots.push(Some(Err(e.into()))),
                     }
                 }
+                embeds.push((reply, slots));
             }
         }
-    }
-    if work.is_empty() {
-        return;
     }
 
     let results = {
@@ -265,9 +292,14 @@ fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: Bat
             Reply::Turn(tx) => {
                 let _ = tx.send((conversation, result));
             }
-            Reply::Embed(tx) => {
-                let _ = tx.send(result);
-            }
+            Reply::Embed { job, index } => embeds[job].1[index] = Some(result),
         }
+    }
+    for (reply, slots) in embeds {
+        let results = slots
+            .into_iter()
+            .map(|r| r.expect("every text of an embed job has a result"))
+            .collect();
+        let _ = reply.send(results);
     }
 }

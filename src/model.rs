@@ -524,7 +524,7 @@ impl Model {
 
         let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let outputs = session.run(inputs).map_err(ort_err("run the model"))?;
+        let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
         let hidden_value = outputs
             .get("last_hidden_state")
             .expect("the contract check at load guarantees last_hidden_state");
@@ -558,14 +558,17 @@ impl Model {
             }
         };
         let mut tensors: Vec<Vec<DynValue>> = rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
+        // Layer by layer, each batched tensor freed once split: the copies
+        // never hold more than one layer twice.
         for name in &self.io.present {
             let present = outputs
-                .get(name.as_str())
+                .remove(name)
                 .expect("the contract check at load guarantees present.*");
             let split = match self.spec.kv_dtype {
-                KvDtype::F32 => self.unpack_present::<f32>(present, rows, p, n)?,
-                KvDtype::F16 => self.unpack_present::<f16>(present, rows, p, n)?,
+                KvDtype::F32 => self.unpack_present::<f32>(&present, rows, p, n)?,
+                KvDtype::F16 => self.unpack_present::<f16>(&present, rows, p, n)?,
             };
+            drop(present);
             for (row, t) in tensors.iter_mut().zip(split) {
                 row.push(t);
             }
@@ -597,14 +600,17 @@ impl Model {
         T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
     {
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let mut packed = vec![T::default(); rows.len() * heads * p * d];
-        for (i, r) in rows.iter().enumerate() {
+        // Written once, in order: zeros for the pads, then the row's cache.
+        let mut packed = Vec::with_capacity(rows.len() * heads * p * d);
+        for r in rows {
             let pi = r.past.len;
-            let Some(value) = r.past.tensors.get(t) else { continue };
-            let (_, data) = value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?;
+            let data = match r.past.tensors.get(t) {
+                Some(value) => value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?.1,
+                None => &[],
+            };
             for h in 0..heads {
-                let dst = ((i * heads + h) * p + p - pi) * d;
-                packed[dst..dst + pi * d].copy_from_slice(&data[h * pi * d..(h + 1) * pi * d]);
+                packed.resize(packed.len() + (p - pi) * d, T::default());
+                packed.extend_from_slice(&data[h * pi * d..(h + 1) * pi * d]);
             }
         }
         Tensor::from_array(([rows.len(), heads, p, d], packed))

@@ -331,16 +331,16 @@ impl pb::embedder_server::Embedder for EmbedderService {
         options
             .validate(engine.model())
             .map_err(|e| RequestError::from(e).to_status())?;
-        let mut embeddings = Vec::with_capacity(req.texts.len());
-        for (i, text) in req.texts.into_iter().enumerate() {
-            let out = engine
-                .embed(text, options.clone())
-                .await
-                .map_err(|_| Status::unavailable("server shutting down"))?
-                .map_err(|e| {
-                    let e = RequestError::from(e);
-                    Status::new(e.code(), format!("texts[{i}]: {}", e.client_message()))
-                })?;
+        let results = engine
+            .embed(req.texts, options)
+            .await
+            .map_err(|_| Status::unavailable("server shutting down"))?;
+        let mut embeddings = Vec::with_capacity(results.len());
+        for (i, result) in results.into_iter().enumerate() {
+            let out = result.map_err(|e| {
+                let e = RequestError::from(e);
+                Status::new(e.code(), format!("texts[{i}]: {}", e.client_message()))
+            })?;
             embeddings.push(embedding(out));
         }
         Ok(Response::new(pb::EmbedResponse { embeddings }))

@@ -14,6 +14,7 @@
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -59,6 +60,9 @@ struct EngineArgs {
     /// Only the per-turn speed and fidelity (for the variants).
     #[arg(long)]
     quick: bool,
+    /// Only the batching figures (after the per-turn speed).
+    #[arg(long)]
+    batching_only: bool,
 }
 
 #[derive(Args)]
@@ -214,6 +218,20 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
         return Ok(out);
     }
 
+    if !args.batching_only {
+        figures_one_conversation(args, &model, &mut out)?;
+    }
+    batching(args, &model, &mut out)?;
+    Ok(out)
+}
+
+/// Comparisons 1, 2 and 7 (in process): one call vs token by token, turn
+/// latency by context, stateless vs stateful, memory.
+fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) -> anyhow::Result<()> {
+    let tok = model.tokenizer();
+    let ids45 = tok.encode(turn_text(0))?;
+    let opts = ConversationOptions::default();
+
     // 1. The prototype's way (one token per call) vs one call, 45 tokens, empty context.
     let (mut one_call, mut token_by_token) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
@@ -280,7 +298,47 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     }
     out["stateless_vs_stateful"] = json!(curve);
 
-    // 5 (in process). Batching: 8 conversations with ~270 tokens of context;
+    // 7. RSS per live conversation (one 1,000-token turn each) and after 1,000
+    //    short conversations opened, used and closed.
+    let live_n = 16;
+    let long_turn = (0..40).map(turn_text).collect::<Vec<_>>().join(" ");
+    let long_ids = tok.encode(&long_turn)?;
+    let long_turn = tok.decode(&long_ids[..1000.min(long_ids.len())])?;
+    let before_live = rss_bytes();
+    let mut live = Vec::new();
+    for _ in 0..live_n {
+        let mut conv = model.conversation(opts.clone())?;
+        conv.turn(&long_turn, "")?;
+        live.push(conv);
+    }
+    let after_live = rss_bytes();
+    let kv: u64 = live.iter().map(|c| c.kv_bytes()).sum();
+    drop(live);
+    let before_churn = rss_bytes();
+    for i in 0..1000 {
+        let mut conv = model.conversation(opts.clone())?;
+        conv.turn(&format!("conversation {i}: hello"), "user")?;
+        conv.turn("and goodbye", "assistant")?;
+    }
+    let after_churn = rss_bytes();
+    out["memory"] = json!({
+        "live_conversations": live_n,
+        "rss_before_live": before_live,
+        "rss_with_live": after_live,
+        "kv_bytes_live": kv,
+        "rss_before_churn": before_churn,
+        "rss_after_1000": after_churn,
+    });
+
+    Ok(())
+}
+
+/// Comparison 5 in process, and a turn after a long context: run after the
+/// memory figures (the heap it frees would hide their RSS growth).
+fn batching(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) -> anyhow::Result<()> {
+    let tok = model.tokenizer();
+    let opts = ConversationOptions::default();
+    // Batching: 8 conversations with ~270 tokens of context;
     //    a round of one turn each, one by one vs in one `run_turns` call
     //    (alternating which goes first), for 45-token and for short turns.
     let streams = 8;
@@ -334,40 +392,7 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
         ctx4000.push(d);
     }
     out["turn45_long_context"] = json!({ "context": context_before, "turn": stats(&ctx4000) });
-    drop(conv);
-
-    // 7. RSS per live conversation (one 1,000-token turn each) and after 1,000
-    //    short conversations opened, used and closed.
-    let live_n = 16;
-    let long_turn = (0..40).map(turn_text).collect::<Vec<_>>().join(" ");
-    let long_ids = tok.encode(&long_turn)?;
-    let long_turn = tok.decode(&long_ids[..1000.min(long_ids.len())])?;
-    let before_live = rss_bytes();
-    let mut live = Vec::new();
-    for _ in 0..live_n {
-        let mut conv = model.conversation(opts.clone())?;
-        conv.turn(&long_turn, "")?;
-        live.push(conv);
-    }
-    let after_live = rss_bytes();
-    let kv: u64 = live.iter().map(|c| c.kv_bytes()).sum();
-    drop(live);
-    let before_churn = rss_bytes();
-    for i in 0..1000 {
-        let mut conv = model.conversation(opts.clone())?;
-        conv.turn(&format!("conversation {i}: hello"), "user")?;
-        conv.turn("and goodbye", "assistant")?;
-    }
-    let after_churn = rss_bytes();
-    out["memory"] = json!({
-        "live_conversations": live_n,
-        "rss_before_live": before_live,
-        "rss_with_live": after_live,
-        "kv_bytes_live": kv,
-        "rss_before_churn": before_churn,
-        "rss_after_1000": after_churn,
-    });
-    Ok(out)
+    Ok(())
 }
 
 /// The server's (turns, model calls) so far, if it answers GetStats.

@@ -456,11 +456,17 @@ async fn stream_limit_is_resource_exhausted() {
 }
 
 #[tokio::test]
-/// Embed is stateless (each text equals a fresh conversation's first raw turn); ModelInfo describes the model.
+/// Embed is stateless (each text equals a fresh conversation's first raw turn) and batches its texts
+/// into one call; ModelInfo describes the model.
 async fn embed_and_model_info() {
     let server = TestServer::start(&["--max-context-tokens", "1024"]).await;
     let mut client = server.client().await;
-    let texts = vec!["first text".to_string(), "second, different text".to_string()];
+    // Texts of 2–4 tokens (one batch, padded by at most 2 rows each), LAST_TOKEN:
+    // the padded rows must not leak into any text's last row.
+    let texts: Vec<String> = ["first text", "second, different text", "a third", "and one more"]
+        .map(String::from)
+        .to_vec();
+    let before = server.wait_stats("idle", |_| true).await;
     let got = client
         .embed(pb::EmbedRequest {
             texts: texts.clone(),
@@ -483,6 +489,13 @@ async fn embed_and_model_info() {
         assert_close(text, &e.values, &want.embedding, F32);
         assert_eq!(e.context_tokens, e.turn_tokens);
     }
+    let after = server.wait_stats("answered", |_| true).await;
+    assert_eq!(
+        after.model_calls_total - before.model_calls_total,
+        1,
+        "the texts share one call"
+    );
+    assert_eq!(after.turns_total - before.turns_total, 4);
     let empty = client
         .embed(pb::EmbedRequest {
             texts: vec![String::new()],
