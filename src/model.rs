@@ -23,7 +23,7 @@ use std::{
 
 use half::f16;
 use ort::{
-    session::{Session, SessionInputValue, builder::GraphOptimizationLevel},
+    session::{Session, SessionInputValue, SessionOutputs, builder::GraphOptimizationLevel},
     value::{DynValue, Tensor, TensorElementType, ValueType},
 };
 
@@ -408,51 +408,86 @@ impl Model {
             inputs.push((name.as_str(), value));
         }
 
+        let keep = keep.start.min(s)..keep.end.min(s);
+        let (hidden, tensors) = self.run(inputs, |outputs| {
+            let hidden = self.read_hidden(outputs, [keep])?.remove(0);
+            let tensors = self
+                .io
+                .present
+                .iter()
+                .map(|name| {
+                    outputs
+                        .remove(name)
+                        .expect("the contract check at load guarantees present.*")
+                })
+                .collect();
+            Ok((hidden, tensors))
+        })?;
+        Ok((hidden, self.cache(tensors, total)))
+    }
+
+    /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
+    fn run<R>(
+        &self,
+        inputs: Vec<(&str, SessionInputValue<'_>)>,
+        read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
         let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.calls.fetch_add(1, Ordering::Relaxed);
         let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
-        let hidden_value = outputs
+        read(&mut outputs)
+    }
+
+    /// Rows of `last_hidden_state` (flattened over batch and sequence), one
+    /// [`Hidden`] per range, as f32.
+    fn read_hidden(
+        &self,
+        outputs: &SessionOutputs<'_>,
+        ranges: impl IntoIterator<Item = std::ops::Range<usize>>,
+    ) -> Result<Vec<Hidden>, ModelError> {
+        let value = outputs
             .get("last_hidden_state")
             .expect("the contract check at load guarantees last_hidden_state");
         let width = self.spec.hidden_size;
-        let keep = keep.start.min(s)..keep.end.min(s);
-        let values = match self.spec.hidden_dtype {
+        let rows = |r: std::ops::Range<usize>| r.start * width..r.end * width;
+        Ok(match self.spec.hidden_dtype {
             KvDtype::F32 => {
-                let (_, data) = hidden_value
+                let (_, data) = value
                     .try_extract_tensor::<f32>()
                     .map_err(ort_err("read last_hidden_state"))?;
-                data[keep.start * width..keep.end * width].to_vec()
-            }
-            KvDtype::F16 => {
-                let (_, data) = hidden_value
-                    .try_extract_tensor::<f16>()
-                    .map_err(ort_err("read last_hidden_state"))?;
-                data[keep.start * width..keep.end * width]
-                    .iter()
-                    .map(|v| v.to_f32())
+                ranges
+                    .into_iter()
+                    .map(|r| Hidden {
+                        values: data[rows(r)].to_vec(),
+                        width,
+                    })
                     .collect()
             }
-        };
-        let mut tensors = Vec::with_capacity(self.io.present.len());
-        for name in &self.io.present {
-            let t = outputs
-                .remove(name)
-                .expect("the contract check at load guarantees present.*");
-            tensors.push(t);
-        }
-        drop(outputs);
-        drop(session);
-        let bytes = total as u64 * self.spec.kv_bytes_per_token();
+            KvDtype::F16 => {
+                let (_, data) = value
+                    .try_extract_tensor::<f16>()
+                    .map_err(ort_err("read last_hidden_state"))?;
+                ranges
+                    .into_iter()
+                    .map(|r| Hidden {
+                        values: data[rows(r)].iter().map(|v| v.to_f32()).collect(),
+                        width,
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// A cache of `len` tokens over `tensors`, counted in the ledger.
+    fn cache(&self, tensors: Vec<DynValue>, len: usize) -> KvCache {
+        let bytes = len as u64 * self.spec.kv_bytes_per_token();
         self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
-        Ok((
-            Hidden { values, width },
-            KvCache {
-                tensors,
-                len: total,
-                bytes,
-                ledger: self.kv_ledger.clone(),
-            },
-        ))
+        KvCache {
+            tensors,
+            len,
+            bytes,
+            ledger: self.kv_ledger.clone(),
+        }
     }
 }
 
@@ -522,75 +557,38 @@ impl Model {
             inputs.push((name.as_str(), packed.into()));
         }
 
-        let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
-        let hidden_value = outputs
-            .get("last_hidden_state")
-            .expect("the contract check at load guarantees last_hidden_state");
-        let width = self.spec.hidden_size;
-        let hidden_rows = |data: &dyn Fn(usize, usize) -> Vec<f32>| -> Vec<Hidden> {
-            rows.iter()
-                .enumerate()
-                .map(|(i, r)| {
+        let (hidden, tensors) = self.run(inputs, |outputs| {
+            let hidden = self.read_hidden(
+                outputs,
+                rows.iter().enumerate().map(|(i, r)| {
                     let ni = r.ids.len();
-                    let keep = r.keep.start.min(ni)..r.keep.end.min(ni);
                     let first = i * n + n - ni;
-                    Hidden {
-                        values: data((first + keep.start) * width, (first + keep.end) * width),
-                        width,
-                    }
-                })
-                .collect()
-        };
-        let hidden = match self.spec.hidden_dtype {
-            KvDtype::F32 => {
-                let (_, data) = hidden_value
-                    .try_extract_tensor::<f32>()
-                    .map_err(ort_err("read last_hidden_state"))?;
-                hidden_rows(&|a, z| data[a..z].to_vec())
+                    first + r.keep.start.min(ni)..first + r.keep.end.min(ni)
+                }),
+            )?;
+            let mut tensors: Vec<Vec<DynValue>> =
+                rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
+            // Layer by layer, each batched tensor freed once split: the copies
+            // never hold more than one layer twice.
+            for name in &self.io.present {
+                let present = outputs
+                    .remove(name)
+                    .expect("the contract check at load guarantees present.*");
+                let split = match self.spec.kv_dtype {
+                    KvDtype::F32 => self.unpack_present::<f32>(&present, rows, p, n)?,
+                    KvDtype::F16 => self.unpack_present::<f16>(&present, rows, p, n)?,
+                };
+                for (row, t) in tensors.iter_mut().zip(split) {
+                    row.push(t);
+                }
             }
-            KvDtype::F16 => {
-                let (_, data) = hidden_value
-                    .try_extract_tensor::<f16>()
-                    .map_err(ort_err("read last_hidden_state"))?;
-                hidden_rows(&|a, z| data[a..z].iter().map(|v| v.to_f32()).collect())
-            }
-        };
-        let mut tensors: Vec<Vec<DynValue>> = rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
-        // Layer by layer, each batched tensor freed once split: the copies
-        // never hold more than one layer twice.
-        for name in &self.io.present {
-            let present = outputs
-                .remove(name)
-                .expect("the contract check at load guarantees present.*");
-            let split = match self.spec.kv_dtype {
-                KvDtype::F32 => self.unpack_present::<f32>(&present, rows, p, n)?,
-                KvDtype::F16 => self.unpack_present::<f16>(&present, rows, p, n)?,
-            };
-            drop(present);
-            for (row, t) in tensors.iter_mut().zip(split) {
-                row.push(t);
-            }
-        }
-        drop(outputs);
-        drop(session);
+            Ok((hidden, tensors))
+        })?;
         Ok(rows
             .iter()
             .zip(hidden)
             .zip(tensors)
-            .map(|((r, hidden), tensors)| {
-                let len = r.past.len + r.ids.len();
-                let bytes = len as u64 * self.spec.kv_bytes_per_token();
-                self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
-                let cache = KvCache {
-                    tensors,
-                    len,
-                    bytes,
-                    ledger: self.kv_ledger.clone(),
-                };
-                (hidden, cache)
-            })
+            .map(|((r, hidden), tensors)| (hidden, self.cache(tensors, r.past.len + r.ids.len())))
             .collect())
     }
 
