@@ -10,7 +10,9 @@
 //! # The oracle
 //! The embedding after turn k equals the embedding computed in one call with
 //! an empty cache over `concat(tokens(t1)…tokens(tk))` (after a slide: over the
-//! kept tokens followed by the turn), pooled over the same span.
+//! kept tokens followed by the turn), pooled over the same span: exactly for a
+//! turn run on its own ([`Conversation::turn`]), up to float rounding for one
+//! that shared a padded call with other conversations' turns ([`run_turns`]).
 
 use std::sync::Arc;
 

@@ -12,9 +12,11 @@
 //! * [`model`] owns the ONNX Runtime session, discovers the I/O contract and
 //!   runs one forward pass; [`model::KvCache`] is a conversation's cache.
 //! * [`conversation`] is the state of one conversation and the turn logic:
-//!   pooling, truncation, context window and overflow policies.
+//!   pooling, truncation, context window and overflow policies; and
+//!   [`conversation::run_turns`], which batches turns of several conversations.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
-//!   of turns, each carrying its conversation and a oneshot reply.
+//!   of turns, each carrying its conversation and a oneshot reply; turns that
+//!   queued up together run as one batch.
 //! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
 //!   conversions, one task per `Converse` stream; [`server`] adds health and
 //!   reflection and runs the lifecycle (load, warm up, serve, drain);
