@@ -2,7 +2,7 @@
 //! bounded queue.
 //!
 //! # Threading
-//! Inference never runs on a Tokio worker. Streams send [`Job`]s over a
+//! Inference never runs on a Tokio worker. Streams send jobs over a
 //! bounded channel (a full queue makes `send` wait: backpressure) and await a
 //! oneshot reply. A turn's [`Conversation`] moves into the job and comes back
 //! with the result, so no cache is ever shared or locked. If the reply's
