@@ -73,7 +73,8 @@ pub struct Config {
     pub max_batch_turns: usize,
 
     /// Most padded token slots in one batched call (turns × (longest context +
-    /// longest turn)): bounds the memory of one call.
+    /// longest turn)): bounds the memory of one call. An Embed runs its texts
+    /// in chunks of at most this many bytes (≥ their tokens).
     #[arg(long, env = "SE_MAX_BATCH_TOKENS", default_value_t = 16_384)]
     pub max_batch_tokens: usize,
 

@@ -16,7 +16,9 @@
 //! shares one model call between turns of different streams that fit
 //! together. Nothing waits to fill a batch: a lone turn runs at once, and
 //! batches form only when turns queue up behind a running call, which is
-//! when sharing the weight reads pays.
+//! when sharing the weight reads pays. The texts of one `Embed` are one job
+//! and run in chunks of at most `max_turns` texts and `max_padded_tokens`
+//! bytes, so a request of many texts holds only one chunk's caches at once.
 //!
 //! Dropping the last [`Engine`] handle closes the queue; the worker finishes
 //! the job in hand and exits, and `Drop` joins it.
@@ -267,32 +269,47 @@ fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: Bat
         }
     }
 
-    let results = {
-        let mut requests: Vec<TurnRequest<'_>> = work
-            .iter_mut()
-            .map(|(conversation, text, role, _, _)| TurnRequest {
-                conversation,
-                text,
-                role,
-            })
-            .collect();
-        run_turns(&mut requests, limits)
-    };
-    if work.len() > 1 {
-        tracing::debug!(turns = work.len(), "ran a batch of turns");
-    }
-    for ((conversation, _, _, reply, span), result) in work.into_iter().zip(results) {
-        let _enter = span.enter();
-        if let Ok(out) = &result {
-            stats.turns.fetch_add(1, Ordering::Relaxed);
-            stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+    // In chunks of at most `max_turns` turns and (beyond the first) of
+    // `max_padded_tokens` bytes of text, which bounds their tokens: an Embed of
+    // many texts never holds more than one chunk's caches at once.
+    while !work.is_empty() {
+        let (mut end, mut bytes) = (0, 0);
+        while end < work.len()
+            && end < limits.max_turns.max(1)
+            && (end == 0 || bytes + work[end].1.len() <= limits.max_padded_tokens)
+        {
+            bytes += work[end].1.len();
+            end += 1;
         }
-        // A failed send means the stream is gone: the conversation drops here.
-        match reply {
-            Reply::Turn(tx) => {
-                let _ = tx.send((conversation, result));
+        let mut chunk: Vec<_> = work.drain(..end).collect();
+        let results = {
+            let mut requests: Vec<TurnRequest<'_>> = chunk
+                .iter_mut()
+                .map(|(conversation, text, role, _, _)| TurnRequest {
+                    conversation,
+                    text,
+                    role,
+                })
+                .collect();
+            run_turns(&mut requests, limits)
+        };
+        if chunk.len() > 1 {
+            tracing::debug!(turns = chunk.len(), "ran a batch of turns");
+        }
+        for ((conversation, _, _, reply, span), result) in chunk.into_iter().zip(results) {
+            let _enter = span.enter();
+            if let Ok(out) = &result {
+                stats.turns.fetch_add(1, Ordering::Relaxed);
+                stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
             }
-            Reply::Embed { job, index } => embeds[job].1[index] = Some(result),
+            // A failed send means the stream is gone; an embed's conversation
+            // is done. Either way the conversation drops here.
+            match reply {
+                Reply::Turn(tx) => {
+                    let _ = tx.send((conversation, result));
+                }
+                Reply::Embed { job, index } => embeds[job].1[index] = Some(result),
+            }
         }
     }
     for (reply, slots) in embeds {

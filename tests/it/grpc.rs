@@ -459,7 +459,7 @@ async fn stream_limit_is_resource_exhausted() {
 /// Embed is stateless (each text equals a fresh conversation's first raw turn) and batches its texts
 /// into one call; ModelInfo describes the model.
 async fn embed_and_model_info() {
-    let server = TestServer::start(&["--max-context-tokens", "1024"]).await;
+    let server = TestServer::start(&["--max-context-tokens", "1024", "--max-batch-tokens", "64"]).await;
     let mut client = server.client().await;
     // Texts of 2–4 tokens (one batch, padded by at most 2 rows each), LAST_TOKEN:
     // the padded rows must not leak into any text's last row.
@@ -496,6 +496,33 @@ async fn embed_and_model_info() {
         "the texts share one call"
     );
     assert_eq!(after.turns_total - before.turns_total, 4);
+    // 40 texts of 14 bytes run in chunks of at most --max-batch-tokens (64)
+    // bytes, 4 texts each, which bounds the caches held at once: 10 calls.
+    let many: Vec<String> = (0..40).map(|i| format!("text number {i:02}")).collect();
+    let got = client
+        .embed(pb::EmbedRequest {
+            texts: many.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.embeddings.len(), 40);
+    for (text, e) in many.iter().zip(&got.embeddings) {
+        let want = model
+            .conversation(ConversationOptions::default())
+            .unwrap()
+            .turn(text, "")
+            .unwrap();
+        assert_close(text, &e.values, &want.embedding, F32);
+    }
+    let last = server.wait_stats("answered", |_| true).await;
+    assert_eq!(
+        last.model_calls_total - after.model_calls_total,
+        10,
+        "40 texts in chunks of 4"
+    );
+    assert_eq!(last.kv_cache_bytes, 0, "an Embed keeps no cache");
     let empty = client
         .embed(pb::EmbedRequest {
             texts: vec![String::new()],
