@@ -98,6 +98,11 @@ def mm(xs, fmt="{:.0f}"):
     return f"{fmt.format(median(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
 
 
+def st(s):
+    """A stats object from se-bench as "median (min–max)" in ms."""
+    return f"{s['median_ms']:.0f} ({s['min_ms']:.0f}–{s['max_ms']:.0f})"
+
+
 def gemm():
     code = r"""
 import json, time, numpy as np
@@ -350,12 +355,12 @@ def report(R, args):
         w("Tried: batching (kept), the tokenizer and gRPC overheads (measured below 1%). Profile: \"Where the time goes\" below.\n")
 
     w("\n## 1. The prototype's way vs one call\n")
-    w(f"{e['turn_tokens']} tokens, empty cache: one call {mm([p['one_call']['median_ms'], p['one_call']['min_ms'], p['one_call']['max_ms']])} ms; token by token {p['token_by_token']['median_ms']:.0f} ({p['token_by_token']['min_ms']:.0f}–{p['token_by_token']['max_ms']:.0f}) ms.")
+    w(f"{e['turn_tokens']} tokens, empty cache: one call {st(p['one_call'])} ms; token by token {st(p['token_by_token'])} ms.")
     t = e["turn45"]
-    w(f"A {e['turn_tokens']}-token turn with an empty context: {t['empty_context']['median_ms']:.0f} ({t['empty_context']['min_ms']:.0f}–{t['empty_context']['max_ms']:.0f}) ms; after {t['context']} tokens of context: {t['after_context']['median_ms']:.0f} ({t['after_context']['min_ms']:.0f}–{t['after_context']['max_ms']:.0f}) ms.")
+    w(f"A {e['turn_tokens']}-token turn with an empty context: {st(t['empty_context'])} ms; after {t['context']} tokens of context: {st(t['after_context'])} ms.")
     if "turn45_long_context" in e:
         lc = e["turn45_long_context"]
-        w(f"After {lc['context']} tokens of context: {lc['turn']['median_ms']:.0f} ({lc['turn']['min_ms']:.0f}–{lc['turn']['max_ms']:.0f}) ms.")
+        w(f"After {lc['context']} tokens of context: {st(lc['turn'])} ms.")
 
     w("\n## 2. Stateless vs stateful, turns 1…20\n")
     w("| turn | context after | stateful ms | stateless ms | ratio |")
@@ -390,7 +395,7 @@ def report(R, args):
         w("|---|---|---|---|")
         for label in ("turn45", "short"):
             x = b[label]
-            w(f"| {x['turn_tokens']} tokens × {b['conversations']} | {mm([x['one_by_one']['median_ms'], x['one_by_one']['min_ms'], x['one_by_one']['max_ms']])} | {mm([x['batched']['median_ms'], x['batched']['min_ms'], x['batched']['max_ms']])} | {x['one_by_one']['median_ms'] / x['batched']['median_ms']:.2f}× |")
+            w(f"| {x['turn_tokens']} tokens × {b['conversations']} | {st(x['one_by_one'])} | {st(x['batched'])} | {x['one_by_one']['median_ms'] / x['batched']['median_ms']:.2f}× |")
 
     w("\n## 4. Variants and the peer\n")
     w("Per-turn time over turns 1–10 of a conversation (in process), and the worst cosine of each turn's embedding to f32's.\n")

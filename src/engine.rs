@@ -76,7 +76,7 @@ pub struct EngineStats {
     pub turns: AtomicU64,
     /// Tokens prefilled by those turns.
     pub tokens: AtomicU64,
-    /// Jobs waiting in the queue or running.
+    /// Texts (turns and Embed texts) waiting in the queue or running.
     pub queued: AtomicUsize,
 }
 

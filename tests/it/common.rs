@@ -136,3 +136,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> (f
 pub fn tiny_private(file: &str) -> Arc<Model> {
     Model::open(tiny_dir().join(file), &ModelOptions::default()).expect("the tiny model loads")
 }
+
+/// The real f32 model, an instance of its own (see [`tiny_private`]), or
+/// `None` as [`model_file`] says.
+pub fn real_private() -> Option<Arc<Model>> {
+    let path = model_file(real_dir(), "model.onnx")?;
+    Some(Model::open(&path, &ModelOptions::default()).expect("the prepared model loads"))
+}

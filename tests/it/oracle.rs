@@ -725,9 +725,9 @@ fn batches_group_by_shape() {
 
 #[test]
 /// Batched turns meet the oracle on the real model in f32: four conversations
-/// with different histories, two batched rounds.
+/// with different histories, two batched rounds of one call each.
 fn real_f32_batched_oracle() {
-    let Some(model) = common::real() else { return };
+    let Some(model) = common::real_private() else { return };
     let mut scripts: Vec<Script> = (0..4).map(|_| Script::new(&model, opts(), F32)).collect();
     for (i, s) in scripts.iter_mut().enumerate() {
         for text in TEXTS.iter().take(i) {
@@ -735,9 +735,9 @@ fn real_f32_batched_oracle() {
         }
     }
     let round: Vec<(&str, &str)> = SIMILAR.iter().take(4).map(|t| (*t, "user")).collect();
-    batched_round(&model, &mut scripts, &round);
+    assert_eq!(batched_round(&model, &mut scripts, &round), 1, "one call for the round");
     let round: Vec<(&str, &str)> = SIMILAR.iter().skip(2).map(|t| (*t, "")).collect();
-    batched_round(&model, &mut scripts, &round);
+    assert_eq!(batched_round(&model, &mut scripts, &round), 1, "one call for the round");
     for (i, s) in scripts.iter().enumerate() {
         s.report(&format!("real f32 batched, conversation {i}"));
     }
