@@ -627,7 +627,8 @@ async fn reflection_v1_lists_the_services() {
 /// Turns of streams that queue up behind a running call share one model call,
 /// and each still meets the oracle. A long turn (8,000 tokens in 16-token
 /// chunks) keeps the engine busy while eight streams send a turn each; the
-/// test waits until all eight are queued, so the batch is certain.
+/// test waits until the long turn runs and all eight are queued behind it,
+/// so the batch is certain.
 async fn queued_turns_of_many_streams_share_a_call() {
     let server = TestServer::start(&["--prefill-chunk-tokens", "16"]).await;
     let mut client = server.client().await;
@@ -637,7 +638,17 @@ async fn queued_turns_of_many_streams_share_a_call() {
     let long_tokens = common::tiny().tokenizer().turn(&long_text, "").unwrap().ids.len();
     let (long_tx, mut long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
     long_tx.send(turn("long", &long_text, "")).await.unwrap();
-    server.wait_stats("the long turn queued", |s| s.queued_turns == 1).await;
+    // Wait until the engine has started the long turn, not only queued it:
+    // the worker takes every job already waiting when it starts a round, so a
+    // stream's turn sent before that would join the long turn's round and run
+    // right after it, apart from the rest (a model call counts as it starts;
+    // "hello" was the first).
+    let first_chunk = base.model_calls_total + 2;
+    server
+        .wait_stats("the long turn running", |s| {
+            s.queued_turns == 1 && s.model_calls_total >= first_chunk
+        })
+        .await;
 
     // Equal lengths, so that no padding rule splits the batch.
     let texts: Vec<String> = (0..8)
@@ -671,7 +682,7 @@ async fn queued_turns_of_many_streams_share_a_call() {
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
     let calls = after.model_calls_total - base.model_calls_total;
     println!("turns {} in {calls} calls", after.turns_total - base.turns_total);
-    // "hello" 1 call, the long turn ceil(n/64) calls, the eight turns one call.
+    // "hello" 1 call, the long turn ceil(n/16) calls, the eight turns one call.
     assert_eq!(calls, 1 + long_tokens.div_ceil(16) as u64 + 1);
     assert_eq!(after.turns_total - base.turns_total, 10);
 }
