@@ -58,7 +58,8 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Tokens per model call when prefilling long turns (bounds the attention
-    /// scratch memory of one call).
+    /// scratch memory of one call). Other streams' turns run between a long
+    /// turn's chunks, so this also bounds how long they wait behind it.
     #[arg(long, env = "SE_PREFILL_CHUNK_TOKENS", default_value_t = 512)]
     pub prefill_chunk_tokens: usize,
 

@@ -253,6 +253,7 @@ impl Model {
 }
 
 /// Pools a turn's text rows as they stream out of the prefill calls.
+#[derive(Debug)]
 struct Pooler {
     sum: Vec<f64>,
     rows: usize,
@@ -316,6 +317,39 @@ struct TurnPlan {
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
     evicted: usize,
+}
+
+/// A turn too long for one call, part-way through its prefill on the
+/// conversation that planned it: [`Conversation::advance`] runs its next chunk.
+#[derive(Debug)]
+pub(crate) struct PendingTurn {
+    plan: TurnPlan,
+    pooler: Pooler,
+    /// The cache after the chunks run so far (none yet: the conversation's,
+    /// or an empty one for a rebuild).
+    cache: Option<KvCache>,
+    /// Tokens of `plan.sequence` prefilled so far.
+    done: usize,
+}
+
+impl PendingTurn {
+    fn new(plan: TurnPlan, width: usize) -> Self {
+        Self {
+            plan,
+            pooler: Pooler::new(width),
+            cache: None,
+            done: 0,
+        }
+    }
+}
+
+/// What a step of [`Conversation::advance`] leaves.
+#[derive(Debug)]
+pub(crate) enum Advance {
+    /// The turn is done and adopted.
+    Done(TurnOutput),
+    /// More chunks to run.
+    More(PendingTurn),
 }
 
 impl Conversation {
@@ -413,22 +447,49 @@ impl Conversation {
 
     /// Runs a plan on its own, in `prefill_chunk_tokens` calls.
     fn run_alone(&mut self, plan: TurnPlan) -> Result<TurnOutput, TurnError> {
-        let fresh = self.model.empty_cache();
-        let base = if plan.rebuild { &fresh } else { &self.cache };
-        let mut pooler = Pooler::new(self.model.spec().hidden_size);
-        let chunk = self.options.prefill_chunk_tokens.max(1);
-        let span = &plan.span;
-        let mut cache: Option<KvCache> = None;
-        for start in (0..plan.sequence.len()).step_by(chunk) {
-            let end = (start + chunk).min(plan.sequence.len());
-            let keep = span.start.max(start).min(end) - start..span.end.max(start).min(end) - start;
-            let past = cache.as_ref().unwrap_or(base);
-            let (hidden, next) = self.model.forward(&plan.sequence[start..end], past, keep)?;
-            pooler.add_all(&hidden);
-            cache = Some(next);
+        let mut pending = PendingTurn::new(plan, self.model.spec().hidden_size);
+        loop {
+            match self.advance(pending)? {
+                Advance::Done(output) => return Ok(output),
+                Advance::More(rest) => pending = rest,
+            }
         }
+    }
+
+    /// Runs the next `prefill_chunk_tokens` of a turn planned on this
+    /// conversation (see [`start_turns`]). After the last chunk the
+    /// conversation takes the turn's state and the output comes back; until
+    /// then, and after an error, the conversation is exactly as before the
+    /// turn, and dropping the pending turn abandons it.
+    pub(crate) fn advance(&mut self, mut pending: PendingTurn) -> Result<Advance, TurnError> {
+        let chunk = self.options.prefill_chunk_tokens.max(1);
+        let (start, len) = (pending.done, pending.plan.sequence.len());
+        let end = (start + chunk).min(len);
+        let span = &pending.plan.span;
+        let keep = span.start.max(start).min(end) - start..span.end.max(start).min(end) - start;
+        let (hidden, next) = {
+            let fresh;
+            let past = match &pending.cache {
+                Some(cache) => cache,
+                None if pending.plan.rebuild => {
+                    fresh = self.model.empty_cache();
+                    &fresh
+                }
+                None => &self.cache,
+            };
+            self.model.forward(&pending.plan.sequence[start..end], past, keep)?
+        };
+        pending.pooler.add_all(&hidden);
+        pending.cache = Some(next);
+        pending.done = end;
+        if end < len {
+            return Ok(Advance::More(pending));
+        }
+        let PendingTurn {
+            plan, pooler, cache, ..
+        } = pending;
         let cache = cache.expect("a turn has at least one token, so at least one call ran");
-        Ok(self.adopt(plan, pooler, cache))
+        Ok(Advance::Done(self.adopt(plan, pooler, cache)))
     }
 
     /// Success: takes the new state and builds the output.
@@ -590,7 +651,37 @@ impl Group {
 /// up to float rounding. A turn alone in its group, a turn needing several
 /// calls, and every turn of a group whose call failed run on their own.
 pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Result<TurnOutput, TurnError>> {
-    let mut results: Vec<Option<Result<TurnOutput, TurnError>>> = requests.iter().map(|_| None).collect();
+    let started = start_turns(requests, limits);
+    requests
+        .iter_mut()
+        .zip(started)
+        .map(|(r, started)| match started {
+            Started::Done(result) => result,
+            Started::Pending(mut pending) => loop {
+                match r.conversation.advance(pending) {
+                    Ok(Advance::Done(output)) => break Ok(output),
+                    Ok(Advance::More(rest)) => pending = rest,
+                    Err(e) => break Err(e),
+                }
+            },
+        })
+        .collect()
+}
+
+/// Where [`start_turns`] leaves a turn.
+#[derive(Debug)]
+pub(crate) enum Started {
+    /// It ran (alone or in a shared call), or could not.
+    Done(Result<TurnOutput, TurnError>),
+    /// It needs several calls: none has run yet; [`Conversation::advance`]
+    /// on its conversation runs them.
+    Pending(PendingTurn),
+}
+
+/// [`run_turns`] without the turns that need several calls: those come back
+/// pending, so that the engine can run their chunks between other work.
+pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Started> {
+    let mut results: Vec<Option<Started>> = requests.iter().map(|_| None).collect();
     let mut plans: Vec<Option<TurnPlan>> = Vec::with_capacity(requests.len());
     let mut candidates = Vec::new();
     let model = requests.first().map(|r| r.conversation.model.clone());
@@ -604,7 +695,7 @@ pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<R
                 plans.push(Some(plan));
             }
             Err(e) => {
-                results[i] = Some(Err(e));
+                results[i] = Some(Started::Done(Err(e)));
                 plans.push(None);
             }
         }
@@ -650,7 +741,8 @@ pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<R
                         let plan = plans[i].take().expect("grouped turns have plans");
                         let mut pooler = Pooler::new(hidden.width);
                         pooler.add_all(&hidden);
-                        results[i] = Some(Ok(requests[i].conversation.adopt(plan, pooler, cache)));
+                        let output = requests[i].conversation.adopt(plan, pooler, cache);
+                        results[i] = Some(Started::Done(Ok(output)));
                     }
                 }
                 Err(e) => {
@@ -660,10 +752,14 @@ pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<R
         }
     }
 
-    // Everything not yet answered runs alone.
+    // Everything not yet answered runs alone, or waits for its calls.
     for (i, r) in requests.iter_mut().enumerate() {
         if let Some(plan) = plans[i].take() {
-            results[i] = Some(r.conversation.run_alone(plan));
+            results[i] = Some(if r.conversation.single_call(&plan) {
+                Started::Done(r.conversation.run_alone(plan))
+            } else {
+                Started::Pending(PendingTurn::new(plan, r.conversation.model.spec().hidden_size))
+            });
         }
     }
     results

@@ -10,28 +10,43 @@
 //! or its client vanished), the job is skipped and dropping it frees the
 //! conversation's cache at once.
 //!
-//! # Batching
-//! When the worker frees up it takes every job waiting (up to
-//! [`BatchLimits::max_turns`]) and runs them through [`run_turns`], which
-//! shares one model call between turns of different streams that fit
-//! together. Nothing waits to fill a batch: a lone turn runs at once, and
-//! batches form only when turns queue up behind a running call, which is
-//! when sharing the weight reads pays. The texts of one `Embed` are one job
-//! and run in chunks of at most `max_turns` texts and `max_padded_tokens`
-//! bytes, so a request of many texts holds only one chunk's caches at once.
+//! # Rounds: batching and long turns
+//! The worker works in rounds. A round takes every job waiting (up to
+//! [`BatchLimits::max_turns`]; when idle it blocks for the first) and runs
+//! their turns through the batching of `run_turns`, which shares one model
+//! call between turns of different streams that fit together. Nothing waits
+//! to fill a batch: a lone turn runs at once, and batches form only when
+//! turns queue up behind a running call, which is when sharing the weight
+//! reads pays. The texts of one `Embed` are one job and run in chunks of at
+//! most `max_turns` texts and `max_padded_tokens` bytes, so a request of many
+//! texts holds only one chunk's caches at once.
+//!
+//! A turn longer than `prefill_chunk_tokens` (so several calls) does not hold
+//! the engine for all of them: it joins a queue of long turns, and each round
+//! ends with one chunk of the oldest. Short turns of other streams are thus
+//! answered within about one chunk's time however long the prefill in
+//! progress, and only the oldest long turn holds a part-built cache. A long
+//! turn whose stream has gone is dropped before its next chunk, which frees
+//! its cache then rather than after the whole prefill.
 //!
 //! Dropping the last [`Engine`] handle closes the queue; the worker finishes
-//! the job in hand and exits, and `Drop` joins it.
+//! the work in hand and exits, and `Drop` joins it.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    conversation::{BatchLimits, Conversation, ConversationOptions, TurnError, TurnOutput, TurnRequest, run_turns},
+    conversation::{
+        Advance, BatchLimits, Conversation, ConversationOptions, PendingTurn, Started, TurnError, TurnOutput,
+        TurnRequest, start_turns,
+    },
     model::Model,
 };
 
@@ -192,131 +207,268 @@ impl Drop for Engine {
 /// Where a turn's answer goes: a stream's reply, or slot `index` of embed job `job`.
 enum Reply {
     Turn(oneshot::Sender<TurnReply>),
-    Embed { job: usize, index: usize },
+    Embed { job: u64, index: usize },
 }
 
-/// An embed job being answered: its reply and a slot per text.
-type EmbedJob = (
-    oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
-    Vec<Option<Result<TurnOutput, TurnError>>>,
-);
+/// An embed job being answered: its reply, a slot per text, and how many
+/// slots are still empty.
+struct EmbedJob {
+    reply: oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
+    slots: Vec<Option<Result<TurnOutput, TurnError>>>,
+    open: usize,
+}
+
+/// A turn that needs several calls, waiting for its next chunk.
+struct LongTurn {
+    conversation: Conversation,
+    pending: PendingTurn,
+    reply: Reply,
+    span: tracing::Span,
+}
+
+/// The worker thread's state.
+struct Worker {
+    model: Arc<Model>,
+    stats: Arc<EngineStats>,
+    limits: BatchLimits,
+    /// Long turns in arrival order; the first one advances a chunk per round.
+    long: VecDeque<LongTurn>,
+    /// Embed jobs with texts still to answer, by id.
+    embeds: HashMap<u64, EmbedJob>,
+    next_embed: u64,
+}
 
 fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>, limits: BatchLimits) {
+    let mut worker = Worker {
+        model,
+        stats,
+        limits,
+        long: VecDeque::new(),
+        embeds: HashMap::new(),
+        next_embed: 0,
+    };
     let max_jobs = limits.max_turns.max(1);
-    while let Some(first) = jobs_rx.blocking_recv() {
-        let mut jobs = vec![first];
+    loop {
+        // A round: every job waiting (blocking for one only when idle), then
+        // one chunk of the oldest long turn.
+        let mut jobs = Vec::new();
+        if worker.long.is_empty() {
+            match jobs_rx.blocking_recv() {
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
         while jobs.len() < max_jobs {
             match jobs_rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let taken = jobs.iter().map(Job::texts).sum();
-        run_jobs(&model, jobs, &stats, limits);
-        stats.queued.fetch_sub(taken, Ordering::Relaxed);
+        worker.run_jobs(jobs);
+        worker.advance_long();
     }
     tracing::debug!("engine queue closed; worker exits");
 }
 
-fn run_jobs(model: &Arc<Model>, jobs: Vec<Job>, stats: &EngineStats, limits: BatchLimits) {
-    // (conversation, text, role, reply, span) of every turn still wanted.
-    let mut work = Vec::with_capacity(jobs.len());
-    let mut embeds: Vec<EmbedJob> = Vec::new();
-    for job in jobs {
-        match job {
-            Job::Turn {
-                conversation,
-                text,
-                role,
-                reply,
-                span,
-            } => {
-                if reply.is_closed() {
-                    let _enter = span.enter();
-                    tracing::debug!("turn abandoned before it ran; freeing its conversation");
-                } else {
-                    work.push((conversation, text, role, Reply::Turn(reply), span));
-                }
-            }
-            Job::Embed {
-                texts,
-                options,
-                reply,
-                span,
-            } => {
-                if reply.is_closed() {
-                    continue;
-                }
-                let job = embeds.len();
-                let mut slots = Vec::with_capacity(texts.len());
-                for (index, text) in texts.into_iter().enumerate() {
-                    match model.conversation(options.clone()) {
-                        Ok(conversation) => {
-                            slots.push(None);
-                            work.push((
-                                conversation,
-                                text,
-                                String::new(),
-                                Reply::Embed { job, index },
-                                span.clone(),
-                            ));
-                        }
-                        Err(e) => slots.push(Some(Err(e.into()))),
+impl Worker {
+    fn run_jobs(&mut self, jobs: Vec<Job>) {
+        // (conversation, text, role, reply, span) of every turn still wanted.
+        let mut work = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match job {
+                Job::Turn {
+                    conversation,
+                    text,
+                    role,
+                    reply,
+                    span,
+                } => {
+                    if reply.is_closed() {
+                        let _enter = span.enter();
+                        tracing::debug!("turn abandoned before it ran; freeing its conversation");
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    } else {
+                        work.push((conversation, text, role, Reply::Turn(reply), span));
                     }
                 }
-                embeds.push((reply, slots));
+                Job::Embed {
+                    texts,
+                    options,
+                    reply,
+                    span,
+                } => {
+                    if reply.is_closed() {
+                        self.stats.queued.fetch_sub(texts.len(), Ordering::Relaxed);
+                        continue;
+                    }
+                    let job = self.next_embed;
+                    self.next_embed += 1;
+                    let mut embed = EmbedJob {
+                        reply,
+                        slots: Vec::with_capacity(texts.len()),
+                        open: 0,
+                    };
+                    for (index, text) in texts.into_iter().enumerate() {
+                        match self.model.conversation(options.clone()) {
+                            Ok(conversation) => {
+                                embed.slots.push(None);
+                                embed.open += 1;
+                                work.push((
+                                    conversation,
+                                    text,
+                                    String::new(),
+                                    Reply::Embed { job, index },
+                                    span.clone(),
+                                ));
+                            }
+                            Err(e) => {
+                                embed.slots.push(Some(Err(e.into())));
+                                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    self.embeds.insert(job, embed);
+                    self.finish_embed(job);
+                }
+            }
+        }
+
+        // In chunks of at most `max_turns` turns and (beyond the first) of
+        // `max_padded_tokens` bytes of text, which bounds their tokens: an
+        // Embed of many texts never holds more than one chunk's caches at once.
+        while !work.is_empty() {
+            let (mut end, mut bytes) = (0, 0);
+            while end < work.len()
+                && end < self.limits.max_turns.max(1)
+                && (end == 0 || bytes + work[end].1.len() <= self.limits.max_padded_tokens)
+            {
+                bytes += work[end].1.len();
+                end += 1;
+            }
+            let mut chunk: Vec<_> = work.drain(..end).collect();
+            let started = {
+                let mut requests: Vec<TurnRequest<'_>> = chunk
+                    .iter_mut()
+                    .map(|(conversation, text, role, _, _)| TurnRequest {
+                        conversation,
+                        text,
+                        role,
+                    })
+                    .collect();
+                start_turns(&mut requests, self.limits)
+            };
+            if chunk.len() > 1 {
+                tracing::debug!(turns = chunk.len(), "ran a batch of turns");
+            }
+            for ((conversation, _, _, reply, span), started) in chunk.into_iter().zip(started) {
+                match started {
+                    Started::Done(result) => self.answer(conversation, reply, &span, result),
+                    Started::Pending(pending) => self.long.push_back(LongTurn {
+                        conversation,
+                        pending,
+                        reply,
+                        span,
+                    }),
+                }
             }
         }
     }
 
-    // In chunks of at most `max_turns` turns and (beyond the first) of
-    // `max_padded_tokens` bytes of text, which bounds their tokens: an Embed of
-    // many texts never holds more than one chunk's caches at once.
-    while !work.is_empty() {
-        let (mut end, mut bytes) = (0, 0);
-        while end < work.len()
-            && end < limits.max_turns.max(1)
-            && (end == 0 || bytes + work[end].1.len() <= limits.max_padded_tokens)
-        {
-            bytes += work[end].1.len();
-            end += 1;
-        }
-        let mut chunk: Vec<_> = work.drain(..end).collect();
-        let results = {
-            let mut requests: Vec<TurnRequest<'_>> = chunk
-                .iter_mut()
-                .map(|(conversation, text, role, _, _)| TurnRequest {
-                    conversation,
-                    text,
-                    role,
-                })
-                .collect();
-            run_turns(&mut requests, limits)
-        };
-        if chunk.len() > 1 {
-            tracing::debug!(turns = chunk.len(), "ran a batch of turns");
-        }
-        for ((conversation, _, _, reply, span), result) in chunk.into_iter().zip(results) {
-            let _enter = span.enter();
-            if let Ok(out) = &result {
-                stats.turns.fetch_add(1, Ordering::Relaxed);
-                stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+    /// Runs the next chunk of the oldest long turn still wanted.
+    fn advance_long(&mut self) {
+        while let Some(long) = self.long.pop_front() {
+            let LongTurn {
+                mut conversation,
+                pending,
+                reply,
+                span,
+            } = long;
+            if !self.wanted(&reply) {
+                let _enter = span.enter();
+                tracing::debug!("long turn abandoned part-way; freeing its conversation");
+                self.abandon(reply);
+                continue;
             }
-            // A failed send means the stream is gone; an embed's conversation
-            // is done. Either way the conversation drops here.
-            match reply {
-                Reply::Turn(tx) => {
-                    let _ = tx.send((conversation, result));
-                }
-                Reply::Embed { job, index } => embeds[job].1[index] = Some(result),
+            let step = {
+                let _enter = span.enter();
+                conversation.advance(pending)
+            };
+            match step {
+                Ok(Advance::More(pending)) => self.long.push_front(LongTurn {
+                    conversation,
+                    pending,
+                    reply,
+                    span,
+                }),
+                Ok(Advance::Done(output)) => self.answer(conversation, reply, &span, Ok(output)),
+                Err(e) => self.answer(conversation, reply, &span, Err(e)),
+            }
+            return;
+        }
+    }
+
+    /// Whether someone still waits for the reply.
+    fn wanted(&self, reply: &Reply) -> bool {
+        match reply {
+            Reply::Turn(tx) => !tx.is_closed(),
+            Reply::Embed { job, .. } => self.embeds.get(job).is_some_and(|e| !e.reply.is_closed()),
+        }
+    }
+
+    /// Gives up a turn nobody waits for (its conversation is already dropped).
+    fn abandon(&mut self, reply: Reply) {
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        if let Reply::Embed { job, .. } = reply
+            && let Some(embed) = self.embeds.get_mut(&job)
+        {
+            embed.open -= 1;
+            if embed.open == 0 {
+                self.embeds.remove(&job);
             }
         }
     }
-    for (reply, slots) in embeds {
-        let results = slots
-            .into_iter()
-            .map(|r| r.expect("every text of an embed job has a result"))
-            .collect();
-        let _ = reply.send(results);
+
+    /// Delivers a turn's result.
+    fn answer(
+        &mut self,
+        conversation: Conversation,
+        reply: Reply,
+        span: &tracing::Span,
+        result: Result<TurnOutput, TurnError>,
+    ) {
+        let _enter = span.enter();
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(out) = &result {
+            self.stats.turns.fetch_add(1, Ordering::Relaxed);
+            self.stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+        }
+        // A failed send means the stream is gone; an embed's conversation is
+        // done. Either way the conversation drops here.
+        match reply {
+            Reply::Turn(tx) => {
+                let _ = tx.send((conversation, result));
+            }
+            Reply::Embed { job, index } => {
+                if let Some(embed) = self.embeds.get_mut(&job) {
+                    embed.slots[index] = Some(result);
+                    embed.open -= 1;
+                }
+                self.finish_embed(job);
+            }
+        }
+    }
+
+    /// Sends an embed job's reply once every text has its result.
+    fn finish_embed(&mut self, job: u64) {
+        if self.embeds.get(&job).is_some_and(|e| e.open == 0)
+            && let Some(embed) = self.embeds.remove(&job)
+        {
+            let results = embed
+                .slots
+                .into_iter()
+                .map(|r| r.expect("every text of an embed job has a result"))
+                .collect();
+            let _ = embed.reply.send(results);
+        }
     }
 }

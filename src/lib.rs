@@ -16,7 +16,8 @@
 //!   [`conversation::run_turns`], which batches turns of several conversations.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
 //!   of turns, each carrying its conversation and a oneshot reply; turns that
-//!   queued up together run as one batch.
+//!   queued up together run as one batch, and long turns run a chunk per
+//!   round so they never hold up the others.
 //! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
 //!   conversions, one task per `Converse` stream; [`server`] adds health and
 //!   reflection and runs the lifecycle (load, warm up, serve, drain);

@@ -623,35 +623,19 @@ async fn reflection_v1_lists_the_services() {
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
 
-#[tokio::test]
-/// Turns of streams that queue up behind a running call share one model call,
-/// and each still meets the oracle. A long turn (8,000 tokens in 16-token
-/// chunks) keeps the engine busy while eight streams send a turn each; the
-/// test waits until the long turn runs and all eight are queued behind it,
-/// so the batch is certain.
-async fn queued_turns_of_many_streams_share_a_call() {
-    let server = TestServer::start(&["--prefill-chunk-tokens", "16"]).await;
-    let mut client = server.client().await;
-    let base = server.wait_stats("start", |_| true).await;
-
-    let long_text = "alpha beta gamma delta ".repeat(2000);
-    let long_tokens = common::tiny().tokenizer().turn(&long_text, "").unwrap().ids.len();
-    let (long_tx, mut long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
-    long_tx.send(turn("long", &long_text, "")).await.unwrap();
-    // Wait until the engine has started the long turn, not only queued it:
-    // the worker takes every job already waiting when it starts a round, so a
-    // stream's turn sent before that would join the long turn's round and run
-    // right after it, apart from the rest (a model call counts as it starts;
-    // "hello" was the first).
-    let first_chunk = base.model_calls_total + 2;
-    server
-        .wait_stats("the long turn running", |s| {
-            s.queued_turns == 1 && s.model_calls_total >= first_chunk
-        })
-        .await;
-
-    // Equal lengths, so that no padding rule splits the batch.
-    let texts: Vec<String> = (0..8)
+/// Opens `n` streams and sends each one equal-length turn (so that no padding
+/// rule splits a batch); returns the streams and the texts.
+async fn send_short_turns(
+    client: &mut EmbedderClient<Channel>,
+    n: usize,
+) -> (
+    Vec<(
+        tokio::sync::mpsc::Sender<ConverseRequest>,
+        tonic::Streaming<ConverseResponse>,
+    )>,
+    Vec<String>,
+) {
+    let texts: Vec<String> = (0..n)
         .map(|i| format!("stream {i}: what does this function return?"))
         .collect();
     let mut streams = Vec::new();
@@ -665,24 +649,155 @@ async fn queued_turns_of_many_streams_share_a_call() {
             .into_inner();
         streams.push((tx, stream));
     }
-    let queued = server
-        .wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9)
-        .await;
-    println!("queued while the long turn ran: {queued:?}");
+    (streams, texts)
+}
 
-    let long = long_rx.next().await.unwrap().unwrap();
-    assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
+/// Checks each stream's answer against the oracle (first turns of fresh
+/// conversations); returns the context tokens they now hold.
+async fn check_short_turns(
+    streams: &mut [(
+        tokio::sync::mpsc::Sender<ConverseRequest>,
+        tonic::Streaming<ConverseResponse>,
+    )],
+    texts: &[String],
+) -> u64 {
     let model = common::tiny();
-    for ((_, stream), text) in streams.iter_mut().zip(&texts) {
+    let mut context = 0;
+    for ((_, stream), text) in streams.iter_mut().zip(texts) {
         let r = stream.next().await.unwrap().unwrap();
         let tt = model.tokenizer().turn(text, "user").unwrap();
         let want = oracle(&model, &tt.ids, tt.text.clone(), &ConversationOptions::default());
         assert_close(&format!("stream {}", r.tag), &embedding(&r).values, &want, F32);
+        context += u64::from(embedding(&r).context_tokens);
     }
+    context
+}
+
+#[tokio::test]
+/// Turns of streams that queue up behind a running call share one model call,
+/// and each still meets the oracle. A long turn (about 4,000 tokens in one
+/// call, over a second on the tiny model) keeps the engine busy while eight
+/// streams send a turn each; the test waits until the long call runs and all
+/// eight are queued behind it, so the batch is certain.
+async fn queued_turns_of_many_streams_share_a_call() {
+    let server = TestServer::start(&["--prefill-chunk-tokens", "8192"]).await;
+    let mut client = server.client().await;
+    let base = server.wait_stats("start", |_| true).await;
+
+    let long_text = "alpha beta gamma delta ".repeat(1000);
+    let long_tokens = common::tiny().tokenizer().turn(&long_text, "").unwrap().ids.len();
+    let (long_tx, mut long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
+    long_tx.send(turn("long", &long_text, "")).await.unwrap();
+    // Wait until the long call has started, not only until the turn is
+    // queued: a round takes every job already waiting, so a turn sent before
+    // the long one is taken would share its round but not the batch (a model
+    // call counts as it starts; "hello" was the first).
+    let long_call = base.model_calls_total + 2;
+    server
+        .wait_stats("the long call running", |s| s.model_calls_total >= long_call)
+        .await;
+    let (mut streams, texts) = send_short_turns(&mut client, 8).await;
+    let queued = server
+        .wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9)
+        .await;
+    assert_eq!(
+        queued.model_calls_total, long_call,
+        "the long call was still running: {queued:?}"
+    );
+
+    let long = long_rx.next().await.unwrap().unwrap();
+    assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
+    check_short_turns(&mut streams, &texts).await;
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
-    let calls = after.model_calls_total - base.model_calls_total;
-    println!("turns {} in {calls} calls", after.turns_total - base.turns_total);
-    // "hello" 1 call, the long turn ceil(n/16) calls, the eight turns one call.
-    assert_eq!(calls, 1 + long_tokens.div_ceil(16) as u64 + 1);
+    // "hello", the long turn, and the eight turns in one call.
+    assert_eq!(after.model_calls_total - base.model_calls_total, 3, "{after:?}");
     assert_eq!(after.turns_total - base.turns_total, 10);
+}
+
+#[tokio::test]
+/// A long prefill does not hold up other streams: a turn that needs many
+/// calls (8,000 tokens in 16-token chunks) runs one chunk per round, and
+/// turns sent meanwhile are answered, exact, between its chunks. When its
+/// stream goes away part-way, the rest of its prefill is dropped and its
+/// part-built cache freed.
+async fn short_turns_are_answered_while_a_long_turn_prefills() {
+    let server = TestServer::start(&["--prefill-chunk-tokens", "16"]).await;
+    let mut client = server.client().await;
+    let base = server.wait_stats("start", |_| true).await;
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let long_text = "alpha beta gamma delta ".repeat(2000);
+    let chunks = common::tiny()
+        .tokenizer()
+        .turn(&long_text, "")
+        .unwrap()
+        .ids
+        .len()
+        .div_ceil(16) as u64;
+    let (long_tx, long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
+    long_tx.send(turn("long", &long_text, "")).await.unwrap();
+    server
+        .wait_stats("the long turn running", |s| {
+            s.model_calls_total >= base.model_calls_total + 2
+        })
+        .await;
+
+    let (mut streams, texts) = send_short_turns(&mut client, 8).await;
+    let context = check_short_turns(&mut streams, &texts).await;
+    let during = server.wait_stats("now", |_| true).await;
+    println!("after the eight answers: {during:?}");
+    let calls = during.model_calls_total - base.model_calls_total;
+    assert!(
+        calls < 1 + chunks,
+        "the long turn was still prefilling ({calls} of {chunks} calls)"
+    );
+    assert_eq!(during.queued_turns, 1, "only the long turn is left");
+
+    // The long turn's stream goes away part-way through its prefill.
+    drop((long_tx, long_rx));
+    let after = server
+        .wait_stats("the long turn dropped", |s| s.queued_turns == 0)
+        .await;
+    println!("after the long stream went: {after:?}");
+    let calls = after.model_calls_total - base.model_calls_total;
+    assert!(
+        calls < 1 + chunks,
+        "the rest of the long prefill was dropped ({calls} of {chunks} calls)"
+    );
+    // Only the eight streams' caches are left: the long turn's part-built
+    // cache and its conversation went with it.
+    assert_eq!(after.kv_cache_bytes, context * info.kv_bytes_per_token);
+    assert_eq!(after.turns_total - base.turns_total, 9);
+
+    // An Embed whose texts need one call and several: the reply waits for
+    // both, and each equals a fresh conversation's turn.
+    let texts = vec!["alpha beta gamma delta ".repeat(25), "a short text".to_string()];
+    let got = client
+        .embed(pb::EmbedRequest {
+            texts: texts.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let model = common::tiny();
+    let mut want_calls = 0;
+    for (text, e) in texts.iter().zip(&got.embeddings) {
+        let tokens = model.tokenizer().turn(text, "").unwrap().ids.len();
+        want_calls += tokens.div_ceil(16) as u64;
+        let want = model
+            .conversation(ConversationOptions::default())
+            .unwrap()
+            .turn(text, "")
+            .unwrap();
+        assert_close(&format!("{tokens} tokens"), &e.values, &want.embedding, F32);
+    }
+    assert!(want_calls > 2, "one text needs several calls");
+    let last = server.wait_stats("embedded", |_| true).await;
+    assert_eq!(last.model_calls_total - after.model_calls_total, want_calls);
+    assert_eq!(last.kv_cache_bytes, after.kv_cache_bytes, "an Embed keeps no cache");
 }
