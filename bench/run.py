@@ -232,6 +232,8 @@ def main():
         ])
         R["server_rss_before_churn"] = rss_before
         R["server_rss_after_churn"] = ours.rss()
+        # Beyond the targets: a short turn while another stream's long turn prefills.
+        R["mixed"] = run_json([load, "mixed", "--addr", f"http://{ours.addr}", "--reps", 3, "--text", SHORT_TURN])
     finally:
         ours.stop()
         python.stop()
@@ -397,6 +399,20 @@ def report(R, args):
             x = b[label]
             w(f"| {x['turn_tokens']} tokens × {b['conversations']} | {st(x['one_by_one'])} | {st(x['batched'])} | {x['one_by_one']['median_ms'] / x['batched']['median_ms']:.2f}× |")
 
+    if R.get("mixed"):
+        x = R["mixed"]
+        w(f"\n## Long turns and the other streams (beyond the targets)\n")
+        w(f"`se-bench mixed`: a short turn (\"{SHORT_TURN}\") on a fresh stream, alone, and sent {x['delay_ms']} ms after another")
+        w(f"stream sent a {x['long_tokens']:,}-token turn (prefilled in 512-token chunks, one per engine round); {len(x['long_ms'])} repetitions.\n")
+        w("| | ms |")
+        w("|---|---|")
+        w(f"| short turn alone | {mm(x['short_alone_ms'])} |")
+        w(f"| short turn while the long turn prefills | {mm(x['short_behind_long_ms'])} |")
+        w(f"| the long turn | {mm(x['long_ms'])} |")
+        w("\nBefore commit ee334c2 the engine ran a long turn's chunks back to back, and the short turn waited for all of them:")
+        w("the same command against a build of the commit before (5d3e235), run by hand on 2026-11-27 at 20:07 UTC, gave")
+        w("46,819 (45,857–48,368) ms for the short turn behind the long one, and 47,758 (46,793–49,292) ms for the long turn.")
+
     w("\n## 4. Variants and the peer\n")
     w("Per-turn time over turns 1–10 of a conversation (in process), and the worst cosine of each turn's embedding to f32's.\n")
     w("| contender | per turn ms | min cosine MEAN | min cosine LAST_TOKEN | load ms | RSS after load MB |")
@@ -429,6 +445,8 @@ def report(R, args):
     if bt:
         t45, sh = bt["turn45"], bt["short"]
         w(f"| batching queued turns of different streams into one padded call | kept (`--max-batch-turns`, default 16) | in process, 8 × 45-token turns {t45['one_by_one']['median_ms'] / t45['batched']['median_ms']:.2f}× faster, 8 × {sh['turn_tokens']}-token turns {sh['one_by_one']['median_ms'] / sh['batched']['median_ms']:.2f}× (section 3 and 5); embeddings equal one by one's within 3e-7 (oracle tests) |")
+    if R.get("mixed"):
+        w(f"| long turns take one chunk per engine round, between the other streams' turns | kept | a short turn sent during a {R['mixed']['long_tokens']:,}-token prefill is answered in {median(R['mixed']['short_behind_long_ms']):,.0f} ms instead of ~46,800 ms (section \"Long turns\"); the long turn's own time is unchanged within noise |")
     w("\nWhere the time goes (ONNX Runtime profiling by hand, f32, one 45-token call, tool version 4 graph): on an empty context MatMul")
     w("90.9% of kernel time, Split 2.0% (outputs of the fused QKV and gate/up MatMuls), Add 1.5%, Mul 1.3%, the attention ops")
     w("under 2%; after 4,000 tokens of context MatMul 67%, the scores MatMul (FusedMatMul) 14%, the mask Add 7%, Softmax 5%.")

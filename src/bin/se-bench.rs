@@ -9,6 +9,8 @@
 //! * `se-bench load` — a gRPC load generator: N concurrent streams × M turns,
 //!   reporting tokens/s, p50/p90/p99 turn latency and (from our server's
 //!   GetStats) how many model calls served the turns.
+//! * `se-bench mixed` — a short turn's latency on a fresh stream, alone and
+//!   sent while another stream's long turn (about 7,500 tokens) prefills.
 //!
 //! Both print one JSON object on stdout.
 
@@ -41,6 +43,9 @@ enum Cmd {
     Engine(EngineArgs),
     /// gRPC load generator.
     Load(LoadArgs),
+    /// A short turn's latency over gRPC, alone and while another stream's long
+    /// turn prefills.
+    Mixed(MixedArgs),
 }
 
 #[derive(Args)]
@@ -82,6 +87,25 @@ struct LoadArgs {
     /// Send this text every turn instead of bench/turns.txt's lines.
     #[arg(long)]
     text: Option<String>,
+}
+
+#[derive(Args)]
+struct MixedArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The long turn: bench/turns.txt's lines (40–45 tokens each), this many in all.
+    #[arg(long, default_value_t = 170)]
+    long_lines: usize,
+    /// The short turn's text.
+    #[arg(long, default_value = "Yes, and add unit tests too.")]
+    text: String,
+    /// How long after the long turn the short one is sent, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    delay_ms: u64,
+    /// Repetitions.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 /// Turn texts of about 40–45 tokens each (the prototype's turn size), one per
@@ -479,6 +503,48 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Opens a stream, sends one turn, and returns its latency and tokens.
+async fn one_turn(addr: String, text: String) -> anyhow::Result<(Duration, u32)> {
+    let mut client = EmbedderClient::connect(addr).await?;
+    let request = pb::ConverseRequest {
+        tag: String::new(),
+        action: Some(Action::Turn(pb::Turn {
+            text,
+            role: String::new(),
+        })),
+    };
+    let t = Instant::now();
+    let mut responses = client.converse(tokio_stream::iter(vec![request])).await?.into_inner();
+    let r = responses.next().await.context("the stream ended")??;
+    let elapsed = t.elapsed();
+    match r.result {
+        Some(Reply::Embedding(e)) => Ok((elapsed, e.turn_tokens)),
+        other => anyhow::bail!("unexpected response {other:?}"),
+    }
+}
+
+async fn mixed(args: &MixedArgs) -> anyhow::Result<serde_json::Value> {
+    let long_text = (0..args.long_lines).map(turn_text).collect::<Vec<_>>().join("\n");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (mut alone, mut behind, mut long, mut long_tokens) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for _ in 0..args.reps {
+        alone.push(ms(one_turn(args.addr.clone(), args.text.clone()).await?.0));
+        let background = tokio::spawn(one_turn(args.addr.clone(), long_text.clone()));
+        tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
+        behind.push(ms(one_turn(args.addr.clone(), args.text.clone()).await?.0));
+        let (elapsed, tokens) = background.await??;
+        long.push(ms(elapsed));
+        long_tokens = tokens;
+    }
+    Ok(json!({
+        "long_tokens": long_tokens,
+        "delay_ms": args.delay_ms,
+        "short_alone_ms": alone,
+        "short_behind_long_ms": behind,
+        "long_ms": long,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let out = match &cli.command {
@@ -487,6 +553,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(load(a))?,
+        Cmd::Mixed(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(mixed(a))?,
     };
     println!("{out}");
     Ok(())
