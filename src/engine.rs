@@ -286,6 +286,9 @@ impl Worker {
                     if reply.is_closed() {
                         let _enter = span.enter();
                         tracing::debug!("turn abandoned before it ran; freeing its conversation");
+                        // Freed before the count drops, so that a client that
+                        // sees the queue empty sees the cache gone too.
+                        drop(conversation);
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     } else {
                         work.push((conversation, text, role, Reply::Turn(reply), span));
@@ -386,6 +389,7 @@ impl Worker {
             if !self.wanted(&reply) {
                 let _enter = span.enter();
                 tracing::debug!("long turn abandoned part-way; freeing its conversation");
+                drop((conversation, pending));
                 self.abandon(reply);
                 continue;
             }
@@ -415,7 +419,7 @@ impl Worker {
         }
     }
 
-    /// Gives up a turn nobody waits for (its conversation is already dropped).
+    /// Gives up a turn nobody waits for (its conversation already dropped).
     fn abandon(&mut self, reply: Reply) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         if let Reply::Embed { job, .. } = reply
@@ -437,18 +441,21 @@ impl Worker {
         result: Result<TurnOutput, TurnError>,
     ) {
         let _enter = span.enter();
-        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         if let Ok(out) = &result {
             self.stats.turns.fetch_add(1, Ordering::Relaxed);
             self.stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
         }
-        // A failed send means the stream is gone; an embed's conversation is
-        // done. Either way the conversation drops here.
+        // Counters move before the answer goes, so that a client holding the
+        // answer sees them moved (and, for an Embed, its caches gone).
         match reply {
             Reply::Turn(tx) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                // A failed send means the stream is gone: the conversation drops with it.
                 let _ = tx.send((conversation, result));
             }
             Reply::Embed { job, index } => {
+                drop(conversation);
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 if let Some(embed) = self.embeds.get_mut(&job) {
                     embed.slots[index] = Some(result);
                     embed.open -= 1;
