@@ -447,7 +447,12 @@ impl Conversation {
 
     /// Runs a plan on its own, in `prefill_chunk_tokens` calls.
     fn run_alone(&mut self, plan: TurnPlan) -> Result<TurnOutput, TurnError> {
-        let mut pending = PendingTurn::new(plan, self.model.spec().hidden_size);
+        let pending = PendingTurn::new(plan, self.model.spec().hidden_size);
+        self.finish(pending)
+    }
+
+    /// Runs all the chunks left of a pending turn.
+    fn finish(&mut self, mut pending: PendingTurn) -> Result<TurnOutput, TurnError> {
         loop {
             match self.advance(pending)? {
                 Advance::Done(output) => return Ok(output),
@@ -657,13 +662,7 @@ pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<R
         .zip(started)
         .map(|(r, started)| match started {
             Started::Done(result) => result,
-            Started::Pending(mut pending) => loop {
-                match r.conversation.advance(pending) {
-                    Ok(Advance::Done(output)) => break Ok(output),
-                    Ok(Advance::More(rest)) => pending = rest,
-                    Err(e) => break Err(e),
-                }
-            },
+            Started::Pending(pending) => r.conversation.finish(pending),
         })
         .collect()
 }
