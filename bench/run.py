@@ -127,6 +127,24 @@ print(json.dumps({"turn_shapes": {"45x896x4864": gf(45, 896, 4864, 200), "45x486
     return run_json([PY, "-c", code], env=env)
 
 
+# The CPU flags ONNX Runtime's kernels depend on (and so every speed figure,
+# and the quantised variants' numbers): /proc/cpuinfo spelling.
+KERNEL_FLAGS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16", "avx512_fp16"]
+
+
+def cpu_features():
+    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+    return {f: f in flags for f in KERNEL_FLAGS}
+
+
+def features_text(features):
+    if not features:
+        return "CPU features not recorded by this run"
+    have = [f for f, on in features.items() if on]
+    lack = [f for f, on in features.items() if not on]
+    return f"CPU features {' '.join(have) or 'none'}" + (f" (no {', '.join(lack)})" if lack else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
@@ -159,6 +177,7 @@ def main():
     saved.setdefault("date", R["date"])
     R["machine"] = {
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
@@ -257,6 +276,9 @@ def report(R, args):
     w = L.append
     w("# Benchmarks\n")
     w(f"Measured {R['date']} on {m['cpu']}, {m['cores']} cores, ONNX Runtime {m['onnxruntime']} (PyPI wheel), commit {m['commit']}.")
+    w(f"{features_text(m.get('cpu_features'))}. ONNX Runtime picks its kernels by these, so every figure below, and")
+    w("above all the quantised variants' speed, holds for this kind of CPU only: without VNNI (e.g. an AVX2-only AMD EPYC")
+    w("Zen 3) q8 is slower than f32 (see the README's variant advice).")
     w("Rerun everything with `make bench` (about 20 minutes; needs `make serve`'s model and bench/requirements.txt, which `make bench` installs);")
     w("it rewrites this file and `bench/results.json`. Times are medians with (min–max); the machine is shared, so single")
     w("runs can be noisy by ±20%: the ratios within one run are what the targets are about.\n")

@@ -7,7 +7,8 @@
 //! is freed the moment the stream ends.
 //!
 //! # Layout
-//! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`).
+//! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`); [`cpu`] reads
+//!   the CPU features its kernels (and so each variant's speed) depend on.
 //! * [`tokenizer`] turns text (and ChatML roles) into token ids.
 //! * [`model`] owns the ONNX Runtime session, discovers the I/O contract and
 //!   runs one forward pass; [`model::KvCache`] is a conversation's cache.
@@ -49,6 +50,7 @@
 pub mod client;
 pub mod config;
 pub mod conversation;
+pub mod cpu;
 pub mod engine;
 pub mod model;
 pub mod runtime;

@@ -22,6 +22,7 @@ use tower::util::MapResponseLayer;
 use crate::{
     config::Config,
     conversation::ConversationOptions,
+    cpu::{self, CpuFeatures},
     engine::Engine,
     model::{Model, ModelOptions},
     pb::{self, embedder_server::EmbedderServer},
@@ -128,6 +129,7 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
     };
     let model = Model::open(&config.model, &options)
         .with_context(|| format!("loading the model {}", config.model.display()))?;
+    log_variant_advice(&model);
     let defaults = ConversationOptions {
         max_context_tokens: config.max_context_tokens,
         max_turn_tokens: config.max_turn_tokens,
@@ -149,6 +151,35 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
         config.queue_depth,
         config.batch_limits(),
     )))
+}
+
+/// Says which CPU features ONNX Runtime will pick kernels by, and which
+/// variant is the fastest faithful one here (advice only: the served file is
+/// the one asked for).
+fn log_variant_advice(model: &Model) {
+    let features = CpuFeatures::detect();
+    let advice = features.advice();
+    let served = model
+        .spec()
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    tracing::info!(
+        cpu = cpu::model_name().unwrap_or_else(|| "unknown".to_string()),
+        features = %features,
+        "CPU features (ONNX Runtime picks its kernels, and so each variant's speed, by these)"
+    );
+    if served != advice.file() {
+        tracing::info!(
+            served = %served,
+            fastest_faithful = advice.variant,
+            "on this CPU {} is the fastest variant within cosine 0.999 of f32 ({}); \
+             `make serve SERVE_VARIANT={}` serves it",
+            advice.file(),
+            advice.reason,
+            advice.variant
+        );
+    }
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
