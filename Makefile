@@ -48,7 +48,7 @@ tiny-model: setup
 # Every comparison of BENCHMARKS.md in one run (not part of `make test`).
 bench: setup $(VENV)/.bench-installed
 	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
 
 $(VENV)/.bench-installed: bench/requirements.txt
@@ -57,7 +57,7 @@ $(VENV)/.bench-installed: bench/requirements.txt
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
 clean-models:
 	rm -rf $(REAL) $(TINY)

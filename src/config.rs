@@ -91,8 +91,8 @@ pub struct Config {
 
 impl Config {
     /// How the engine batches turns.
-    pub fn batch_limits(&self) -> crate::conversation::BatchLimits {
-        crate::conversation::BatchLimits {
+    pub fn batch_limits(&self) -> crate::schedule::BatchLimits {
+        crate::schedule::BatchLimits {
             max_turns: self.max_batch_turns.max(1),
             max_padded_tokens: self.max_batch_tokens,
         }

@@ -12,12 +12,16 @@
 //! an empty cache over `concat(tokens(t1)…tokens(tk))` (after a slide: over the
 //! kept tokens followed by the turn), pooled over the same span: exactly for a
 //! turn run on its own ([`Conversation::turn`]), up to float rounding for one
-//! that shared a padded call with other conversations' turns ([`run_turns`]).
+//! that shared a padded call with other conversations' turns
+//! ([`crate::schedule::run_turns`]).
+//!
+//! Turns of several conversations are grouped into shared calls by
+//! [`crate::schedule`]; this module is one conversation's state machine.
 
 use std::sync::Arc;
 
 use crate::{
-    model::{BatchRow, Hidden, KvCache, Model, ModelError},
+    model::{Hidden, KvCache, Model, ModelError},
     tokenizer::{ROLES, TokenizerError},
 };
 
@@ -235,33 +239,16 @@ pub struct Conversation {
     peak_kv_bytes: u64,
 }
 
-impl Model {
-    /// A new, empty conversation.
-    ///
-    /// # Errors
-    /// [`OptionsError`] when the options do not suit this model.
-    pub fn conversation(self: &Arc<Self>, options: ConversationOptions) -> Result<Conversation, OptionsError> {
-        options.validate(self)?;
-        Ok(Conversation {
-            cache: self.empty_cache(),
-            model: self.clone(),
-            options,
-            tokens: Vec::new(),
-            peak_kv_bytes: 0,
-        })
-    }
-}
-
 /// Pools a turn's text rows as they stream out of the prefill calls.
 #[derive(Debug)]
-struct Pooler {
+pub(crate) struct Pooler {
     sum: Vec<f64>,
     rows: usize,
     last: Vec<f32>,
 }
 
 impl Pooler {
-    fn new(width: usize) -> Self {
+    pub(crate) fn new(width: usize) -> Self {
         Self {
             sum: vec![0.0; width],
             rows: 0,
@@ -278,7 +265,7 @@ impl Pooler {
         self.last.extend_from_slice(row);
     }
 
-    fn add_all(&mut self, hidden: &Hidden) {
+    pub(crate) fn add_all(&mut self, hidden: &Hidden) {
         for r in 0..hidden.rows() {
             self.add(hidden.row(r));
         }
@@ -306,13 +293,13 @@ pub fn finish_vector(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> 
 
 /// A checked, tokenised turn with its place in the context decided.
 #[derive(Debug)]
-struct TurnPlan {
+pub(crate) struct TurnPlan {
     /// Tokens to run: the turn, or after a slide/reset the kept tokens and the turn.
-    sequence: Vec<u32>,
+    pub(crate) sequence: Vec<u32>,
     /// `sequence` runs from an empty cache (slide or reset), not on top of the context.
-    rebuild: bool,
+    pub(crate) rebuild: bool,
     /// Rows of `sequence` that are pooled (the turn's text).
-    span: std::ops::Range<usize>,
+    pub(crate) span: std::ops::Range<usize>,
     /// The turn's tokens.
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
@@ -333,7 +320,7 @@ pub(crate) struct PendingTurn {
 }
 
 impl PendingTurn {
-    fn new(plan: TurnPlan, width: usize) -> Self {
+    pub(crate) fn new(plan: TurnPlan, width: usize) -> Self {
         Self {
             plan,
             pooler: Pooler::new(width),
@@ -353,6 +340,21 @@ pub(crate) enum Advance {
 }
 
 impl Conversation {
+    /// A new, empty conversation on `model`.
+    ///
+    /// # Errors
+    /// [`OptionsError`] when the options do not suit this model.
+    pub fn new(model: &Arc<Model>, options: ConversationOptions) -> Result<Conversation, OptionsError> {
+        options.validate(model)?;
+        Ok(Conversation {
+            cache: model.empty_cache(),
+            model: model.clone(),
+            options,
+            tokens: Vec::new(),
+            peak_kv_bytes: 0,
+        })
+    }
+
     /// Runs one turn: tokenises `text` (wrapped in ChatML when `role` is set),
     /// prefills it on top of the context and returns its embedding.
     ///
@@ -364,7 +366,7 @@ impl Conversation {
     }
 
     /// Checks and tokenises a turn and decides what runs on top of what.
-    fn plan(&self, text: &str, role: &str) -> Result<TurnPlan, TurnError> {
+    pub(crate) fn plan(&self, text: &str, role: &str) -> Result<TurnPlan, TurnError> {
         if !role.is_empty() && !ROLES.contains(&role) {
             return Err(TurnError::UnknownRole(role.to_string()));
         }
@@ -436,23 +438,23 @@ impl Conversation {
     }
 
     /// Whether the plan runs in a single model call (and so can share one).
-    fn single_call(&self, plan: &TurnPlan) -> bool {
+    pub(crate) fn single_call(&self, plan: &TurnPlan) -> bool {
         plan.sequence.len() <= self.options.prefill_chunk_tokens.max(1)
     }
 
     /// Tokens of cache the plan runs on top of.
-    fn base_len(&self, plan: &TurnPlan) -> usize {
+    pub(crate) fn base_len(&self, plan: &TurnPlan) -> usize {
         if plan.rebuild { 0 } else { self.cache.len() }
     }
 
     /// Runs a plan on its own, in `prefill_chunk_tokens` calls.
-    fn run_alone(&mut self, plan: TurnPlan) -> Result<TurnOutput, TurnError> {
+    pub(crate) fn run_alone(&mut self, plan: TurnPlan) -> Result<TurnOutput, TurnError> {
         let pending = PendingTurn::new(plan, self.model.spec().hidden_size);
         self.finish(pending)
     }
 
     /// Runs all the chunks left of a pending turn.
-    fn finish(&mut self, mut pending: PendingTurn) -> Result<TurnOutput, TurnError> {
+    pub(crate) fn finish(&mut self, mut pending: PendingTurn) -> Result<TurnOutput, TurnError> {
         loop {
             match self.advance(pending)? {
                 Advance::Done(output) => return Ok(output),
@@ -462,7 +464,7 @@ impl Conversation {
     }
 
     /// Runs the next `prefill_chunk_tokens` of a turn planned on this
-    /// conversation (see [`start_turns`]). After the last chunk the
+    /// conversation (see `schedule::start_turns`). After the last chunk the
     /// conversation takes the turn's state and the output comes back; until
     /// then, and after an error, the conversation is exactly as before the
     /// turn, and dropping the pending turn abandons it.
@@ -498,7 +500,7 @@ impl Conversation {
     }
 
     /// Success: takes the new state and builds the output.
-    fn adopt(&mut self, plan: TurnPlan, mut pooler: Pooler, cache: KvCache) -> TurnOutput {
+    pub(crate) fn adopt(&mut self, plan: TurnPlan, mut pooler: Pooler, cache: KvCache) -> TurnOutput {
         if plan.rebuild {
             self.tokens = plan.sequence;
         } else {
@@ -574,195 +576,9 @@ impl Conversation {
     pub fn model(&self) -> &Arc<Model> {
         &self.model
     }
-}
 
-/// How [`run_turns`] groups turns of different conversations into shared model calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLimits {
-    /// Most turns in one call; 1 turns batching off.
-    pub max_turns: usize,
-    /// Most padded token slots in one call (turns × (longest cache + longest
-    /// turn)): bounds the call's extra memory, about twice the slots' KV bytes
-    /// (the packed caches in, the batched `present.*` out): at the default,
-    /// 2 × 16,384 × 24 KiB = 768 MiB on the real model in f32.
-    pub max_padded_tokens: usize,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        Self {
-            max_turns: 16,
-            max_padded_tokens: 16_384,
-        }
+    /// The KV cache of the context.
+    pub(crate) fn cache(&self) -> &KvCache {
+        &self.cache
     }
-}
-
-/// Padding each turn beyond the first may bring into a group, when that is more
-/// than a quarter of the group's real tokens. A pad row costs a GEMM row (about
-/// 4 ms on the real model on 2 cores) and a call saved is worth about ten of
-/// them (the ~45 ms read of the weights); a pad cache slot costs copies and
-/// attention only, about a hundredth of a row.
-const PAD_NEW_PER_TURN: usize = 8;
-const PAD_PAST_PER_TURN: usize = 256;
-
-/// One turn for [`run_turns`].
-#[derive(Debug)]
-pub struct TurnRequest<'a> {
-    /// The conversation the turn extends.
-    pub conversation: &'a mut Conversation,
-    /// The turn's text.
-    pub text: &'a str,
-    /// Its ChatML role, or "" for raw text.
-    pub role: &'a str,
-}
-
-/// Turns that share one call: indices into the requests, with the padded shape.
-#[derive(Debug, Default)]
-struct Group {
-    members: Vec<usize>,
-    max_past: usize,
-    max_new: usize,
-    sum_past: usize,
-    sum_new: usize,
-}
-
-impl Group {
-    fn fits(&self, past: usize, new: usize, limits: BatchLimits) -> bool {
-        let rows = self.members.len() + 1;
-        let (p, n) = (self.max_past.max(past), self.max_new.max(new));
-        let (real_past, real_new) = (self.sum_past + past, self.sum_new + new);
-        rows <= limits.max_turns
-            && rows * (p + n) <= limits.max_padded_tokens
-            && rows * n - real_new <= (real_new / 4).max(PAD_NEW_PER_TURN * (rows - 1))
-            && rows * p - real_past <= (real_past / 4).max(PAD_PAST_PER_TURN * (rows - 1))
-    }
-
-    fn add(&mut self, index: usize, past: usize, new: usize) {
-        self.members.push(index);
-        self.max_past = self.max_past.max(past);
-        self.max_new = self.max_new.max(new);
-        self.sum_past += past;
-        self.sum_new += new;
-    }
-}
-
-/// Runs one turn on each conversation, each with the result and the
-/// all-or-nothing guarantee of [`Conversation::turn`].
-///
-/// Turns of conversations on the same model that each fit in one call are
-/// grouped by length and run together, padded, in one model call per
-/// group (see [`Model::forward_batch`]): short turns share the weight reads
-/// that dominate their cost. A group's embeddings equal the turn-by-turn ones
-/// up to float rounding. A turn alone in its group, a turn needing several
-/// calls, and every turn of a group whose call failed run on their own.
-pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Result<TurnOutput, TurnError>> {
-    let started = start_turns(requests, limits);
-    requests
-        .iter_mut()
-        .zip(started)
-        .map(|(r, started)| match started {
-            Started::Done(result) => result,
-            Started::Pending(pending) => r.conversation.finish(pending),
-        })
-        .collect()
-}
-
-/// Where [`start_turns`] leaves a turn.
-#[derive(Debug)]
-pub(crate) enum Started {
-    /// It ran (alone or in a shared call), or could not.
-    Done(Result<TurnOutput, TurnError>),
-    /// It needs several calls: none has run yet; [`Conversation::advance`]
-    /// on its conversation runs them.
-    Pending(PendingTurn),
-}
-
-/// [`run_turns`] without the turns that need several calls: those come back
-/// pending, so that the engine can run their chunks between other work.
-pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Started> {
-    let mut results: Vec<Option<Started>> = requests.iter().map(|_| None).collect();
-    let mut plans: Vec<Option<TurnPlan>> = Vec::with_capacity(requests.len());
-    let mut candidates = Vec::new();
-    let model = requests.first().map(|r| r.conversation.model.clone());
-    for (i, r) in requests.iter().enumerate() {
-        match r.conversation.plan(r.text, r.role) {
-            Ok(plan) => {
-                let shares_model = model.as_ref().is_some_and(|m| Arc::ptr_eq(m, &r.conversation.model));
-                if limits.max_turns > 1 && shares_model && r.conversation.single_call(&plan) {
-                    candidates.push((i, r.conversation.base_len(&plan), plan.sequence.len()));
-                }
-                plans.push(Some(plan));
-            }
-            Err(e) => {
-                results[i] = Some(Started::Done(Err(e)));
-                plans.push(None);
-            }
-        }
-    }
-
-    // Longest turns first, so that each group pads its turns little (a pad
-    // row costs as much as a real one; a pad cache slot far less).
-    candidates.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)));
-    let mut groups: Vec<Group> = Vec::new();
-    for (i, past, new) in candidates {
-        match groups.last_mut() {
-            Some(g) if g.fits(past, new, limits) => g.add(i, past, new),
-            _ => {
-                let mut g = Group::default();
-                g.add(i, past, new);
-                groups.push(g);
-            }
-        }
-    }
-
-    if let Some(model) = &model {
-        for group in groups.iter().filter(|g| g.members.len() > 1) {
-            let batched = {
-                let empty = model.empty_cache();
-                let rows: Vec<BatchRow<'_>> = group
-                    .members
-                    .iter()
-                    .map(|&i| {
-                        let plan = plans[i].as_ref().expect("grouped turns have plans");
-                        let conv = &*requests[i].conversation;
-                        BatchRow {
-                            ids: &plan.sequence,
-                            past: if plan.rebuild { &empty } else { &conv.cache },
-                            keep: plan.span.clone(),
-                        }
-                    })
-                    .collect();
-                model.forward_batch(&rows)
-            };
-            match batched {
-                Ok(outputs) => {
-                    for (&i, (hidden, cache)) in group.members.iter().zip(outputs) {
-                        let plan = plans[i].take().expect("grouped turns have plans");
-                        let mut pooler = Pooler::new(hidden.width);
-                        pooler.add_all(&hidden);
-                        let output = requests[i].conversation.adopt(plan, pooler, cache);
-                        results[i] = Some(Started::Done(Ok(output)));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, turns = group.members.len(), "a batched call failed; running its turns one by one")
-                }
-            }
-        }
-    }
-
-    // Everything not yet answered runs alone, or waits for its calls.
-    for (i, r) in requests.iter_mut().enumerate() {
-        if let Some(plan) = plans[i].take() {
-            results[i] = Some(if r.conversation.single_call(&plan) {
-                Started::Done(r.conversation.run_alone(plan))
-            } else {
-                Started::Pending(PendingTurn::new(plan, r.conversation.model.spec().hidden_size))
-            });
-        }
-    }
-    results
-        .into_iter()
-        .map(|r| r.expect("every turn has a result"))
-        .collect()
 }

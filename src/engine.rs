@@ -5,35 +5,28 @@
 //! Inference never runs on a Tokio worker. Streams send jobs over a
 //! bounded channel (a full queue makes `send` wait: backpressure) and await a
 //! oneshot reply. A turn's [`Conversation`] moves into the job and comes back
-//! with the result, so no cache is ever shared or locked. If the reply's
-//! receiver is gone when the worker picks a job up (the stream was cancelled
-//! or its client vanished), the job is skipped and dropping it frees the
-//! conversation's cache at once.
+//! with the result ([`TurnReply`]), so no cache is ever shared or locked. If
+//! the reply's receiver is gone when the worker gets to a job (the stream was
+//! cancelled or its client vanished), the job is skipped and dropping it
+//! frees the conversation's cache at once.
 //!
-//! # Rounds: batching and long turns
-//! The worker works in rounds. A round takes every job waiting (up to
-//! [`BatchLimits::max_turns`]; when idle it blocks for the first) and runs
-//! their turns through the batching of `run_turns`, which shares one model
-//! call between turns of different streams that fit together. Nothing waits
-//! to fill a batch: a lone turn runs at once, and batches form only when
-//! turns queue up behind a running call, which is when sharing the weight
-//! reads pays. The texts of one `Embed` are one job and run in chunks of at
-//! most `max_turns` texts and `max_padded_tokens` bytes, so a request of many
-//! texts holds only one chunk's caches at once.
+//! # Rounds
+//! The worker works in rounds: it takes every job waiting (up to
+//! [`BatchLimits::max_turns`]; when idle it blocks for the first) and hands
+//! them to the [`crate::schedule`]r, which batches turns of different streams
+//! into shared calls and runs one chunk of the oldest long turn per round.
+//! Nothing waits to fill a batch: a lone turn runs at once, and batches form
+//! only when turns queue up behind a running call, which is when sharing the
+//! weight reads pays. The texts of one `Embed` are one job.
 //!
-//! A turn longer than `prefill_chunk_tokens` (so several calls) does not hold
-//! the engine for all of them: it joins a queue of long turns, and each round
-//! ends with one chunk of the oldest. Short turns of other streams are thus
-//! answered within about one chunk's time however long the prefill in
-//! progress, and only the oldest long turn holds a part-built cache. A long
-//! turn whose stream has gone is dropped before its next chunk, which frees
-//! its cache then rather than after the whole prefill.
+//! The engine's own part is where answers go: a stream's oneshot, or a slot
+//! of an `Embed`'s reply, sent once every text has its result.
 //!
 //! Dropping the last [`Engine`] handle closes the queue; the worker finishes
 //! the work in hand and exits, and `Drop` joins it.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -43,20 +36,29 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    conversation::{
-        Advance, BatchLimits, Conversation, ConversationOptions, PendingTurn, Started, TurnError, TurnOutput,
-        TurnRequest, start_turns,
-    },
+    conversation::{Conversation, ConversationOptions, TurnError, TurnOutput},
     model::Model,
+    schedule::{BatchLimits, Replies, Scheduler, Work},
 };
 
-/// The engine stopped (only during shutdown).
+/// The engine's thread has exited while work was asked of it. It exits only
+/// when every handle is gone, so this means it died (a panic): the process
+/// cannot embed any more and must be restarted.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the inference engine has stopped")]
+#[error("the inference engine has stopped: its thread exited unexpectedly")]
 pub struct EngineStopped;
 
-/// A turn's reply: the conversation back, and what the turn gave.
-pub type TurnReply = (Conversation, Result<TurnOutput, TurnError>);
+/// What a turn job answers: the conversation back, and what the turn gave.
+#[derive(Debug)]
+pub struct TurnReply {
+    /// The conversation, after the turn (or exactly as before, on error).
+    pub conversation: Conversation,
+    /// The turn's output or why it failed.
+    pub result: Result<TurnOutput, TurnError>,
+}
+
+/// What an `Embed` job answers: one result per text, in order.
+pub type EmbedReply = Vec<Result<TurnOutput, TurnError>>;
 
 enum Job {
     Turn {
@@ -65,23 +67,15 @@ enum Job {
         role: String,
         reply: oneshot::Sender<TurnReply>,
         span: tracing::Span,
+        ticket: QueueTicket,
     },
     Embed {
         texts: Vec<String>,
         options: ConversationOptions,
-        reply: oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
+        reply: oneshot::Sender<EmbedReply>,
         span: tracing::Span,
+        tickets: Vec<QueueTicket>,
     },
-}
-
-impl Job {
-    /// Texts the job embeds (what `EngineStats::queued` counts).
-    fn texts(&self) -> usize {
-        match self {
-            Job::Turn { .. } => 1,
-            Job::Embed { texts, .. } => texts.len(),
-        }
-    }
 }
 
 /// Work counters, read by `GetStats`.
@@ -91,11 +85,36 @@ pub struct EngineStats {
     pub turns: AtomicU64,
     /// Tokens prefilled by those turns.
     pub tokens: AtomicU64,
-    /// Texts (turns and Embed texts) waiting in the queue or running.
-    pub queued: AtomicUsize,
+    /// Texts queued or running: one per live [`QueueTicket`].
+    queued: AtomicUsize,
 }
 
-/// A handle on the engine thread. Cheap to clone via `Arc`.
+impl EngineStats {
+    /// Texts (turns and `Embed` texts) waiting in the queue or running.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// `n` tickets, each counted in [`EngineStats::queued`] until dropped.
+    fn tickets(self: &Arc<Self>, n: usize) -> Vec<QueueTicket> {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        (0..n).map(|_| QueueTicket(self.clone())).collect()
+    }
+}
+
+/// One text's place in [`EngineStats::queued`], given up on drop: whatever
+/// path a text leaves the engine by (answered, abandoned, failed, dropped
+/// with the engine), the count follows.
+#[derive(Debug)]
+struct QueueTicket(Arc<EngineStats>);
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A handle on the engine thread. Share it with `Arc`.
 #[derive(Debug)]
 pub struct Engine {
     /// The queue; dropping the last sender stops the worker.
@@ -138,13 +157,13 @@ impl Engine {
         &self.stats
     }
 
-    async fn submit(&self, job: Job) -> Result<(), EngineStopped> {
+    /// Queues the job `make` builds from its texts' tickets, waiting for room
+    /// (backpressure). From the reservation to the send nothing can be
+    /// cancelled, so the count and the queue agree.
+    async fn submit(&self, texts: usize, make: impl FnOnce(Vec<QueueTicket>) -> Job) -> Result<(), EngineStopped> {
         let tx = self.jobs_tx.as_ref().ok_or(EngineStopped)?;
-        // Wait for room (backpressure); from here to the send nothing can be
-        // cancelled, so the count and the queue agree.
         let permit = tx.reserve().await.map_err(|_| EngineStopped)?;
-        self.stats.queued.fetch_add(job.texts(), Ordering::Relaxed);
-        permit.send(job);
+        permit.send(make(self.stats.tickets(texts)));
         Ok(())
     }
 
@@ -152,7 +171,7 @@ impl Engine {
     /// abandons the turn and (once the worker sees it) frees the conversation.
     ///
     /// # Errors
-    /// [`EngineStopped`] when the engine is shutting down (the conversation is lost with it).
+    /// [`EngineStopped`] when the engine thread has died (the conversation is lost with it).
     pub async fn turn(
         &self,
         conversation: Conversation,
@@ -160,12 +179,14 @@ impl Engine {
         role: String,
     ) -> Result<TurnReply, EngineStopped> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Turn {
+        let span = tracing::Span::current();
+        self.submit(1, |mut tickets| Job::Turn {
             conversation,
             text,
             role,
             reply,
-            span: tracing::Span::current(),
+            span,
+            ticket: tickets.pop().expect("one ticket for one turn"),
         })
         .await?;
         rx.await.map_err(|_| EngineStopped)
@@ -175,18 +196,16 @@ impl Engine {
     /// as one job, so they share model calls as far as their lengths allow.
     ///
     /// # Errors
-    /// [`EngineStopped`] when the engine is shutting down.
-    pub async fn embed(
-        &self,
-        texts: Vec<String>,
-        options: ConversationOptions,
-    ) -> Result<Vec<Result<TurnOutput, TurnError>>, EngineStopped> {
+    /// [`EngineStopped`] when the engine thread has died.
+    pub async fn embed(&self, texts: Vec<String>, options: ConversationOptions) -> Result<EmbedReply, EngineStopped> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Embed {
+        let span = tracing::Span::current();
+        self.submit(texts.len(), |tickets| Job::Embed {
             texts,
             options,
             reply,
-            span: tracing::Span::current(),
+            span,
+            tickets,
         })
         .await?;
         rx.await.map_err(|_| EngineStopped)
@@ -204,75 +223,65 @@ impl Drop for Engine {
     }
 }
 
-/// Where a turn's answer goes: a stream's reply, or slot `index` of embed job `job`.
-enum Reply {
-    Turn(oneshot::Sender<TurnReply>),
+/// Where a turn's answer goes, with the text's place in the queue count.
+/// (Field order: the ticket drops last.)
+struct Answer {
+    to: AnswerTo,
+    ticket: QueueTicket,
+}
+
+/// A stream's reply, or slot `index` of `Embed` job `job`.
+enum AnswerTo {
+    Stream(oneshot::Sender<TurnReply>),
     Embed { job: u64, index: usize },
 }
 
-/// An embed job being answered: its reply, a slot per text, and how many
+/// An `Embed` job being answered: its reply, a slot per text, and how many
 /// slots are still empty.
 struct EmbedJob {
-    reply: oneshot::Sender<Vec<Result<TurnOutput, TurnError>>>,
+    reply: oneshot::Sender<EmbedReply>,
     slots: Vec<Option<Result<TurnOutput, TurnError>>>,
     open: usize,
 }
 
-/// A turn that needs several calls, waiting for its next chunk.
-struct LongTurn {
-    conversation: Conversation,
-    pending: PendingTurn,
-    reply: Reply,
-    span: tracing::Span,
-}
-
-/// The worker thread's state.
-struct Worker {
-    model: Arc<Model>,
+/// The engine's replies: the counters and the `Embed` jobs still answering.
+struct Answers {
     stats: Arc<EngineStats>,
-    limits: BatchLimits,
-    /// Long turns in arrival order; the first one advances a chunk per round.
-    long: VecDeque<LongTurn>,
-    /// Embed jobs with texts still to answer, by id.
     embeds: HashMap<u64, EmbedJob>,
     next_embed: u64,
 }
 
 fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>, limits: BatchLimits) {
-    let mut worker = Worker {
-        model,
+    let mut scheduler = Scheduler::new(limits);
+    let mut answers = Answers {
         stats,
-        limits,
-        long: VecDeque::new(),
         embeds: HashMap::new(),
         next_embed: 0,
     };
-    let max_jobs = limits.max_turns.max(1);
     loop {
-        // A round: every job waiting (blocking for one only when idle), then
-        // one chunk of the oldest long turn.
         let mut jobs = Vec::new();
-        if worker.long.is_empty() {
+        if scheduler.is_idle() {
             match jobs_rx.blocking_recv() {
                 Some(job) => jobs.push(job),
                 None => break,
             }
         }
-        while jobs.len() < max_jobs {
+        while jobs.len() < scheduler.max_jobs() {
             match jobs_rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        worker.run_jobs(jobs);
-        worker.advance_long();
+        let work = answers.admit(&model, jobs);
+        scheduler.run_round(work, &mut answers);
     }
     tracing::debug!("engine queue closed; worker exits");
 }
 
-impl Worker {
-    fn run_jobs(&mut self, jobs: Vec<Job>) {
-        // (conversation, text, role, reply, span) of every turn still wanted.
+impl Answers {
+    /// The turns of `jobs` as work for the scheduler; an `Embed` job gets a
+    /// fresh conversation per text and a table entry for its slots.
+    fn admit(&mut self, model: &Arc<Model>, jobs: Vec<Job>) -> Vec<Work<Answer>> {
         let mut work = Vec::with_capacity(jobs.len());
         for job in jobs {
             match job {
@@ -282,27 +291,26 @@ impl Worker {
                     role,
                     reply,
                     span,
-                } => {
-                    if reply.is_closed() {
-                        let _enter = span.enter();
-                        tracing::debug!("turn abandoned before it ran; freeing its conversation");
-                        // Freed before the count drops, so that a client that
-                        // sees the queue empty sees the cache gone too.
-                        drop(conversation);
-                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    } else {
-                        work.push((conversation, text, role, Reply::Turn(reply), span));
-                    }
-                }
+                    ticket,
+                } => work.push(Work {
+                    conversation,
+                    text,
+                    role,
+                    span,
+                    reply: Answer {
+                        to: AnswerTo::Stream(reply),
+                        ticket,
+                    },
+                }),
                 Job::Embed {
                     texts,
                     options,
                     reply,
                     span,
+                    tickets,
                 } => {
                     if reply.is_closed() {
-                        self.stats.queued.fetch_sub(texts.len(), Ordering::Relaxed);
-                        continue;
+                        continue; // the tickets drop with the job
                     }
                     let job = self.next_embed;
                     self.next_embed += 1;
@@ -311,23 +319,23 @@ impl Worker {
                         slots: Vec::with_capacity(texts.len()),
                         open: 0,
                     };
-                    for (index, text) in texts.into_iter().enumerate() {
-                        match self.model.conversation(options.clone()) {
+                    for (index, (text, ticket)) in texts.into_iter().zip(tickets).enumerate() {
+                        match Conversation::new(model, options.clone()) {
                             Ok(conversation) => {
                                 embed.slots.push(None);
                                 embed.open += 1;
-                                work.push((
+                                work.push(Work {
                                     conversation,
                                     text,
-                                    String::new(),
-                                    Reply::Embed { job, index },
-                                    span.clone(),
-                                ));
+                                    role: String::new(),
+                                    span: span.clone(),
+                                    reply: Answer {
+                                        to: AnswerTo::Embed { job, index },
+                                        ticket,
+                                    },
+                                });
                             }
-                            Err(e) => {
-                                embed.slots.push(Some(Err(e.into())));
-                                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                            }
+                            Err(e) => embed.slots.push(Some(Err(e.into()))),
                         }
                     }
                     self.embeds.insert(job, embed);
@@ -335,137 +343,10 @@ impl Worker {
                 }
             }
         }
-
-        // In chunks of at most `max_turns` turns and (beyond the first) of
-        // `max_padded_tokens` bytes of text, which bounds their tokens: an
-        // Embed of many texts never holds more than one chunk's caches at once.
-        while !work.is_empty() {
-            let (mut end, mut bytes) = (0, 0);
-            while end < work.len()
-                && end < self.limits.max_turns.max(1)
-                && (end == 0 || bytes + work[end].1.len() <= self.limits.max_padded_tokens)
-            {
-                bytes += work[end].1.len();
-                end += 1;
-            }
-            let mut chunk: Vec<_> = work.drain(..end).collect();
-            let started = {
-                let mut requests: Vec<TurnRequest<'_>> = chunk
-                    .iter_mut()
-                    .map(|(conversation, text, role, _, _)| TurnRequest {
-                        conversation,
-                        text,
-                        role,
-                    })
-                    .collect();
-                start_turns(&mut requests, self.limits)
-            };
-            if chunk.len() > 1 {
-                tracing::debug!(turns = chunk.len(), "ran a batch of turns");
-            }
-            for ((conversation, _, _, reply, span), started) in chunk.into_iter().zip(started) {
-                match started {
-                    Started::Done(result) => self.answer(conversation, reply, &span, result),
-                    Started::Pending(pending) => self.long.push_back(LongTurn {
-                        conversation,
-                        pending,
-                        reply,
-                        span,
-                    }),
-                }
-            }
-        }
+        work
     }
 
-    /// Runs the next chunk of the oldest long turn still wanted.
-    fn advance_long(&mut self) {
-        while let Some(long) = self.long.pop_front() {
-            let LongTurn {
-                mut conversation,
-                pending,
-                reply,
-                span,
-            } = long;
-            if !self.wanted(&reply) {
-                let _enter = span.enter();
-                tracing::debug!("long turn abandoned part-way; freeing its conversation");
-                drop((conversation, pending));
-                self.abandon(reply);
-                continue;
-            }
-            let step = {
-                let _enter = span.enter();
-                conversation.advance(pending)
-            };
-            match step {
-                Ok(Advance::More(pending)) => self.long.push_front(LongTurn {
-                    conversation,
-                    pending,
-                    reply,
-                    span,
-                }),
-                Ok(Advance::Done(output)) => self.answer(conversation, reply, &span, Ok(output)),
-                Err(e) => self.answer(conversation, reply, &span, Err(e)),
-            }
-            return;
-        }
-    }
-
-    /// Whether someone still waits for the reply.
-    fn wanted(&self, reply: &Reply) -> bool {
-        match reply {
-            Reply::Turn(tx) => !tx.is_closed(),
-            Reply::Embed { job, .. } => self.embeds.get(job).is_some_and(|e| !e.reply.is_closed()),
-        }
-    }
-
-    /// Gives up a turn nobody waits for (its conversation already dropped).
-    fn abandon(&mut self, reply: Reply) {
-        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-        if let Reply::Embed { job, .. } = reply
-            && let Some(embed) = self.embeds.get_mut(&job)
-        {
-            embed.open -= 1;
-            if embed.open == 0 {
-                self.embeds.remove(&job);
-            }
-        }
-    }
-
-    /// Delivers a turn's result.
-    fn answer(
-        &mut self,
-        conversation: Conversation,
-        reply: Reply,
-        span: &tracing::Span,
-        result: Result<TurnOutput, TurnError>,
-    ) {
-        let _enter = span.enter();
-        if let Ok(out) = &result {
-            self.stats.turns.fetch_add(1, Ordering::Relaxed);
-            self.stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
-        }
-        // Counters move before the answer goes, so that a client holding the
-        // answer sees them moved (and, for an Embed, its caches gone).
-        match reply {
-            Reply::Turn(tx) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                // A failed send means the stream is gone: the conversation drops with it.
-                let _ = tx.send((conversation, result));
-            }
-            Reply::Embed { job, index } => {
-                drop(conversation);
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                if let Some(embed) = self.embeds.get_mut(&job) {
-                    embed.slots[index] = Some(result);
-                    embed.open -= 1;
-                }
-                self.finish_embed(job);
-            }
-        }
-    }
-
-    /// Sends an embed job's reply once every text has its result.
+    /// Sends an `Embed` job's reply once every text has its result.
     fn finish_embed(&mut self, job: u64) {
         if self.embeds.get(&job).is_some_and(|e| e.open == 0)
             && let Some(embed) = self.embeds.remove(&job)
@@ -476,6 +357,61 @@ impl Worker {
                 .map(|r| r.expect("every text of an embed job has a result"))
                 .collect();
             let _ = embed.reply.send(results);
+        }
+    }
+}
+
+impl Replies<Answer> for Answers {
+    fn wanted(&self, reply: &Answer) -> bool {
+        match &reply.to {
+            AnswerTo::Stream(tx) => !tx.is_closed(),
+            AnswerTo::Embed { job, .. } => self.embeds.get(job).is_some_and(|e| !e.reply.is_closed()),
+        }
+    }
+
+    fn answer(
+        &mut self,
+        conversation: Conversation,
+        reply: Answer,
+        span: &tracing::Span,
+        result: Result<TurnOutput, TurnError>,
+    ) {
+        let _enter = span.enter();
+        if let Ok(out) = &result {
+            self.stats.turns.fetch_add(1, Ordering::Relaxed);
+            self.stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+        }
+        // Counters move before the answer goes, so that a client holding the
+        // answer sees them moved (and, for an Embed, its caches gone).
+        let Answer { to, ticket } = reply;
+        match to {
+            AnswerTo::Stream(tx) => {
+                drop(ticket);
+                // A failed send means the stream is gone: the conversation drops with it.
+                let _ = tx.send(TurnReply { conversation, result });
+            }
+            AnswerTo::Embed { job, index } => {
+                drop(conversation);
+                drop(ticket);
+                if let Some(embed) = self.embeds.get_mut(&job) {
+                    embed.slots[index] = Some(result);
+                    embed.open -= 1;
+                }
+                self.finish_embed(job);
+            }
+        }
+    }
+
+    fn abandon(&mut self, reply: Answer) {
+        let Answer { to, ticket } = reply;
+        drop(ticket);
+        if let AnswerTo::Embed { job, .. } = to
+            && let Some(embed) = self.embeds.get_mut(&job)
+        {
+            embed.open -= 1;
+            if embed.open == 0 {
+                self.embeds.remove(&job);
+            }
         }
     }
 }

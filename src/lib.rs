@@ -31,11 +31,14 @@
 //!
 //! # Example
 //! ```
-//! use stateful_embedder::{conversation::ConversationOptions, model::{Model, ModelOptions}};
+//! use stateful_embedder::{
+//!     conversation::{Conversation, ConversationOptions},
+//!     model::{Model, ModelOptions},
+//! };
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny");
 //! let model = Model::open(dir, &ModelOptions::default())?;
-//! let mut conv = model.conversation(ConversationOptions::default())?;
+//! let mut conv = Conversation::new(&model, ConversationOptions::default())?;
 //! let first: Vec<f32> = conv.embed("def add(a, b):\n    return a + b")?;
 //! let second = conv.embed("Now make it subtract.")?; // sees the first turn too
 //! assert_eq!(first.len(), model.spec().hidden_size);
@@ -54,6 +57,7 @@ pub mod cpu;
 pub mod engine;
 pub mod model;
 pub mod runtime;
+pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod tokenizer;

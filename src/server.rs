@@ -21,7 +21,7 @@ use tower::util::MapResponseLayer;
 
 use crate::{
     config::Config,
-    conversation::ConversationOptions,
+    conversation::{Conversation, ConversationOptions},
     cpu::{self, CpuFeatures},
     engine::Engine,
     model::{Model, ModelOptions},
@@ -136,8 +136,7 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
         prefill_chunk_tokens: config.prefill_chunk_tokens,
         ..ConversationOptions::default()
     };
-    let mut warm = model
-        .conversation(defaults)
+    let mut warm = Conversation::new(&model, defaults)
         .context("the server's --max-context-tokens / --prefill-chunk-tokens do not suit the model")?;
     warm.turn("Warm-up: def add(a, b):\n    return a + b", "user")
         .context("the warm-up turn failed")?;

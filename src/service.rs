@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::{
     config::Config,
     conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
-    engine::Engine,
+    engine::{Engine, TurnReply},
     pb::{self, converse_request::Action, converse_response::Result as Reply},
 };
 
@@ -296,9 +296,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         })?;
         let stream_id = next_stream_id();
         let peer = request.remote_addr();
-        let conversation = engine
-            .model()
-            .conversation(self.shared.limits.default_options())
+        let conversation = Conversation::new(engine.model(), self.shared.limits.default_options())
             .map_err(|e| Status::internal(format!("the server's default options are invalid: {e}")))?;
         let (responses_tx, responses_rx) = mpsc::channel(16);
         let task = ConverseTask {
@@ -372,7 +370,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             kv_cache_bytes: engine.model().kv_cache_bytes(),
             turns_total: stats.turns.load(Relaxed),
             tokens_total: stats.tokens.load(Relaxed),
-            queued_turns: u32::try_from(stats.queued.load(Relaxed)).unwrap_or(u32::MAX),
+            queued_turns: u32::try_from(stats.queued()).unwrap_or(u32::MAX),
             model_calls_total: engine.model().calls(),
         }))
     }
@@ -446,11 +444,11 @@ impl ConverseTask {
                         () = self.responses_tx.closed() => break Ending::ClientGone,
                         r = job => r,
                     };
-                    let Ok((conversation, outcome)) = reply else {
+                    let Ok(TurnReply { conversation, result }) = reply else {
                         break self.shutting_down().await;
                     };
                     self.conversation = Some(conversation);
-                    outcome
+                    result
                         .map(|out| {
                             turns += 1;
                             tokens += out.turn_tokens as u64;
@@ -497,7 +495,7 @@ impl ConverseTask {
     fn apply_options(&mut self, o: &pb::SessionOptions) -> Result<Reply, RequestError> {
         let options = self.limits.session_options(o)?;
         let engine = self.engine.clone();
-        let conversation = engine.model().conversation(options)?;
+        let conversation = Conversation::new(engine.model(), options)?;
         let hidden = engine.model().spec().hidden_size;
         let ready = pb::SessionReady {
             dimensions: conversation.options().output_dimensions(hidden) as u32,

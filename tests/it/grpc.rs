@@ -8,7 +8,7 @@ use std::{
 };
 
 use stateful_embedder::{
-    conversation::ConversationOptions,
+    conversation::{Conversation, ConversationOptions},
     pb::{
         self, ConverseRequest, ConverseResponse, converse_request::Action, converse_response::Result as Reply,
         embedder_client::EmbedderClient,
@@ -485,7 +485,7 @@ async fn embed_and_model_info() {
         ..Default::default()
     };
     for (text, e) in texts.iter().zip(&got.embeddings) {
-        let want = model.conversation(o.clone()).unwrap().turn(text, "").unwrap();
+        let want = Conversation::new(&model, o.clone()).unwrap().turn(text, "").unwrap();
         assert_close(text, &e.values, &want.embedding, F32);
         assert_eq!(e.context_tokens, e.turn_tokens);
     }
@@ -509,8 +509,7 @@ async fn embed_and_model_info() {
         .into_inner();
     assert_eq!(got.embeddings.len(), 40);
     for (text, e) in many.iter().zip(&got.embeddings) {
-        let want = model
-            .conversation(ConversationOptions::default())
+        let want = Conversation::new(&model, ConversationOptions::default())
             .unwrap()
             .turn(text, "")
             .unwrap();
@@ -789,8 +788,7 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
     for (text, e) in texts.iter().zip(&got.embeddings) {
         let tokens = model.tokenizer().turn(text, "").unwrap().ids.len();
         want_calls += tokens.div_ceil(16) as u64;
-        let want = model
-            .conversation(ConversationOptions::default())
+        let want = Conversation::new(&model, ConversationOptions::default())
             .unwrap()
             .turn(text, "")
             .unwrap();

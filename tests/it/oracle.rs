@@ -6,11 +6,9 @@
 use std::sync::Arc;
 
 use stateful_embedder::{
-    conversation::{
-        BatchLimits, Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput,
-        TurnRequest, run_turns,
-    },
+    conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
     model::Model,
+    schedule::{BatchLimits, TurnRequest, run_turns},
 };
 
 use crate::common::{self, F32, FP16, Tolerance, assert_close, cosine, oracle};
@@ -42,7 +40,7 @@ struct Script {
 impl Script {
     fn new(model: &Arc<Model>, options: ConversationOptions, tol: Tolerance) -> Script {
         Script {
-            conv: model.conversation(options.clone()).expect("valid options"),
+            conv: Conversation::new(model, options.clone()).expect("valid options"),
             model: model.clone(),
             options,
             context: Vec::new(),
@@ -294,7 +292,7 @@ const SECOND: &str = "Now add retries with exponential backoff when the database
 /// that gives exactly a new conversation's first embedding.
 fn real_prototype_scenarios() {
     let Some(model) = common::real() else { return };
-    let mut conv = model.conversation(opts()).unwrap();
+    let mut conv = Conversation::new(&model, opts()).unwrap();
     let first = conv.turn(FIRST_45, "").unwrap();
     println!("first turn: {} tokens", first.turn_tokens);
     assert!(
@@ -318,7 +316,7 @@ fn real_prototype_scenarios() {
     assert_eq!(conv.context_len(), 0);
     assert_eq!(conv.kv_bytes(), 0);
     let again = conv.turn(FIRST_45, "").unwrap();
-    let fresh = model.conversation(opts()).unwrap().turn(FIRST_45, "").unwrap();
+    let fresh = Conversation::new(&model, opts()).unwrap().turn(FIRST_45, "").unwrap();
     assert_eq!(
         again.embedding, fresh.embedding,
         "after reset, exactly a fresh conversation's first embedding"
@@ -330,14 +328,17 @@ fn real_prototype_scenarios() {
 /// Reset mid-conversation: the next turn equals a fresh conversation's first turn, bit for bit.
 fn reset_mid_conversation_is_fresh() {
     for model in [common::tiny(), common::tiny_fp16()] {
-        let mut conv = model.conversation(opts()).unwrap();
+        let mut conv = Conversation::new(&model, opts()).unwrap();
         conv.turn(TEXTS[0], "user").unwrap();
         conv.turn(TEXTS[1], "assistant").unwrap();
         assert!(model.kv_cache_bytes() >= conv.kv_bytes());
         conv.reset();
         assert_eq!((conv.context_len(), conv.kv_bytes()), (0, 0));
         let after = conv.turn(TEXTS[2], "user").unwrap();
-        let fresh = model.conversation(opts()).unwrap().turn(TEXTS[2], "user").unwrap();
+        let fresh = Conversation::new(&model, opts())
+            .unwrap()
+            .turn(TEXTS[2], "user")
+            .unwrap();
         assert_eq!(after, fresh);
     }
 }
@@ -399,7 +400,7 @@ fn turn_over_window_is_rejected() {
             overflow,
             ..opts()
         };
-        let mut conv = model.conversation(o).unwrap();
+        let mut conv = Conversation::new(&model, o).unwrap();
         conv.turn("short", "").unwrap();
         let before = state(&conv);
         let err = conv.turn(&"many words here ".repeat(10), "").unwrap_err();
@@ -416,7 +417,7 @@ fn turn_over_window_is_rejected() {
 fn invalid_options_are_refused() {
     let model = common::tiny();
     let hidden = model.spec().hidden_size;
-    let bad = |o: ConversationOptions| model.conversation(o).unwrap_err();
+    let bad = |o: ConversationOptions| Conversation::new(&model, o).unwrap_err();
     assert_eq!(
         bad(ConversationOptions {
             dimensions: Some(hidden + 1),
@@ -449,7 +450,7 @@ fn invalid_options_are_refused() {
 fn kv_ledger_returns_to_zero() {
     // A model of its own: the shared ones see other tests' caches.
     let model = Model::open(common::tiny_dir(), &Default::default()).unwrap();
-    let mut convs: Vec<_> = (0..5).map(|_| model.conversation(opts()).unwrap()).collect();
+    let mut convs: Vec<_> = (0..5).map(|_| Conversation::new(&model, opts()).unwrap()).collect();
     for c in &mut convs {
         c.turn(TEXTS[0], "user").unwrap();
     }
@@ -466,18 +467,17 @@ fn kv_ledger_returns_to_zero() {
 /// the text alone, and from the one-shot embedding over a wrong context.
 fn context_changes_the_embedding() {
     let model = common::tiny();
-    let mut conv = model.conversation(opts()).unwrap();
+    let mut conv = Conversation::new(&model, opts()).unwrap();
     conv.turn(TEXTS[0], "user").unwrap();
     let in_context = conv.turn(TEXTS[1], "user").unwrap().embedding;
-    let alone = model
-        .conversation(opts())
+    let alone = Conversation::new(&model, opts())
         .unwrap()
         .turn(TEXTS[1], "user")
         .unwrap()
         .embedding;
     assert!(cosine(&in_context, &alone) < 0.9999, "the context must matter");
     // Position matters too: the right tokens after a different first turn differ.
-    let mut other = model.conversation(opts()).unwrap();
+    let mut other = Conversation::new(&model, opts()).unwrap();
     other.turn(TEXTS[2], "user").unwrap();
     let after_other = other.turn(TEXTS[1], "user").unwrap().embedding;
     assert!(cosine(&in_context, &after_other) < 0.9999);
@@ -490,7 +490,7 @@ fn context_changes_the_embedding() {
 /// 45-token turns), q4 and int8 (the default quantisers, known to drift) within 0.9.
 fn real_variants_load_and_embed() {
     let Some(f32_model) = common::real() else { return };
-    let mut reference = f32_model.conversation(opts()).unwrap();
+    let mut reference = Conversation::new(&f32_model, opts()).unwrap();
     let want: Vec<Vec<f32>> = TEXTS[..3]
         .iter()
         .map(|t| reference.turn(t, "user").unwrap().embedding)
@@ -506,7 +506,7 @@ fn real_variants_load_and_embed() {
         };
         let model = Model::open(&path, &Default::default()).unwrap();
         assert_eq!((model.spec().layers, model.spec().kv_dtype), (24, kv));
-        let mut conv = model.conversation(opts()).unwrap();
+        let mut conv = Conversation::new(&model, opts()).unwrap();
         for (text, want) in TEXTS[..3].iter().zip(&want) {
             let got = conv.turn(text, "user").unwrap().embedding;
             let c = cosine(&got, want);

@@ -2,7 +2,10 @@
 
 use std::{path::Path, process::Command};
 
-use stateful_embedder::model::{KvDtype, Model, ModelError};
+use stateful_embedder::{
+    conversation::Conversation,
+    model::{KvDtype, Model, ModelError},
+};
 
 use crate::common;
 
@@ -19,7 +22,7 @@ fn tiny_models_load_and_run() {
         );
         assert_eq!(spec.kv_dtype, dtype);
         assert!(spec.has_position_ids);
-        let mut conv = model.conversation(Default::default()).unwrap();
+        let mut conv = Conversation::new(&model, Default::default()).unwrap();
         let v = conv.embed("Hello world").unwrap();
         assert_eq!(v.len(), 64);
         assert!(v.iter().all(|x| x.is_finite()));

@@ -1,5 +1,8 @@
-//! `se-bench`: the Rust half of the benchmark harness (`make bench` runs it
-//! through `bench/run.py`, which writes BENCHMARKS.md).
+//! `se-bench`: the Rust half of the benchmark harness. `make bench` builds it
+//! (`cargo build --release --features bench`: it is not part of the product,
+//! so neither `cargo install` nor `cargo test --all-targets` builds it) and
+//! runs it through `bench/run.py`, which writes BENCHMARKS.md. It uses the
+//! library's public API only.
 //!
 //! * `se-bench engine` — in-process figures on one model: one call vs token
 //!   by token, stateful vs stateless turns 1…20, turn latency with an empty
@@ -12,7 +15,7 @@
 //! * `se-bench mixed` — a short turn's latency on a fresh stream, alone and
 //!   sent while another stream's long turn (about 7,500 tokens) prefills.
 //!
-//! Both print one JSON object on stdout.
+//! Each prints one JSON object on stdout.
 
 use std::{
     path::PathBuf,
@@ -24,9 +27,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use stateful_embedder::{
-    conversation::{BatchLimits, Conversation, ConversationOptions, Pooling, TurnRequest, run_turns},
+    conversation::{Conversation, ConversationOptions, Pooling},
     model::{Model, ModelOptions},
     pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
+    schedule::{BatchLimits, TurnRequest, run_turns},
 };
 use tokio_stream::StreamExt;
 
@@ -110,7 +114,7 @@ struct MixedArgs {
 
 /// Turn texts of about 40–45 tokens each (the prototype's turn size), one per
 /// line, shared with the Python contenders.
-const TURNS: &str = include_str!("../../bench/turns.txt");
+const TURNS: &str = include_str!("turns.txt");
 
 fn turn_text(i: usize) -> &'static str {
     let lines: Vec<&'static str> = TURNS.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -192,12 +196,12 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     let ids45 = tok.encode(turn_text(0))?;
     let opts = ConversationOptions::default();
     // Warm-up.
-    model.conversation(opts.clone())?.turn(turn_text(0), "")?;
+    Conversation::new(&model, opts.clone())?.turn(turn_text(0), "")?;
 
     // Turn latency at turn 1..10 of a conversation of ~45-token turns (also the variants' speed).
     let mut per_turn = Vec::new();
     for _ in 0..args.reps {
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(&model, opts.clone())?;
         for i in 0..10 {
             let (d, _) = time(|| conv.turn(turn_text(i), ""));
             per_turn.push(d);
@@ -226,8 +230,8 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
                 pooling,
                 ..opts.clone()
             };
-            let mut a = model.conversation(o.clone())?;
-            let mut b = reference.conversation(o)?;
+            let mut a = Conversation::new(&model, o.clone())?;
+            let mut b = Conversation::new(&reference, o)?;
             for i in 0..10 {
                 let x = a.turn(turn_text(i), "")?.embedding;
                 let y = b.turn(turn_text(i), "")?.embedding;
@@ -276,11 +280,11 @@ fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut ser
     let (mut empty_ctx, mut ctx500) = (Vec::new(), Vec::new());
     let mut context_len = 0;
     for _ in 0..args.reps {
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(model, opts.clone())?;
         let (d, r) = time(|| conv.turn(turn_text(0), ""));
         r?;
         empty_ctx.push(d);
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(model, opts.clone())?;
         let mut i = 1;
         while conv.context_len() < 500 - ids45.len() / 2 {
             conv.turn(turn_text(i), "")?;
@@ -303,7 +307,7 @@ fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut ser
     let mut stateful: Vec<Vec<Duration>> = vec![Vec::new(); 20];
     let mut stateless: Vec<Vec<Duration>> = vec![Vec::new(); 20];
     for _ in 0..args.reps.min(3) {
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(model, opts.clone())?;
         let mut all: Vec<u32> = Vec::new();
         for k in 0..20 {
             let (d, r) = time(|| conv.turn(turn_text(k), ""));
@@ -331,7 +335,7 @@ fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut ser
     let before_live = rss_bytes();
     let mut live = Vec::new();
     for _ in 0..live_n {
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(model, opts.clone())?;
         conv.turn(&long_turn, "")?;
         live.push(conv);
     }
@@ -340,7 +344,7 @@ fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut ser
     drop(live);
     let before_churn = rss_bytes();
     for i in 0..1000 {
-        let mut conv = model.conversation(opts.clone())?;
+        let mut conv = Conversation::new(model, opts.clone())?;
         conv.turn(&format!("conversation {i}: hello"), "user")?;
         conv.turn("and goodbye", "assistant")?;
     }
@@ -367,7 +371,7 @@ fn batching(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) 
     //    (alternating which goes first), for 45-token and for short turns.
     let streams = 8;
     let mut convs = (0..streams)
-        .map(|_| model.conversation(opts.clone()))
+        .map(|_| Conversation::new(model, opts.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     for k in 1..7 {
         round(&mut convs, &vec![turn_text(k); streams], BatchLimits::default())?;
@@ -404,7 +408,7 @@ fn batching(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) 
     out["batching"] = serde_json::Value::Object(batching);
 
     // A 45-token turn after ~4,000 tokens of context (attention's share grows with context).
-    let mut conv = model.conversation(opts.clone())?;
+    let mut conv = Conversation::new(model, opts.clone())?;
     let long_text = (0..100).map(turn_text).collect::<Vec<_>>().join(" ");
     let long_ids = tok.encode(&long_text)?;
     conv.turn(&tok.decode(&long_ids[..4000.min(long_ids.len())])?, "")?;

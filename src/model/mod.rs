@@ -12,6 +12,20 @@
 //! `[b, kv_heads, past, head_dim]`; outputs `last_hidden_state` `[b, s, hidden]`
 //! and `present.{i}.key|value` `[b, kv_heads, past+s, head_dim]`. Layers, KV
 //! heads, head_dim and the element type are read from the session, never assumed.
+//!
+//! # Layout
+//! * this module: [`Model`] (the session, [`Model::forward`] and
+//!   [`Model::forward_batch`]) and [`Hidden`];
+//! * `contract`: [`ModelSpec`] and [`KvDtype`], discovered from the session;
+//! * `kv`: [`KvCache`] and its byte ledger, and the packing of several
+//!   caches into one batched call.
+
+mod contract;
+mod kv;
+
+pub use contract::{KvDtype, ModelSpec};
+use contract::{discover, read_config};
+pub use kv::KvCache;
 
 use std::{
     path::{Path, PathBuf},
@@ -24,7 +38,7 @@ use std::{
 use half::f16;
 use ort::{
     session::{Session, SessionInputValue, SessionOutputs, builder::GraphOptimizationLevel},
-    value::{DynValue, Tensor, TensorElementType, ValueType},
+    value::{DynValue, Tensor},
 };
 
 use crate::{
@@ -80,78 +94,8 @@ pub enum ModelError {
     },
 }
 
-fn ort_err(action: &'static str) -> impl FnOnce(ort::Error) -> ModelError {
+pub(crate) fn ort_err(action: &'static str) -> impl FnOnce(ort::Error) -> ModelError {
     move |source| ModelError::Ort { action, source }
-}
-
-/// Element type of the KV cache (and of the hidden-state output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvDtype {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float (the fp16 variant).
-    F16,
-}
-
-impl KvDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
-        }
-    }
-
-    /// The name clients see (`float32`/`float16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            KvDtype::F32 => "float32",
-            KvDtype::F16 => "float16",
-        }
-    }
-
-    fn from_ort(t: TensorElementType) -> Option<Self> {
-        match t {
-            TensorElementType::Float32 => Some(KvDtype::F32),
-            TensorElementType::Float16 => Some(KvDtype::F16),
-            _ => None,
-        }
-    }
-}
-
-/// What the loaded model is, as discovered from its session and config.json.
-#[derive(Debug, Clone)]
-pub struct ModelSpec {
-    /// A human-readable name (config.json `name`, else the directory name) and file.
-    pub name: String,
-    /// The ONNX file served.
-    pub path: PathBuf,
-    /// Decoder layers (`past_key_values.{i}.*` inputs).
-    pub layers: usize,
-    /// KV heads per layer.
-    pub kv_heads: usize,
-    /// Size of one head.
-    pub head_dim: usize,
-    /// Size of the hidden state (and of a full embedding).
-    pub hidden_size: usize,
-    /// Element type of the KV cache.
-    pub kv_dtype: KvDtype,
-    /// Element type of `last_hidden_state`.
-    pub hidden_dtype: KvDtype,
-    /// Whether the graph takes `position_ids`.
-    pub has_position_ids: bool,
-    /// Vocabulary size of the tokenizer.
-    pub vocab_size: usize,
-    /// The longest context the model supports (config.json
-    /// `max_position_embeddings`; 8192 when absent).
-    pub max_positions: usize,
-}
-
-impl ModelSpec {
-    /// Bytes of KV cache one token of context costs.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.layers * 2 * self.kv_heads * self.head_dim * self.kv_dtype.size()) as u64
-    }
 }
 
 /// How to load a model.
@@ -161,13 +105,6 @@ pub struct ModelOptions {
     pub threads: usize,
     /// An explicit ONNX Runtime library (otherwise: see [`crate::runtime`]).
     pub onnxruntime: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-struct ConfigJson {
-    name: Option<String>,
-    hidden_size: Option<usize>,
-    max_position_embeddings: Option<usize>,
 }
 
 /// Names of the graph's inputs and outputs, built once.
@@ -208,48 +145,6 @@ impl Hidden {
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.values.len() / self.width.max(1)
-    }
-}
-
-/// A conversation's KV cache: per layer, the `present.{i}.key|value` tensors
-/// ONNX Runtime returned, fed back unchanged as `past_key_values.{i}.*`.
-/// Its bytes are counted in the model's ledger until it is dropped.
-pub struct KvCache {
-    tensors: Vec<DynValue>,
-    len: usize,
-    bytes: u64,
-    ledger: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for KvCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvCache")
-            .field("len", &self.len)
-            .field("bytes", &self.bytes)
-            .finish()
-    }
-}
-
-impl KvCache {
-    /// Tokens cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes the cache holds.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-}
-
-impl Drop for KvCache {
-    fn drop(&mut self) {
-        self.ledger.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -551,8 +446,8 @@ impl Model {
         }
         for (t, name) in self.io.past.iter().enumerate() {
             let packed = match self.spec.kv_dtype {
-                KvDtype::F32 => self.pack_past::<f32>(rows, t, p)?,
-                KvDtype::F16 => self.pack_past::<f16>(rows, t, p)?,
+                KvDtype::F32 => kv::pack_past::<f32>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
+                KvDtype::F16 => kv::pack_past::<f16>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
             };
             inputs.push((name.as_str(), packed.into()));
         }
@@ -575,8 +470,12 @@ impl Model {
                     .remove(name)
                     .expect("the contract check at load guarantees present.*");
                 let split = match self.spec.kv_dtype {
-                    KvDtype::F32 => self.unpack_present::<f32>(&present, rows, p, n)?,
-                    KvDtype::F16 => self.unpack_present::<f16>(&present, rows, p, n)?,
+                    KvDtype::F32 => {
+                        kv::unpack_present::<f32>(&present, rows, (p, n), self.spec.kv_heads, self.spec.head_dim)?
+                    }
+                    KvDtype::F16 => {
+                        kv::unpack_present::<f16>(&present, rows, (p, n), self.spec.kv_heads, self.spec.head_dim)?
+                    }
                 };
                 for (row, t) in tensors.iter_mut().zip(split) {
                     row.push(t);
@@ -591,169 +490,4 @@ impl Model {
             .map(|((r, hidden), tensors)| (hidden, self.cache(tensors, r.past.len + r.ids.len())))
             .collect())
     }
-
-    /// Cache tensor `t` of every row, right-aligned into one `[B, kv_heads, p, d]` tensor.
-    fn pack_past<T>(&self, rows: &[BatchRow<'_>], t: usize, p: usize) -> Result<DynValue, ModelError>
-    where
-        T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
-    {
-        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        // Written once, in order: zeros for the pads, then the row's cache.
-        let mut packed = Vec::with_capacity(rows.len() * heads * p * d);
-        for r in rows {
-            let pi = r.past.len;
-            let data = match r.past.tensors.get(t) {
-                Some(value) => value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?.1,
-                None => &[],
-            };
-            for h in 0..heads {
-                packed.resize(packed.len() + (p - pi) * d, T::default());
-                packed.extend_from_slice(&data[h * pi * d..(h + 1) * pi * d]);
-            }
-        }
-        Tensor::from_array(([rows.len(), heads, p, d], packed))
-            .map(Tensor::into_dyn)
-            .map_err(ort_err("create a batched KV cache"))
-    }
-
-    /// Each row's own `[1, kv_heads, p_b + n_b, d]` cache out of a batched `present` tensor.
-    fn unpack_present<T>(
-        &self,
-        present: &DynValue,
-        rows: &[BatchRow<'_>],
-        p: usize,
-        n: usize,
-    ) -> Result<Vec<DynValue>, ModelError>
-    where
-        T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
-    {
-        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let total = p + n;
-        let (_, data) = present.try_extract_tensor::<T>().map_err(ort_err("read present"))?;
-        rows.iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let (pi, ni) = (r.past.len, r.ids.len());
-                let mut own = Vec::with_capacity(heads * (pi + ni) * d);
-                for h in 0..heads {
-                    let base = (i * heads + h) * total * d;
-                    own.extend_from_slice(&data[base + (p - pi) * d..base + p * d]);
-                    own.extend_from_slice(&data[base + (total - ni) * d..base + total * d]);
-                }
-                Tensor::from_array(([1usize, heads, pi + ni, d], own))
-                    .map(Tensor::into_dyn)
-                    .map_err(ort_err("create a KV cache"))
-            })
-            .collect()
-    }
-}
-
-fn read_config(path: &Path) -> Result<ConfigJson, ModelError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ModelError::Config {
-            path: path.to_path_buf(),
-            source,
-        }),
-        Err(_) => Ok(ConfigJson::default()),
-    }
-}
-
-/// Reads the I/O contract off the session; fails fast on any breach.
-fn discover(
-    session: &Session,
-    path: &Path,
-    config: &ConfigJson,
-    name: String,
-    vocab_size: usize,
-) -> Result<ModelSpec, ModelError> {
-    let breach = |reason: String| ModelError::Contract {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let input = |n: &str| session.inputs().iter().find(|o| o.name() == n).map(|o| o.dtype());
-    let output = |n: &str| session.outputs().iter().find(|o| o.name() == n).map(|o| o.dtype());
-    let tensor = |t: &ValueType| match t {
-        ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.iter().copied().collect::<Vec<i64>>())),
-        _ => None,
-    };
-
-    for n in ["input_ids", "attention_mask"] {
-        match input(n).and_then(tensor) {
-            Some((TensorElementType::Int64, _)) => {}
-            Some((ty, _)) => return Err(breach(format!("input {n} is {ty:?}, not int64"))),
-            None => return Err(breach(format!("no input {n}"))),
-        }
-    }
-    let has_position_ids = input("position_ids").is_some();
-
-    let mut layers = 0;
-    while input(&format!("past_key_values.{layers}.key")).is_some() {
-        layers += 1;
-    }
-    if layers == 0 {
-        return Err(breach(
-            "no past_key_values.0.key input: not a decoder with a KV cache".into(),
-        ));
-    }
-    let (kv_ty, kv_shape) = input("past_key_values.0.key")
-        .and_then(tensor)
-        .ok_or_else(|| breach("past_key_values.0.key is not a tensor".into()))?;
-    let kv_dtype =
-        KvDtype::from_ort(kv_ty).ok_or_else(|| breach(format!("KV cache type {kv_ty:?} is not float32 or float16")))?;
-    if kv_shape.len() != 4 || kv_shape[1] <= 0 || kv_shape[3] <= 0 {
-        return Err(breach(format!(
-            "past_key_values.0.key has shape {kv_shape:?}; expected [batch, kv_heads, past, head_dim] with fixed kv_heads and head_dim"
-        )));
-    }
-    for i in 0..layers {
-        for kind in ["key", "value"] {
-            let past = format!("past_key_values.{i}.{kind}");
-            match input(&past).and_then(tensor) {
-                Some((ty, shape))
-                    if ty == kv_ty && shape.len() == 4 && shape[1] == kv_shape[1] && shape[3] == kv_shape[3] => {}
-                Some((ty, shape)) => {
-                    return Err(breach(format!(
-                        "{past} is {ty:?} {shape:?}, unlike past_key_values.0.key"
-                    )));
-                }
-                None => return Err(breach(format!("no input {past}"))),
-            }
-            if output(&format!("present.{i}.{kind}")).is_none() {
-                return Err(breach(format!("no output present.{i}.{kind}")));
-            }
-        }
-    }
-    if input(&format!("past_key_values.{layers}.value")).is_some() {
-        return Err(breach(format!("past_key_values.{layers}.value without a matching key")));
-    }
-
-    let Some((hidden_ty, hidden_shape)) = output("last_hidden_state").and_then(tensor) else {
-        let hint = if output("logits").is_some() {
-            ": it only has logits; run `python models/prepare.py import EXPORT_DIR --out DIR` to add it"
-        } else {
-            ""
-        };
-        return Err(breach(format!("no last_hidden_state output{hint}")));
-    };
-    let hidden_dtype = KvDtype::from_ort(hidden_ty)
-        .ok_or_else(|| breach(format!("last_hidden_state is {hidden_ty:?}, not float32 or float16")))?;
-    let hidden_size = match hidden_shape.last() {
-        Some(&d) if d > 0 => d as usize,
-        _ => config
-            .hidden_size
-            .ok_or_else(|| breach("last_hidden_state's width is dynamic and config.json has no hidden_size".into()))?,
-    };
-    Ok(ModelSpec {
-        name,
-        path: path.to_path_buf(),
-        layers,
-        kv_heads: kv_shape[1] as usize,
-        head_dim: kv_shape[3] as usize,
-        hidden_size,
-        kv_dtype,
-        hidden_dtype,
-        has_position_ids,
-        vocab_size,
-        max_positions: config.max_position_embeddings.unwrap_or(8192),
-    })
 }

@@ -1,0 +1,119 @@
+//! A conversation's KV cache, with the byte ledger it keeps, and the packing
+//! of several caches into one batched call's tensors and back.
+//!
+//! # Batch layout
+//! With `P` the longest past and `N` the longest row of a batch, row `b`'s
+//! cache is right-aligned into `[B, kv_heads, P, d]` after `P - p_b` pad
+//! slots; after the call each row's own `[1, kv_heads, p_b + n_b, d]` cache is
+//! copied out of `present.*`, skipping the pads (see
+//! [`super::Model::forward_batch`]).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use ort::value::{DynValue, Tensor};
+
+use super::{BatchRow, ModelError, ort_err};
+
+/// A conversation's KV cache: per layer, the `present.{i}.key|value` tensors
+/// ONNX Runtime returned, fed back unchanged as `past_key_values.{i}.*`.
+/// Its bytes are counted in the model's ledger until it is dropped.
+pub struct KvCache {
+    pub(super) tensors: Vec<DynValue>,
+    pub(super) len: usize,
+    pub(super) bytes: u64,
+    pub(super) ledger: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl KvCache {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.ledger.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The cache tensor `t` of every row, right-aligned into one `[B, heads, p, d]` tensor.
+pub(super) fn pack_past<T>(
+    rows: &[BatchRow<'_>],
+    t: usize,
+    p: usize,
+    heads: usize,
+    d: usize,
+) -> Result<DynValue, ModelError>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
+{
+    // Written once, in order: zeros for the pads, then the row's cache.
+    let mut packed = Vec::with_capacity(rows.len() * heads * p * d);
+    for r in rows {
+        let pi = r.past.len;
+        let data = match r.past.tensors.get(t) {
+            Some(value) => value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?.1,
+            None => &[],
+        };
+        for h in 0..heads {
+            packed.resize(packed.len() + (p - pi) * d, T::default());
+            packed.extend_from_slice(&data[h * pi * d..(h + 1) * pi * d]);
+        }
+    }
+    Tensor::from_array(([rows.len(), heads, p, d], packed))
+        .map(Tensor::into_dyn)
+        .map_err(ort_err("create a batched KV cache"))
+}
+
+/// Each row's own `[1, kv_heads, p_b + n_b, d]` cache out of a batched `present` tensor.
+pub(super) fn unpack_present<T>(
+    present: &DynValue,
+    rows: &[BatchRow<'_>],
+    (p, n): (usize, usize),
+    heads: usize,
+    d: usize,
+) -> Result<Vec<DynValue>, ModelError>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let total = p + n;
+    let (_, data) = present.try_extract_tensor::<T>().map_err(ort_err("read present"))?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (pi, ni) = (r.past.len, r.ids.len());
+            let mut own = Vec::with_capacity(heads * (pi + ni) * d);
+            for h in 0..heads {
+                let base = (i * heads + h) * total * d;
+                own.extend_from_slice(&data[base + (p - pi) * d..base + p * d]);
+                own.extend_from_slice(&data[base + (total - ni) * d..base + total * d]);
+            }
+            Tensor::from_array(([1usize, heads, pi + ni, d], own))
+                .map(Tensor::into_dyn)
+                .map_err(ort_err("create a KV cache"))
+        })
+        .collect()
+}
