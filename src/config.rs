@@ -4,6 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::{
+    conversation::{DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS},
+    schedule::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
+};
+
 /// A gRPC server that keeps one decoder KV cache per bidirectional stream and
 /// answers every turn with an embedding.
 #[derive(Debug, Parser)]
@@ -41,7 +46,7 @@ pub struct Config {
 
     /// Default context window per conversation, in tokens (clients may ask for
     /// another, up to the model's maximum).
-    #[arg(long, env = "SE_MAX_CONTEXT_TOKENS", default_value_t = 8192)]
+    #[arg(long, env = "SE_MAX_CONTEXT_TOKENS", default_value_t = DEFAULT_MAX_CONTEXT_TOKENS)]
     pub max_context_tokens: usize,
 
     /// Most Converse streams open at once; more get RESOURCE_EXHAUSTED.
@@ -50,7 +55,7 @@ pub struct Config {
 
     /// Most tokens in one turn (ChatML markers included); longer turns get an
     /// in-band RESOURCE_EXHAUSTED error.
-    #[arg(long, env = "SE_MAX_TURN_TOKENS", default_value_t = 8192)]
+    #[arg(long, env = "SE_MAX_TURN_TOKENS", default_value_t = DEFAULT_MAX_CONTEXT_TOKENS)]
     pub max_turn_tokens: usize,
 
     /// Largest gRPC message accepted or sent, in bytes; larger ones get RESOURCE_EXHAUSTED.
@@ -60,7 +65,7 @@ pub struct Config {
     /// Tokens per model call when prefilling long turns (bounds the attention
     /// scratch memory of one call). Other streams' turns run between a long
     /// turn's chunks, so this also bounds how long they wait behind it.
-    #[arg(long, env = "SE_PREFILL_CHUNK_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "SE_PREFILL_CHUNK_TOKENS", default_value_t = DEFAULT_PREFILL_CHUNK_TOKENS)]
     pub prefill_chunk_tokens: usize,
 
     /// Turns that may wait for the model at once before senders wait too.
@@ -70,17 +75,18 @@ pub struct Config {
     /// Most turns of different streams that share one model call (1 turns
     /// batching off). Turns are batched only when they queue up behind a
     /// running call; nothing waits to fill a batch.
-    #[arg(long, env = "SE_MAX_BATCH_TURNS", default_value_t = 16)]
+    #[arg(long, env = "SE_MAX_BATCH_TURNS", default_value_t = DEFAULT_MAX_BATCH_TURNS)]
     pub max_batch_turns: usize,
 
     /// Most padded token slots in one batched call (turns × (longest context +
     /// longest turn)): bounds the memory of one call. An Embed runs its texts
     /// in chunks of at most this many bytes (≥ their tokens).
-    #[arg(long, env = "SE_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    #[arg(long, env = "SE_MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
 
-    /// Seconds open streams may go on after SIGINT/SIGTERM before they end with UNAVAILABLE.
-    #[arg(long, env = "SE_DRAIN_SECONDS", default_value_t = 10.0)]
+    /// Seconds open streams may go on after SIGINT/SIGTERM before they end
+    /// with UNAVAILABLE; `inf` waits for every stream to end.
+    #[arg(long, env = "SE_DRAIN_SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub drain_seconds: f64,
 
     /// The ONNX Runtime library (libonnxruntime.so*); by default ORT_DYLIB_PATH,
@@ -91,15 +97,65 @@ pub struct Config {
 
 impl Config {
     /// How the engine batches turns.
-    pub fn batch_limits(&self) -> crate::schedule::BatchLimits {
-        crate::schedule::BatchLimits {
+    pub fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
             max_turns: self.max_batch_turns.max(1),
             max_padded_tokens: self.max_batch_tokens,
         }
     }
 
-    /// The drain deadline.
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.drain_seconds.max(0.0))
+    /// The drain deadline; `None` (from `inf`, or more seconds than a
+    /// `Duration` holds) waits for every stream.
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        Duration::try_from_secs_f64(self.drain_seconds).ok()
+    }
+}
+
+/// A number of seconds: zero or more, `inf` allowed; not NaN, not negative.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if v.is_nan() || v < 0.0 {
+        return Err(format!("{s:?}: seconds must be zero or more (or inf)"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `inf` means no deadline and never panics; negative and NaN are refused at parse time.
+    #[test]
+    fn drain_seconds_parse() {
+        assert_eq!(parse_seconds("inf"), Ok(f64::INFINITY));
+        assert_eq!(parse_seconds("2.5"), Ok(2.5));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("nan").is_err());
+        assert!(parse_seconds("soon").is_err());
+        let cli = Cli::try_parse_from(["stateful-embedder", "serve", "--drain-seconds", "inf"]).unwrap();
+        let Command::Serve(config) = cli.command else {
+            panic!("serve parses to Serve")
+        };
+        assert_eq!(config.drain_timeout(), None);
+        let cli = Cli::try_parse_from(["stateful-embedder", "serve", "--drain-seconds", "0.5"]).unwrap();
+        let Command::Serve(config) = cli.command else {
+            panic!("serve parses to Serve")
+        };
+        assert_eq!(config.drain_timeout(), Some(Duration::from_millis(500)));
+    }
+
+    /// The command line's defaults are the library's.
+    #[test]
+    fn defaults_are_the_librarys() {
+        let Command::Serve(config) = Cli::try_parse_from(["stateful-embedder", "serve"]).unwrap().command else {
+            panic!("serve parses to Serve")
+        };
+        let options = crate::conversation::ConversationOptions::default();
+        assert_eq!(config.max_context_tokens, options.max_context_tokens);
+        assert_eq!(config.max_turn_tokens, options.max_turn_tokens);
+        assert_eq!(config.prefill_chunk_tokens, options.prefill_chunk_tokens);
+        assert_eq!(config.batch_limits(), BatchLimits::default());
     }
 }

@@ -12,21 +12,18 @@ use std::{future::Future, sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{
-    codegen::http::{HeaderValue, Response},
-    transport::Server,
-};
+use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::util::MapResponseLayer;
 
 use crate::{
     config::Config,
-    conversation::{Conversation, ConversationOptions},
+    conversation::Conversation,
     cpu::{self, CpuFeatures},
     engine::Engine,
     model::{Model, ModelOptions},
     pb::{self, embedder_server::EmbedderServer},
-    service::{EmbedderService, Limits, Shared},
+    service::{EmbedderService, Limits, Shared, oversize_is_resource_exhausted, saturating_u32},
 };
 
 /// Time the server gives connections to close after every stream has ended.
@@ -72,11 +69,16 @@ pub async fn run(
             tracing::info!(open_streams = shared.active_sessions(), "shutting down: draining");
             set_health(&health, ServingStatus::NotServing).await;
             shared.draining.cancel();
-            let all = u32::try_from(shared.limits.max_sessions).unwrap_or(u32::MAX);
-            if tokio::time::timeout(deadline, shared.sessions.acquire_many(all))
-                .await
-                .is_err()
-            {
+            let all = saturating_u32(shared.limits.max_sessions);
+            let every_stream_ended = shared.sessions.acquire_many(all);
+            let ended = match deadline {
+                Some(deadline) => tokio::time::timeout(deadline, every_stream_ended).await.is_ok(),
+                None => {
+                    let _ = every_stream_ended.await;
+                    true
+                }
+            };
+            if !ended {
                 tracing::warn!(
                     open_streams = shared.active_sessions(),
                     "drain deadline passed; ending open streams"
@@ -130,13 +132,7 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
     let model = Model::open(&config.model, &options)
         .with_context(|| format!("loading the model {}", config.model.display()))?;
     log_variant_advice(&model);
-    let defaults = ConversationOptions {
-        max_context_tokens: config.max_context_tokens,
-        max_turn_tokens: config.max_turn_tokens,
-        prefill_chunk_tokens: config.prefill_chunk_tokens,
-        ..ConversationOptions::default()
-    };
-    let mut warm = Conversation::new(&model, defaults)
+    let mut warm = Conversation::new(&model, Limits::from_config(config).default_options())
         .context("the server's --max-context-tokens / --prefill-chunk-tokens do not suit the model")?;
     warm.turn("Warm-up: def add(a, b):\n    return a + b", "user")
         .context("the warm-up turn failed")?;
@@ -189,20 +185,4 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
             status,
         )
         .await;
-}
-
-/// tonic answers an over-size request with OUT_OF_RANGE before any handler
-/// runs; gRPC's convention is RESOURCE_EXHAUSTED. Rewrites that one status
-/// (on trailers-only responses, where it sits in the headers).
-fn oversize_is_resource_exhausted<B>(mut response: Response<B>) -> Response<B> {
-    let headers = response.headers_mut();
-    let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
-    if oversize {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-    }
-    response
 }

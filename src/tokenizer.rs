@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// tokenizer.json is missing or unreadable.
-    #[error("cannot load the tokenizer {path}: {source}")]
+    #[error("cannot load the tokenizer {path}")]
     Load {
         /// The file.
         path: PathBuf,
@@ -26,7 +26,7 @@ pub enum TokenizerError {
         marker: &'static str,
     },
     /// Encoding failed.
-    #[error("tokenization failed: {0}")]
+    #[error("tokenization failed")]
     Encode(#[source] tokenizers::Error),
 }
 
