@@ -286,12 +286,8 @@ def report(R, args):
         w(f"Stages reused from an earlier run of `bench/run.py --resume`: {', '.join(R['reused'])}.\n")
     for note in R.get("notes", []):
         w(note + "\n")
-    w("Noisy figures: comparison 3 and comparison 5 at one stream are differences of a few percent between contenders doing")
-    w("the same ONNX Runtime work, inside this machine's run-to-run noise (comparison 3 came out +8.4%, +12.1%, -1.1% and")
-    w("-0.2% in earlier runs of the same code). Comparison 1 straddles its threshold from run to run: token by token is bound")
-    w("by memory bandwidth, which this VM shares with its neighbours, and took ~1,880 ms in two earlier runs (9.4×, 9.5×) and")
-    w("2,315 ms in a third (12.5×), while the compute-bound one call stays at 175–200 ms; a hand A/B in Python onnxruntime")
-    w("(4 alternations) gave 9.7–11.7×. Read it as \"about 10×\", not as a margin. 2, 4, 6 and 7 are far from their thresholds.\n")
+    w("Everything above the \"Analysis\" section is generated from this run's measurements only; the analysis (what was")
+    w("tried, profiles, earlier runs) is written by hand, dated, and carried over unchanged by each run.\n")
     w(f"Turns are the ~{e['turn_tokens']}-token texts of `bench/turns.txt` (the prototype's 45-token turn), raw text, MEAN pooling, 2 threads.\n")
 
     w("## Targets\n")
@@ -346,37 +342,20 @@ def report(R, args):
     one, tbt = p["one_call"]["median_ms"], p["token_by_token"]["median_ms"]
     if r1 < 10:
         w(f"**1. One call vs token by token: {r1:.1f}×, {(1 - r1 / 10) * 100:.0f}% short of 10×.** The one call would have to take {tbt / 10:.0f} ms")
-        w(f"instead of {one:.0f}. One token per call is bound by reading the 1.43 GB of f32 weights (~{tbt / e['turn_tokens']:.0f} ms a call); the")
-        w("45-token call is ~90% weight GEMMs already running above numpy's GFLOPS at these shapes (comparison 6), so there is")
-        w("little left to take out of it. Tried: no lm_head (kept; it made single-token calls cheaper too, so it lowered this ratio")
-        w("from DESIGN.md's 11×), session options, separate gate/up MatMuls (slower), the additive mask (no change on an empty")
-        w("context). Untried: a faster GEMM than ONNX Runtime's MLAS (e.g. oneDNN), which is outside this graph.\n")
+        w(f"instead of {one:.0f}; one token per call took ~{tbt / e['turn_tokens']:.0f} ms a call. See the analysis below.\n")
     s1 = [median([x["tokens_per_s"] for x in R["servers"][n][1]]) for n in ("ours", "python")]
     s8 = [median([x["tokens_per_s"] for x in R["servers"][n][8]]) for n in ("ours", "python")]
     if s1[0] / s1[1] < 1.3 or s8[0] / s8[1] < 1.3:
         w(f"**5. Throughput vs the Python server on ~{e['turn_tokens']}-token turns: {s1[0] / s1[1]:.2f}× at 1 stream, {s8[0] / s8[1]:.2f}× at 8 (target 1.3×).**")
-        w("Both servers run the same ONNX Runtime on the same file, and the turn is ~90% MatMul inside it. At one stream, each")
-        w("turn waiting for the previous answer, the servers differ only in their own overheads: ours is within noise of the")
-        w("in-process turn (comparison 3), the Python server's cost it the difference measured here. No server can make this")
-        var_ms = {v: median([r["turns_1_to_10"]["median_ms"] for r in runs]) for v, runs in R["variants"].items() if runs}
-        if "model.onnx" in var_ms and "model_q8.onnx" in var_ms:
-            q8 = f"q8 is {var_ms['model.onnx'] / var_ms['model_q8.onnx']:.1f}× faster than f32 at cosine ≥ 0.999, section 4,"
-        else:
-            q8 = "see section 4,"
-        w(f"runtime run the same file 1.3× faster at one stream; the levers are the model file ({q8}")
-        w("for both servers alike) or another runtime. At 8 streams our server batches the queued turns")
         b = e.get("batching")
         if b:
             t45 = b["turn45"]
-            w("(table in section 3 and 5), but 8 × 45-token turns are already compute-bound: sharing one call makes them only")
-            w(f"{t45['one_by_one']['median_ms'] / t45['batched']['median_ms']:.2f}× faster in process. Batching pays where the weight reads dominate — short turns, where")
-            if R.get("servers_short", {}).get("ours"):
-                o = median([x["tokens_per_s"] for x in R["servers_short"]["ours"]])
-                py = median([x["tokens_per_s"] for x in R["servers_short"]["python"]])
-                w(f"our server does {o / py:.2f}× the Python server's throughput at 8 streams (row 5+).")
-            else:
-                w("the in-process speed-up is larger.")
-        w("Tried: batching (kept), the tokenizer and gRPC overheads (measured below 1%). Profile: \"Where the time goes\" below.\n")
+            w(f"In process, batching 8 × ~{e['turn_tokens']}-token turns made them {t45['one_by_one']['median_ms'] / t45['batched']['median_ms']:.2f}× faster (section 3 and 5).")
+        if R.get("servers_short", {}).get("ours"):
+            o = median([x["tokens_per_s"] for x in R["servers_short"]["ours"]])
+            py = median([x["tokens_per_s"] for x in R["servers_short"]["python"]])
+            w(f"With short turns our server did {o / py:.2f}× the Python server's throughput at 8 streams (row 5+).")
+        w("See the analysis below.\n")
 
     w("\n## 1. The prototype's way vs one call\n")
     w(f"{e['turn_tokens']} tokens, empty cache: one call {st(p['one_call'])} ms; token by token {st(p['token_by_token'])} ms.")
@@ -431,9 +410,6 @@ def report(R, args):
         w(f"| short turn alone | {mm(x['short_alone_ms'])} |")
         w(f"| short turn while the long turn prefills | {mm(x['short_behind_long_ms'])} |")
         w(f"| the long turn | {mm(x['long_ms'])} |")
-        w("\nBefore commit ee334c2 the engine ran a long turn's chunks back to back, and the short turn waited for all of them:")
-        w("the same command against a build of the commit before (5d3e235), run by hand on 2026-11-27 at 20:07 UTC, gave")
-        w("46,819 (45,857–48,368) ms for the short turn behind the long one, and 47,758 (46,793–49,292) ms for the long turn.")
 
     w("\n## 4. Variants and the peer\n")
     w("Per-turn time over turns 1–10 of a conversation (in process), and the worst cosine of each turn's embedding to f32's.\n")
@@ -450,37 +426,35 @@ def report(R, args):
     g = R["gemm"]
     w(f"numpy f32 GEMM, 2 threads: " + ", ".join(f"{k}: {v:.0f} GFLOPS" for k, v in g["turn_shapes"].items()) + f"; 2048³: {g['large_2048']:.0f} GFLOPS. BLAS: {g['blas']}.")
 
-    w("\n## Fast paths: what each changed\n")
-    w("Figures here are from this file's tables unless marked otherwise; the hand-run ones name their method.\n")
-    w("| fast path | status | effect |")
-    w("|---|---|---|")
-    w("| no lm_head / logits in the serving graph | kept | DESIGN.md measured 260 → 172 ms per 45-token prefill (Python onnxruntime, not remeasured here); it also cut the file by 545 MB |")
-    w("| `present.*` fed back as `past_key_values.*` with no copy through Rust | kept (by design) | the only per-turn KV copy left is the graph's own Concat of past and new: 0.6% of kernel time at 45 tokens on an empty context, 1.9% after 4,000 tokens (ORT profiling by hand) |")
-    w("| attention mask as one additive bias built once, instead of a Where per layer | kept (tool version 4) | bit-identical output (max abs diff 0.0); a 45-token turn after 4,000 tokens of context 357 → 306 ms (−14%; Python onnxruntime profiling by hand, the Where was 17% of kernel time there); no change on short contexts |")
-    w("| session options: memory pattern off, CPU arena off | tried, not adopted | Python onnxruntime, 8 interleaved 45-token calls: 239 / 270 ms vs 241 ms default, within noise |")
-    w("| MatMulNBits with int8 compute (accuracy level 4) | kept as variants q4 and q8 | see section 4: q8 is the fastest variant within cosine 0.999 of f32 |")
-    w("| fp16 KV storage with f32 arithmetic | kept as variant fp16 | same speed as f32, half the KV bytes per token, but more RSS at load (ONNX Runtime keeps the fp16 weights beside the folded f32 ones) |")
-    w("| IoBinding / pre-sized KV buffers | not adopted | the copy it would save is the Concat above (0.6–1.9% of a turn). ONNX Runtime's standard ops cannot append into a pre-sized buffer in place; only the contrib GroupQueryAttention op shares past and present buffers, which means leaving the standard-op graph |")
-    w("| separate gate and up MatMuls instead of one fused MatMul and a Split | tried, not adopted | Python onnxruntime profiling by hand, 45 tokens: MatMul 200 ms vs 182 ms fused (the Split it saves is 2%) |")
-    w("| tokenisation off the engine thread | measured, not adopted | a 45-token encode takes 68 µs (tokenizers 0.23, the same Rust library, timed from Python over 2,000 encodes): 0.04% of a turn |")
     bt = e.get("batching", {})
-    if bt:
-        t45, sh = bt["turn45"], bt["short"]
-        w(f"| batching queued turns of different streams into one padded call | kept (`--max-batch-turns`, default 16) | in process, 8 × 45-token turns {t45['one_by_one']['median_ms'] / t45['batched']['median_ms']:.2f}× faster, 8 × {sh['turn_tokens']}-token turns {sh['one_by_one']['median_ms'] / sh['batched']['median_ms']:.2f}× (section 3 and 5); embeddings equal one by one's within 3e-7 (oracle tests) |")
-    if R.get("mixed"):
-        w(f"| long turns take one chunk per engine round, between the other streams' turns | kept | a short turn sent during a {R['mixed']['long_tokens']:,}-token prefill is answered in {median(R['mixed']['short_behind_long_ms']):,.0f} ms instead of ~46,800 ms (section \"Long turns\"); the long turn's own time is unchanged within noise |")
-    w("\nWhere the time goes (ONNX Runtime profiling by hand, f32, one 45-token call, tool version 4 graph): on an empty context MatMul")
-    w("90.9% of kernel time, Split 2.0% (outputs of the fused QKV and gate/up MatMuls), Add 1.5%, Mul 1.3%, the attention ops")
-    w("under 2%; after 4,000 tokens of context MatMul 67%, the scores MatMul (FusedMatMul) 14%, the mask Add 7%, Softmax 5%.")
-    w("The weight GEMMs are the turn, and they already run above numpy's GFLOPS at these shapes (comparison 6): that is why")
-    w("comparison 1 hovers around 10× — one token per call is bound by reading 1.43 GB of f32 weights (~42 ms a call), and the")
-    w("45-token call cannot go much below the GEMMs' ~170 ms — and why batching 45-token turns (already compute-bound) gains")
-    w("little while batching short turns (bound by the weight reads) gains a lot.")
+    if bt or R.get("mixed"):
+        w("\n## Fast paths measured in this run\n")
+        w("| fast path | effect in this run |")
+        w("|---|---|")
+        if bt:
+            t45, sh = bt["turn45"], bt["short"]
+            w(f"| batching queued turns of different streams into one padded call (`--max-batch-turns`) | in process, 8 × {t45['turn_tokens']}-token turns {t45['one_by_one']['median_ms'] / t45['batched']['median_ms']:.2f}× faster, 8 × {sh['turn_tokens']}-token turns {sh['one_by_one']['median_ms'] / sh['batched']['median_ms']:.2f}× |")
+        if R.get("mixed"):
+            w(f"| long turns take one chunk per engine round | a short turn sent during a {R['mixed']['long_tokens']:,}-token prefill is answered in {median(R['mixed']['short_behind_long_ms']):,.0f} ms; the long turn takes {median(R['mixed']['long_ms']):,.0f} ms |")
 
     w("\n## 7. Memory\n")
     w(f"In process: RSS {mem['rss_before_live'] / 1e6:.0f} MB → {mem['rss_with_live'] / 1e6:.0f} MB with {mem['live_conversations']} live 1,000-token conversations holding {mem['kv_bytes_live'] / 1e6:.0f} MB of KV; after 1,000 short conversations opened, used and closed {mem['rss_before_churn'] / 1e6:.0f} → {mem['rss_after_1000'] / 1e6:.0f} MB.")
     w(f"Server: RSS {R['server_rss_loaded'] / 1e6:.0f} MB when SERVING; {R['server_rss_before_churn'] / 1e6:.0f} → {R['server_rss_after_churn'] / 1e6:.0f} MB over 1,000 gRPC conversations (8 streams × 125, 2 short turns each).")
+    w("")
+    w(hand_written(Path(args.out)))
     return "\n".join(L) + "\n"
+
+
+# Everything from this line on in BENCHMARKS.md is written by hand and kept as is.
+HAND_MARKER = "<!-- Hand-written from here on: bench/run.py carries this part over unchanged. Date each entry. -->"
+
+
+def hand_written(path):
+    """The hand-written analysis of the existing report, verbatim (from the marker on)."""
+    old = path.read_text() if path.exists() else ""
+    if HAND_MARKER in old:
+        return old[old.index(HAND_MARKER):].rstrip("\n")
+    return HAND_MARKER + "\n\n## Analysis\n\n(none yet)"
 
 
 if __name__ == "__main__":

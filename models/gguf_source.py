@@ -47,13 +47,23 @@ class GgufSource:
             raise ValueError(f"{self.path}: architecture {a!r} is not qwen2")
         hidden = int(self.field("qwen2.embedding_length"))
         heads = int(self.field("qwen2.attention.head_count"))
+        kv_heads = int(self.field("qwen2.attention.head_count_kv"))
+        # The GGUF's own head size when it states one (models whose head size
+        # is not hidden / heads do); else Qwen2's hidden / heads.
+        key_length = self.reader.fields.get("qwen2.attention.key_length")
+        head_dim = int(key_length.contents()) if key_length is not None else hidden // heads
+        k_rows = int(self.tensors["blk.0.attn_k.weight"].shape.tolist()[-1])
+        if k_rows != kv_heads * head_dim:
+            raise ValueError(
+                f"{self.path}: blk.0.attn_k.weight has {k_rows} rows, not kv_heads {kv_heads} x head_dim {head_dim}"
+            )
         return Arch(
             layers=int(self.field("qwen2.block_count")),
             hidden=hidden,
             ffn=int(self.field("qwen2.feed_forward_length")),
             heads=heads,
-            kv_heads=int(self.field("qwen2.attention.head_count_kv")),
-            head_dim=hidden // heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
             vocab=len(self.reader.fields["tokenizer.ggml.tokens"].data),
             rope_theta=float(self.field("qwen2.rope.freq_base")),
             rms_eps=float(self.field("qwen2.attention.layer_norm_rms_epsilon")),

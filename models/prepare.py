@@ -35,8 +35,9 @@ import time
 import zipfile
 from pathlib import Path
 
+# Run as a script, so its own folder (models/, with qwen_onnx and gguf_source)
+# is first on sys.path; the tests get the same folder from tests/python/pytest.ini.
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 # Bump when the graphs or the tokenizer this tool writes change: it keys the cache.
 TOOL_VERSION = 4
@@ -166,13 +167,15 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
+    """The same file on disk (a hard link of it), by device and inode only: a
+    file of the same size and an older mtime may still hold other bytes. Where
+    the cache cannot be hard-linked (another file system) the install copies
+    again each run."""
     try:
         sa, sb = a.stat(), b.stat()
     except FileNotFoundError:
         return False
-    return (sa.st_ino == sb.st_ino and sa.st_dev == sb.st_dev) or (
-        sa.st_size == sb.st_size and sa.st_mtime <= sb.st_mtime
-    )
+    return sa.st_ino == sb.st_ino and sa.st_dev == sb.st_dev
 
 
 def install(cached: Path, out: Path, names: list[str]) -> None:

@@ -131,7 +131,8 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
     b = _Builder(store)
     d, nh, nkv = arch.head_dim, arch.heads, arch.kv_heads
     n_rep = nh // nkv
-    assert nh % nkv == 0, "query heads must be a multiple of KV heads"
+    if nh % nkv != 0:
+        raise ValueError(f"{nh} query heads are not a multiple of {nkv} KV heads")
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -288,7 +289,8 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
     else:
         b.nodes.append(helper.make_node("Cast", [hidden], ["last_hidden_state"], name="out_hidden", to=io_type))
     if lm_head:
-        assert w.lm_head is not None
+        if w.lm_head is None:
+            raise ValueError("lm_head=True needs the lm_head weights")
         logits = linear(hidden, w.lm_head, None, "lm_head")
         b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="out_logits"))
         outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", arch.vocab]))

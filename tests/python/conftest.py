@@ -18,7 +18,7 @@ VENV_BIN = Path(sys.executable).parent
 BIN = Path(os.environ.get("SE_BIN", ROOT / "target" / "debug" / "stateful-embedder"))
 GEN = Path(__file__).resolve().parent / "gen"
 
-sys.path.insert(0, str(MODELS))
+# models/ (gguf_source, qwen_onnx) is on sys.path through pytest.ini's pythonpath.
 
 
 def require(path: Path) -> Path:
