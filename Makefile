@@ -24,8 +24,8 @@ serve: setup
 	./target/release/stateful-embedder serve --model $(REAL)/$(SERVE_FILE) --addr $(ADDR)
 
 test: setup models
-	SE_REQUIRE_MODELS=1 $(CARGO) test --all-targets
-	SE_REQUIRE_MODELS=1 $(CARGO) test --doc
+	$(CARGO) test --all-targets -- --include-ignored
+	$(CARGO) test --doc
 	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
 
 # The Python side: the onnxruntime wheel (its libonnxruntime.so is what the

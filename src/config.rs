@@ -96,6 +96,26 @@ pub struct Config {
 }
 
 impl Config {
+    /// The config `stateful-embedder serve ARGS…` runs with: the flags, then
+    /// their environment variables, then the defaults. For running
+    /// [`crate::server::run`] from a program of your own.
+    ///
+    /// # Errors
+    /// clap's error for an unknown flag or a bad value.
+    pub fn from_serve_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = ["stateful-embedder".into(), "serve".into()]
+            .into_iter()
+            .chain(args.into_iter().map(Into::into));
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(config) => Ok(config),
+            Command::Converse(_) => unreachable!("the first argument is `serve`"),
+        }
+    }
+
     /// How the engine batches turns.
     pub fn batch_limits(&self) -> BatchLimits {
         BatchLimits {
@@ -134,24 +154,17 @@ mod tests {
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("nan").is_err());
         assert!(parse_seconds("soon").is_err());
-        let cli = Cli::try_parse_from(["stateful-embedder", "serve", "--drain-seconds", "inf"]).unwrap();
-        let Command::Serve(config) = cli.command else {
-            panic!("serve parses to Serve")
-        };
+        let config = Config::from_serve_args(["--drain-seconds", "inf"]).unwrap();
         assert_eq!(config.drain_timeout(), None);
-        let cli = Cli::try_parse_from(["stateful-embedder", "serve", "--drain-seconds", "0.5"]).unwrap();
-        let Command::Serve(config) = cli.command else {
-            panic!("serve parses to Serve")
-        };
+        let config = Config::from_serve_args(["--drain-seconds", "0.5"]).unwrap();
         assert_eq!(config.drain_timeout(), Some(Duration::from_millis(500)));
+        assert!(Config::from_serve_args(["--drain-seconds", "-1"]).is_err());
     }
 
     /// The command line's defaults are the library's.
     #[test]
     fn defaults_are_the_librarys() {
-        let Command::Serve(config) = Cli::try_parse_from(["stateful-embedder", "serve"]).unwrap().command else {
-            panic!("serve parses to Serve")
-        };
+        let config = Config::from_serve_args(Vec::<String>::new()).unwrap();
         let options = crate::conversation::ConversationOptions::default();
         assert_eq!(config.max_context_tokens, options.max_context_tokens);
         assert_eq!(config.max_turn_tokens, options.max_turn_tokens);

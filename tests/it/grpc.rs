@@ -1,19 +1,23 @@
-//! The gRPC service against a real server process on an ephemeral port (tiny
-//! model), with tonic clients and the Rust `converse` client process.
+//! The gRPC service against a real server on an ephemeral port (tiny model),
+//! run in-process through `server::run` (a child process for the signal test),
+//! with tonic clients and the Rust `converse` client process.
 
 use std::{
     io::{BufRead, BufReader, Write},
-    process::{Child, Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use stateful_embedder::{
+    config::Config,
     conversation::{Conversation, ConversationOptions},
     pb::{
         self, ConverseRequest, ConverseResponse, converse_request::Action, converse_response::Result as Reply,
         embedder_client::EmbedderClient,
     },
+    server,
 };
+use tokio::{io::AsyncBufReadExt, sync::oneshot};
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -22,65 +26,105 @@ use crate::common::{self, F32, assert_close, oracle};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stateful-embedder");
 
-/// A server process on 127.0.0.1:0, killed on drop.
+/// A server on 127.0.0.1:0 with the tiny model: in this process (`server::run`
+/// with a shutdown future, as a library user would run it), or as a child
+/// process for the tests that signal it. Stopped on drop.
 pub struct TestServer {
-    child: Child,
     pub addr: String,
+    kind: Kind,
+}
+
+enum Kind {
+    /// `server::run` on this test's runtime; sending on `shutdown` drains it.
+    InProcess {
+        shutdown: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    },
+    /// The server binary (killed on drop).
+    Process(tokio::process::Child),
 }
 
 impl TestServer {
-    /// Starts the server on the tiny model with extra flags; returns once health is SERVING.
+    /// Runs the server in this process with extra command-line flags; returns once health is SERVING.
     pub async fn start(extra: &[&str]) -> TestServer {
-        let mut child = Command::new(BIN)
+        let tiny = common::tiny_dir();
+        let mut args = vec!["--addr", "127.0.0.1:0", "--model", tiny.to_str().expect("a UTF-8 path")];
+        args.extend_from_slice(extra);
+        let config = Config::from_serve_args(args).expect("valid test flags");
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .expect("binds 127.0.0.1:0");
+        let addr = listener.local_addr().expect("a bound address");
+        let (shutdown, shutdown_rx) = oneshot::channel();
+        let task = tokio::spawn(server::run(config, listener, async {
+            let _ = shutdown_rx.await;
+        }));
+        let server = TestServer {
+            addr: format!("http://{addr}"),
+            kind: Kind::InProcess {
+                shutdown: Some(shutdown),
+                task,
+            },
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    /// Runs the server binary with extra flags; returns once health is SERVING.
+    pub async fn process(extra: &[&str]) -> TestServer {
+        let mut child = tokio::process::Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--model"])
             .arg(common::tiny_dir())
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .kill_on_drop(true)
             .spawn()
             .expect("the server binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        });
-        let line = tokio::time::timeout(Duration::from_secs(60), line)
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line))
             .await
             .expect("the server prints its address within 60 s")
-            .unwrap()
-            .unwrap();
+            .expect("reads its stdout");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .expect("a 'listening on' line")
             .to_string();
         let server = TestServer {
-            child,
             addr: format!("http://{addr}"),
+            kind: Kind::Process(child),
         };
         server.wait_serving().await;
         server
     }
 
+    /// Waits on the health Watch until the server is SERVING.
     async fn wait_serving(&self) {
+        self.wait_health(ServingStatus::Serving).await;
+    }
+
+    /// Waits on the health Watch (bounded: 60 s) until the overall status is `want`.
+    pub async fn wait_health(&self, want: ServingStatus) {
         let mut health = HealthClient::new(self.channel().await);
         let mut watch = health
             .watch(HealthCheckRequest { service: String::new() })
             .await
             .expect("health watch")
             .into_inner();
-        let serving = async {
+        let reached = async {
             while let Some(status) = watch.next().await {
-                if status.expect("health status").status() == ServingStatus::Serving {
+                if status.expect("health status").status() == want {
                     return;
                 }
             }
-            panic!("the health watch ended before SERVING");
+            panic!("the health watch ended before {want:?}");
         };
-        tokio::time::timeout(Duration::from_secs(60), serving)
+        tokio::time::timeout(Duration::from_secs(60), reached)
             .await
-            .expect("SERVING within 60 s");
+            .unwrap_or_else(|_| panic!("{want:?} within 60 s"));
     }
 
     pub async fn channel(&self) -> Channel {
@@ -95,7 +139,9 @@ impl TestServer {
         EmbedderClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
-    /// Polls GetStats until `done` holds (bounded: 20 s), returning the last stats.
+    /// Polls GetStats until `done` holds (bounded: 20 s), returning the last
+    /// stats. (GetStats has no watch; the poll is bounded and its interval
+    /// short, and no test sleeps instead of waiting for a state.)
     pub async fn wait_stats(&self, what: &str, done: impl Fn(&pb::Stats) -> bool) -> pb::Stats {
         let mut client = self.client().await;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -109,26 +155,53 @@ impl TestServer {
         }
     }
 
+    /// The child process's pid (process servers only).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.kind {
+            Kind::Process(child) => child.id().expect("the server process is running"),
+            Kind::InProcess { .. } => panic!("an in-process server has no pid of its own"),
+        }
     }
 
-    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Waits (bounded) for the child process to exit (process servers only).
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let Kind::Process(child) = &mut self.kind else {
+            panic!("only a process server exits on its own");
+        };
+        tokio::time::timeout(limit, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the server did not exit within {limit:?}"))
+            .expect("waits for the server process")
+    }
+
+    /// Resolves an in-process server's shutdown future, as a signal would.
+    pub fn begin_shutdown(&mut self) {
+        let Kind::InProcess { shutdown, .. } = &mut self.kind else {
+            panic!("only an in-process server is shut down through its future");
+        };
+        let _ = shutdown.take().expect("shut down once").send(());
+    }
+
+    /// Waits (bounded: 30 s) for an in-process server's `run` to return.
+    pub async fn stopped(mut self) -> anyhow::Result<()> {
+        let Kind::InProcess { task, .. } = &mut self.kind else {
+            panic!("only an in-process server returns from run");
+        };
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server::run returns within 30 s of its shutdown")
+            .expect("the server task does not panic")
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.kind {
+            Kind::InProcess { task, .. } => task.abort(),
+            Kind::Process(child) => {
+                let _ = child.start_kill();
+            }
+        }
     }
 }
 
@@ -156,13 +229,31 @@ fn reset(tag: &str) -> ConverseRequest {
     }
 }
 
-/// Sends all requests at once on one stream (pipelined), half-closes, collects every response.
-async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<ConverseRequest>) -> Vec<ConverseResponse> {
+/// Opens a Converse stream fed by the returned sender: requests sent on it
+/// go out in order, and dropping it half-closes the stream.
+async fn open(
+    client: &mut EmbedderClient<Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<ConverseRequest>,
+    tonic::Streaming<ConverseResponse>,
+) {
+    // Room for every request a test pipelines before reading.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     let stream = client
-        .converse(tokio_stream::iter(requests))
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .expect("the stream opens")
         .into_inner();
+    (tx, stream)
+}
+
+/// Sends all requests at once on one stream (pipelined), half-closes, collects every response.
+async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<ConverseRequest>) -> Vec<ConverseResponse> {
+    let (tx, stream) = open(client).await;
+    for r in requests {
+        tx.send(r).await.expect("the stream takes requests");
+    }
+    drop(tx);
     stream.collect::<Result<Vec<_>, _>>().await.expect("the stream ends OK")
 }
 
@@ -176,14 +267,9 @@ async fn open_stream(
     tonic::Streaming<ConverseResponse>,
     ConverseResponse,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(first).await.unwrap();
-    let mut stream = client
-        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.next().await.unwrap().unwrap();
+    let (tx, mut stream) = open(client).await;
+    tx.send(first).await.expect("the stream takes requests");
+    let response = stream.next().await.expect("a response").expect("an OK response");
     (tx, stream, response)
 }
 
@@ -207,7 +293,7 @@ const TURNS: [(&str, &str); 3] = [
     ("Rust: fn add(a: i32, b: i32) -> i32 { a + b }", "assistant"),
 ];
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// The engine's oracle holds over the wire: each streamed turn equals the one-shot embedding.
 async fn oracle_holds_over_the_wire() {
     let server = TestServer::start(&[]).await;
@@ -232,7 +318,7 @@ async fn oracle_holds_over_the_wire() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Pipelined requests come back one per request, in order, with their index and tag.
 async fn pipelined_requests_come_back_in_order() {
     let server = TestServer::start(&[]).await;
@@ -273,7 +359,7 @@ async fn pipelined_requests_come_back_in_order() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// In-band errors leave the session unchanged and usable; the next good turn still meets the oracle.
 async fn in_band_errors_keep_the_session() {
     let server = TestServer::start(&["--max-turn-tokens", "40"]).await;
@@ -341,7 +427,7 @@ async fn in_band_errors_keep_the_session() {
     assert_eq!(embedding(&responses[1]).values.len(), 64);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// After a normal close, a cancellation and a killed client process, GetStats shows 0 sessions and 0 KV bytes.
 async fn caches_are_freed_when_streams_end() {
     let server = TestServer::start(&[]).await;
@@ -369,7 +455,7 @@ async fn caches_are_freed_when_streams_end() {
     println!("GetStats after cancellation: {after:?}");
 
     // A client process killed mid-stream.
-    let mut child = Command::new(BIN)
+    let mut child = std::process::Command::new(BIN)
         .args(["converse", "--addr", &server.addr])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -393,7 +479,7 @@ async fn caches_are_freed_when_streams_end() {
     server.wait_stats("after the client process was killed", zero).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A message over --max-message-bytes gets RESOURCE_EXHAUSTED (stream and unary); the server keeps serving.
 async fn oversize_messages_are_resource_exhausted() {
     let server = TestServer::start(&["--max-message-bytes", "2048"]).await;
@@ -425,7 +511,7 @@ async fn oversize_messages_are_resource_exhausted() {
     assert_eq!(embedding(&ok[0]).values.len(), 64);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Streams over --max-sessions get RESOURCE_EXHAUSTED; the open ones keep working, and a slot frees on close.
 async fn stream_limit_is_resource_exhausted() {
     let server = TestServer::start(&["--max-sessions", "2"]).await;
@@ -455,7 +541,7 @@ async fn stream_limit_is_resource_exhausted() {
     assert_eq!(ok.len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Embed is stateless (each text equals a fresh conversation's first raw turn) and batches its texts
 /// into one call; ModelInfo describes the model.
 async fn embed_and_model_info() {
@@ -546,39 +632,27 @@ async fn embed_and_model_info() {
     assert!(info.vocab_size > 151_000);
 }
 
-#[tokio::test]
-/// SIGTERM: health goes NOT_SERVING, new streams are refused, an open stream ends
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// SIGTERM (to the server binary): health goes NOT_SERVING, new streams are refused, an open stream ends
 /// with UNAVAILABLE after the drain deadline (4 s: room for a busy machine), and the process exits 0.
 async fn shutdown_drains_then_ends_streams() {
-    let mut server = TestServer::start(&["--drain-seconds", "4"]).await;
+    let mut server = TestServer::process(&["--drain-seconds", "4"]).await;
     let mut client = server.client().await;
     let (tx, mut stream, _) = open_stream(&mut client, turn("a", "hello", "")).await;
 
-    let status = Command::new("kill")
+    let status = std::process::Command::new("kill")
         .args(["-TERM", &server.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
 
-    let mut health = HealthClient::new(server.channel().await);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = health
-            .check(HealthCheckRequest { service: String::new() })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.status() == ServingStatus::NotServing {
-            break;
-        }
-        assert!(Instant::now() < deadline, "health never went NOT_SERVING");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.wait_health(ServingStatus::NotServing).await;
     let refused = client
         .converse(tokio_stream::iter(vec![turn("late", "hi", "")]))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("shutting down"), "{refused:?}");
 
     // The open stream still works during the drain…
     tx.send(turn("b", "during drain", "")).await.unwrap();
@@ -589,13 +663,36 @@ async fn shutdown_drains_then_ends_streams() {
     let status = end.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "server shutting down");
-    let exit = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let exit = server.wait_exit(Duration::from_secs(20)).await;
     assert!(exit.success(), "{exit:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// In process, `server::run`'s shutdown future drains as a signal does; with `--drain-seconds inf`
+/// there is no deadline (and no panic): an open stream goes on until its client half-closes, then
+/// `run` returns Ok.
+async fn shutdown_future_drains_without_a_deadline() {
+    let mut server = TestServer::start(&["--drain-seconds", "inf"]).await;
+    let mut client = server.client().await;
+    let (tx, mut stream, _) = open_stream(&mut client, turn("a", "hello", "")).await;
+
+    server.begin_shutdown();
+    server.wait_health(ServingStatus::NotServing).await;
+    let refused = client.embed(pb::EmbedRequest {
+        texts: vec!["late".into()],
+        ..Default::default()
+    });
+    assert_eq!(refused.await.unwrap_err().code(), Code::Unavailable);
+
+    tx.send(turn("b", "during drain", "")).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().index, 1);
+    drop(tx); // half-close: the stream ends OK, and with it the drain
+    assert!(stream.next().await.is_none(), "the stream ends cleanly");
+    drop((stream, client));
+    server.stopped().await.expect("server::run returns Ok after the drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Reflection answers on v1 (newer clients) as well as v1alpha (grpcurl 1.8.6, tested from Python).
 async fn reflection_v1_lists_the_services() {
     use tonic_reflection::pb::v1::{
@@ -672,7 +769,7 @@ async fn check_short_turns(
     context
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Turns of streams that queue up behind a running call share one model call,
 /// and each still meets the oracle. A long turn (about 4,000 tokens in one
 /// call, over a second on the tiny model) keeps the engine busy while eight
@@ -713,7 +810,7 @@ async fn queued_turns_of_many_streams_share_a_call() {
     assert_eq!(after.turns_total - base.turns_total, 10);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A long prefill does not hold up other streams: a turn that needs many
 /// calls (8,000 tokens in 16-token chunks) runs one chunk per round, and
 /// turns sent meanwhile are answered, exact, between its chunks. When its

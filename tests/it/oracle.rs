@@ -59,10 +59,14 @@ impl Script {
         match self.options.overflow {
             Overflow::Reset => (Vec::new(), ctx.len()),
             Overflow::Slide => {
+                // The documented rule, step by step: drop the oldest token
+                // after the first `keep_tokens` until at least half the window
+                // is free and the turn fits.
                 let keep = self.options.keep_tokens.min(ctx.len());
-                let target = (w / 2).min(w - n).max(keep);
-                let mut kept = ctx[..keep].to_vec();
-                kept.extend_from_slice(&ctx[ctx.len() - (target - keep)..]);
+                let mut kept = ctx.clone();
+                while kept.len() > keep && (kept.len() > w / 2 || kept.len() + n > w) {
+                    kept.remove(keep);
+                }
                 let evicted = ctx.len() - kept.len();
                 (kept, evicted)
             }
@@ -236,9 +240,10 @@ fn tiny_fp16_oracle() {
 }
 
 #[test]
+#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The oracle holds on the real model in f32, including dimensions 64 and 512.
 fn real_f32_oracle() {
-    let Some(model) = common::real() else { return };
+    let model = common::real();
     for turns in [1, 2, 10] {
         let mut s = Script::new(&model, opts(), F32);
         for text in TEXTS.iter().take(turns) {
@@ -287,11 +292,12 @@ of one hundred rows, logging every rejected line.";
 const SECOND: &str = "Now add retries with exponential backoff when the database is unavailable.";
 
 #[test]
+#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The prototype's three scenarios on the real model: a ~45-token first turn,
 /// a second turn that grows the context and changes the vector, and a reset
 /// that gives exactly a new conversation's first embedding.
 fn real_prototype_scenarios() {
-    let Some(model) = common::real() else { return };
+    let model = common::real();
     let mut conv = Conversation::new(&model, opts()).unwrap();
     let first = conv.turn(FIRST_45, "").unwrap();
     println!("first turn: {} tokens", first.turn_tokens);
@@ -484,12 +490,13 @@ fn context_changes_the_embedding() {
 }
 
 #[test]
+#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The quantised and fp16 variants of the real model load (contract read off
 /// their graphs) and embed close to f32: fp16 within cosine 0.999, q8 within
 /// 0.995 (0.9985 measured on these short turns; ≥ 0.999 on BENCHMARKS.md's
 /// 45-token turns), q4 and int8 (the default quantisers, known to drift) within 0.9.
 fn real_variants_load_and_embed() {
-    let Some(f32_model) = common::real() else { return };
+    let f32_model = common::real();
     let mut reference = Conversation::new(&f32_model, opts()).unwrap();
     let want: Vec<Vec<f32>> = TEXTS[..3]
         .iter()
@@ -501,9 +508,7 @@ fn real_variants_load_and_embed() {
         ("model_q4.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
         ("model_int8.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
     ] {
-        let Some(path) = common::model_file(common::real_dir(), file) else {
-            continue;
-        };
+        let path = common::model_file(common::real_dir(), file);
         let model = Model::open(&path, &Default::default()).unwrap();
         assert_eq!((model.spec().layers, model.spec().kv_dtype), (24, kv));
         let mut conv = Conversation::new(&model, opts()).unwrap();
@@ -724,10 +729,11 @@ fn batches_group_by_shape() {
 }
 
 #[test]
+#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// Batched turns meet the oracle on the real model in f32: four conversations
 /// with different histories, two batched rounds of one call each.
 fn real_f32_batched_oracle() {
-    let Some(model) = common::real_private() else { return };
+    let model = common::real_private();
     let mut scripts: Vec<Script> = (0..4).map(|_| Script::new(&model, opts(), F32)).collect();
     for (i, s) in scripts.iter_mut().enumerate() {
         for text in TEXTS.iter().take(i) {
