@@ -16,7 +16,7 @@ SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIA
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test setup models real-model tiny-model bench lint clean-models
+.PHONY: serve test test-avx2 setup models real-model tiny-model bench lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
@@ -27,6 +27,19 @@ test: setup models
 	$(CARGO) test --all-targets -- --include-ignored
 	$(CARGO) test --doc
 	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
+
+# The tests whose numbers depend on ONNX Runtime's kernel choice (the oracle
+# suites, the variants, chunking and padding per variant), again on an
+# emulated AVX2-only CPU (AMD EPYC Zen 3: no AVX-512, no VNNI) whatever this
+# machine is. Needs qemu-user (installed here when root on Debian). Slow: the
+# emulator runs int8 kernels ~300x slower than native (see models/README.md);
+# not part of `make test`.
+AVX2_RUN := $(CURDIR)/tests/avx2/run-as-zen3
+test-avx2: setup models
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -qq qemu-user >/dev/null; } || { echo "test-avx2 needs qemu-x86_64 (Debian: apt-get install qemu-user)"; exit 1; }
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$(AVX2_RUN) $(CARGO) test --test it oracle:: -- --include-ignored --nocapture
+	SE_REQUIRE_MODELS=1 $(AVX2_RUN) $(PY) -m pytest tests/python/test_model.py -q -s -p no:cacheprovider -k "chunking or left_padded"
 
 # The Python side: the onnxruntime wheel (its libonnxruntime.so is what the
 # server loads), the model-preparation tools and the Python test clients.

@@ -13,7 +13,7 @@
 //! # Rounds
 //! The worker works in rounds: it takes every job waiting (up to
 //! [`BatchLimits::max_turns`]; when idle it blocks for the first) and hands
-//! them to the [`crate::schedule`]r, which batches turns of different streams
+//! them to the scheduler ([`crate::schedule`]), which batches turns of different streams
 //! into shared calls and runs one chunk of the oldest long turn per round.
 //! Nothing waits to fill a batch: a lone turn runs at once, and batches form
 //! only when turns queue up behind a running call, which is when sharing the
@@ -78,18 +78,28 @@ enum Job {
     },
 }
 
-/// Work counters, read by `GetStats`.
+/// Work counters, read by `GetStats`; only the engine moves them.
 #[derive(Debug, Default)]
 pub struct EngineStats {
     /// Turns (and stateless texts) embedded.
-    pub turns: AtomicU64,
+    turns: AtomicU64,
     /// Tokens prefilled by those turns.
-    pub tokens: AtomicU64,
+    tokens: AtomicU64,
     /// Texts queued or running: one per live [`QueueTicket`].
     queued: AtomicUsize,
 }
 
 impl EngineStats {
+    /// Turns (and stateless texts) embedded so far.
+    pub fn turns(&self) -> u64 {
+        self.turns.load(Ordering::Relaxed)
+    }
+
+    /// Tokens those turns prefilled.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
     /// Texts (turns and `Embed` texts) waiting in the queue or running.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)

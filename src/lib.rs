@@ -10,24 +10,31 @@
 //! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`); [`cpu`] reads
 //!   the CPU features its kernels (and so each variant's speed) depend on.
 //! * [`tokenizer`] turns text (and ChatML roles) into token ids.
-//! * [`model`] owns the ONNX Runtime session, discovers the I/O contract and
-//!   runs one forward pass; [`model::KvCache`] is a conversation's cache.
-//! * [`conversation`] is the state of one conversation and the turn logic:
-//!   pooling, truncation, context window and overflow policies; and
-//!   [`conversation::run_turns`], which batches turns of several conversations.
+//! * [`model`] owns the ONNX Runtime session and runs forward passes, one
+//!   conversation's or several in one padded call; `model::contract`
+//!   discovers the I/O contract ([`model::ModelSpec`]) and `model::kv` holds
+//!   [`model::KvCache`] (a conversation's cache, with its byte ledger) and the
+//!   packing of caches into a batch.
+//! * [`conversation`] is one conversation's state machine
+//!   ([`conversation::Conversation::new`], `turn`, `reset`): pooling,
+//!   truncation, context window and overflow policies, all-or-nothing turns.
+//! * [`schedule`] decides what runs together: it groups turns of several
+//!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
+//!   of work into chunks, and runs long turns a chunk per round.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
-//!   of turns, each carrying its conversation and a oneshot reply; turns that
-//!   queued up together run as one batch, and long turns run a chunk per
-//!   round so they never hold up the others.
+//!   of jobs, each carrying its conversation and a oneshot reply; it takes
+//!   what waits each round and hands it to the scheduler, and keeps the
+//!   counters (the queue count is tickets that decrement on drop).
 //! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
-//!   conversions, one task per `Converse` stream; [`server`] adds health and
+//!   conversions, one task per `Converse` stream, and every failure in
+//!   [`service::ServiceError`] with its gRPC code; [`server`] adds health and
 //!   reflection and runs the lifecycle (load, warm up, serve, drain);
 //!   [`config`] is the command line; [`client`] is a small Rust client
 //!   (`stateful-embedder converse`) for scripts and tests.
 //!
-//! Data flows `service → engine → conversation → model/tokenizer` and back;
-//! a conversation's state travels with its turn, so nothing is shared between
-//! streams but the model.
+//! Data flows `service → engine → schedule → conversation → model/tokenizer`
+//! and back; a conversation's state travels with its turn, so nothing is
+//! shared between streams but the model.
 //!
 //! # Example
 //! ```

@@ -10,7 +10,7 @@
 //! rules keep a group from padding more than it saves.
 //!
 //! # Rounds
-//! The engine thread hands [`Scheduler::run_round`] every job that waited
+//! The engine thread hands `Scheduler::run_round` every job that waited
 //! since the last round. A round runs them in chunks of at most
 //! [`BatchLimits::max_turns`] turns and `max_padded_tokens` bytes of text (so
 //! an `Embed` of many texts holds only one chunk's caches at once), then runs
@@ -21,7 +21,7 @@
 //! before its next chunk, which frees its cache then.
 //!
 //! The scheduler decides what runs; where answers go (a stream's oneshot, a
-//! slot of an `Embed`) is the engine's, behind [`Replies`].
+//! slot of an `Embed`) is the engine's, behind the `Replies` trait.
 
 use std::{collections::VecDeque, sync::Arc};
 

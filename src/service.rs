@@ -450,12 +450,11 @@ impl pb::embedder_server::Embedder for EmbedderService {
     async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
         let engine = self.engine()?;
         let stats = engine.stats();
-        use std::sync::atomic::Ordering::Relaxed;
         Ok(Response::new(pb::Stats {
             active_sessions: saturating_u32(self.shared.active_sessions()),
             kv_cache_bytes: engine.model().kv_cache_bytes(),
-            turns_total: stats.turns.load(Relaxed),
-            tokens_total: stats.tokens.load(Relaxed),
+            turns_total: stats.turns(),
+            tokens_total: stats.tokens(),
             queued_turns: saturating_u32(stats.queued()),
             model_calls_total: engine.model().calls(),
         }))
@@ -630,7 +629,7 @@ fn inbound_failure(status: Status) -> Status {
 /// tonic answers an over-size unary request with OUT_OF_RANGE before any
 /// handler runs; this response layer rewrites that one status (on
 /// trailers-only responses, where it sits in the headers) to
-/// RESOURCE_EXHAUSTED, as [`inbound_failure`] does for streams.
+/// RESOURCE_EXHAUSTED, as `inbound_failure` does for streams.
 pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")

@@ -16,18 +16,37 @@ import pytest
 from conftest import BIN, MODELS, REAL, ROOT, TINY, require
 from tokenizers import Tokenizer
 
-VARIANTS = {
-    # file: max abs diff held between one-shot, two-chunk and token-by-token runs.
-    "model.onnx": 1e-4,  # f32: the same arithmetic, only GEMM blocking can differ
-    "model_fp16.onnx": 1e-2,  # fp16 outputs: one fp16 ulp of values up to ~8
-    "model_q4.onnx": 1e-3,  # 4-bit weight-only MatMulNBits: measured exact (0.0)
-    # These quantise activations per call, so chunking changes their numbers;
-    # see test_quantised_chunking for the direction they keep.
-    "model_q8.onnx": None,
-    "model_int8.onnx": None,
+# What each tolerance rests on. ONNX Runtime (MLAS) picks CPU kernels by CPU
+# features and by call shape, so no bound here may rest on one machine's 0.0.
+#
+# f32 and fp16 (float32 arithmetic; fp16 stores weights and KV in float16):
+# chunking changes no arithmetic, by construction. The weight MatMuls run on
+# prepacked weights, which MLAS multiplies with one kernel whatever the row
+# count (its M=1 shortcut exists only for unpacked B), each output summed over
+# K in the same order; the attention MatMuls have 7 * s rows (the query heads
+# of a KV head stacked), never 1, and their K blocks start at position 0; and
+# masked positions add exact zeros. Measured 0.0 at 60 and 700 tokens, chunks
+# of 1 to 300, on AVX-512 (Intel Sapphire Rapids, and AMD EPYC before it) and
+# on AVX2/FMA3 kernels (an AVX2-only AMD EPYC Zen 3, emulated: `make
+# test-avx2`). The bounds are margins, not 0.0, for kernels nobody has seen:
+# a few float32 ulps of the largest hidden values (~136), one fp16 ulp for fp16.
+EXACT = {
+    "model.onnx": 1e-4,
+    "model_fp16.onnx": 1e-2,
 }
-# Mean-pooled cosine held between one-shot and two-chunk runs, for the variants above marked None.
-PER_CALL_QUANTISED = {"model_int8.onnx": 0.98, "model_q8.onnx": 0.999}
+# q4, q8 and int8 quantise activations to int8 per call (MatMulNBits at
+# accuracy level 4 per block; dynamic int8 per tensor) with kernels chosen by
+# CPU features (VNNI or not) and row count, so chunking changes their numbers
+# on some CPUs and not others (q4 chunking is exact on AVX-512 VNNI, off by 1.7
+# on AVX2 Zen 3). What holds everywhere is the direction: the mean-pooled
+# cosine between one-shot and chunked runs. Bounds = the worst of AVX-512
+# (native) and AVX2 (emulated Zen 3) measurements, with margin:
+#   variant  two-chunk / token-by-token cosine measured (worst CPU)  bound
+PER_CALL_QUANTISED = {
+    "model_q4.onnx": 0.999,  # 1.0 / 1.0 AVX-512;  1.0 / 0.99998 AVX2 (max abs 0.0 / 1.73)
+    "model_q8.onnx": 0.999,  # 0.99999 / 0.99994 AVX-512
+    "model_int8.onnx": 0.98,  # 0.9904 / 0.9930 AVX-512
+}
 
 
 def session(path):
@@ -132,25 +151,29 @@ def test_real_model_generates_code(tokenizer):
     assert "def " in text and "return" in text
 
 
-@pytest.mark.parametrize("variant", [v for v, tol in VARIANTS.items() if tol is not None])
-def test_chunking_agrees(variant, sixty):
-    """One-shot, two-chunk and token-by-token runs of the same 60 tokens agree on hidden states and present KV."""
-    tol = VARIANTS[variant]
-    sess = session(require(REAL / variant))
-    h1, p1 = run(sess, sixty)
-    ha, pa = run(sess, sixty[:25])
-    hb, pb_ = run(sess, sixty[25:], pa)
-    h2 = np.concatenate([ha, hb], axis=1)
+def three_ways(sess, ids):
+    """Hidden states and present KV of one-shot, two-chunk (25 + rest) and token-by-token runs."""
+    h1, p1 = run(sess, ids)
+    ha, pa = run(sess, ids[:25])
+    hb, pb_ = run(sess, ids[25:], pa)
     past, rows = None, []
-    for t in sixty:
+    for t in ids:
         h, past = run(sess, [t], past)
         rows.append(h)
-    h3 = np.concatenate(rows, axis=1)
+    return (h1, p1), (np.concatenate([ha, hb], axis=1), pb_), (np.concatenate(rows, axis=1), past)
+
+
+@pytest.mark.parametrize("variant", sorted(EXACT))
+def test_chunking_agrees(variant, sixty):
+    """One-shot, two-chunk and token-by-token runs of the same 60 tokens agree on hidden states and present KV."""
+    tol = EXACT[variant]
+    (h1, p1), (h2, p2), (h3, p3) = three_ways(session(require(REAL / variant)), sixty)
+    diff = lambda a, b: float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())  # noqa: E731
     diffs = {
-        "two-chunk hidden": np.abs(h1.astype(np.float32) - h2).max(),
-        "token-by-token hidden": np.abs(h1.astype(np.float32) - h3).max(),
-        "two-chunk present": max(np.abs(a.astype(np.float32) - b).max() for a, b in zip(p1, pb_)),
-        "token-by-token present": max(np.abs(a.astype(np.float32) - b).max() for a, b in zip(p1, past)),
+        "two-chunk hidden": diff(h1, h2),
+        "token-by-token hidden": diff(h1, h3),
+        "two-chunk present": max(diff(a, b) for a, b in zip(p1, p2)),
+        "token-by-token present": max(diff(a, b) for a, b in zip(p1, p3)),
     }
     print(f"\n{variant}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     for what, d in diffs.items():
@@ -159,19 +182,21 @@ def test_chunking_agrees(variant, sixty):
 
 @pytest.mark.parametrize("variant", sorted(PER_CALL_QUANTISED))
 def test_quantised_chunking(variant, sixty):
-    """Dynamic int8 quantises each call's whole activation with one scale, and the
-    8-bit MatMulNBits int8-compute kernel takes a different path per call shape,
-    so chunking changes their numbers; what holds is the direction: the cosine
-    of the mean hidden state of one-shot vs two-chunk runs."""
-    sess = session(require(REAL / variant))
-    h1, _ = run(sess, sixty)
-    ha, pa = run(sess, sixty[:25])
-    hb, _ = run(sess, sixty[25:], pa)
-    h2 = np.concatenate([ha, hb], axis=1)
-    m1, m2 = h1[0].mean(0), h2[0].mean(0)
-    cos = float(m1 @ m2 / np.linalg.norm(m1) / np.linalg.norm(m2))
-    print(f"\n{variant} one-shot vs two-chunk: max abs diff {np.abs(h1 - h2).max():.2f}, mean-pool cosine {cos:.6f}")
-    assert cos >= PER_CALL_QUANTISED[variant]
+    """Variants that quantise activations per call keep the direction under
+    chunking: the mean-pooled hidden state of two-chunk and token-by-token runs
+    stays within the stated cosine of the one-shot run's, on any CPU."""
+    (h1, _), (h2, _), (h3, _) = three_ways(session(require(REAL / variant)), sixty)
+    m1 = h1[0].astype(np.float32).mean(0)
+    cosines = {}
+    for what, h in [("two-chunk", h2), ("token-by-token", h3)]:
+        m = h[0].astype(np.float32).mean(0)
+        cosines[what] = float(m1 @ m / np.linalg.norm(m1) / np.linalg.norm(m))
+    print(
+        f"\n{variant}: max abs diff two-chunk {np.abs(h1 - h2).max():.2f}, token-by-token {np.abs(h1 - h3).max():.2f}; "
+        + ", ".join(f"{k} mean-pool cosine {v:.6f}" for k, v in cosines.items())
+    )
+    for what, c in cosines.items():
+        assert c >= PER_CALL_QUANTISED[variant], f"{variant}: {what} cosine {c} < {PER_CALL_QUANTISED[variant]}"
 
 
 def test_left_padded_batch(tokenizer):
@@ -192,6 +217,9 @@ def test_left_padded_batch(tokenizer):
         h, _ = run(sess, seq)
         worst = max(worst, float(np.abs(hb[row, n - len(seq):] - h[0]).max()))
     print(f"\nleft-padded batch vs unbatched: max abs diff {worst:.2e}")
+    # Not exact on any CPU: left padding moves a row's real positions, so the
+    # softmax and attention reductions group them differently (rounding only).
+    # Measured 4e-5 (AVX-512); the bound is 25x that.
     assert worst <= 1e-3
 
 
