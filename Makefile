@@ -64,8 +64,11 @@ bench: setup $(VENV)/.bench-installed
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
 
+# llama-cpp-python compiles llama.cpp for the CPU it builds on (-march=native),
+# so a wheel from pip's cache, built on another machine, can die of SIGILL
+# here: build it from source, on this machine, every time it is installed.
 $(VENV)/.bench-installed: bench/requirements.txt
-	$(PY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-cache-dir --no-binary llama-cpp-python -r bench/requirements.txt
 	@touch $@
 
 lint:

@@ -1,0 +1,324 @@
+//! The service's failures: every way a request or a stream can fail, its
+//! gRPC code (one exhaustive mapping, matched down to the layers' own enums)
+//! and the sentence the client reads; and tonic's over-size status, rewritten
+//! to RESOURCE_EXHAUSTED in one place.
+
+use tonic::{Code, Status, codegen::http};
+
+use crate::{
+    conversation::{OptionsError, TurnError},
+    engine::EngineStopped,
+    model::ModelError,
+    pb,
+    tokenizer::TokenizerError,
+};
+
+/// Why a request or a stream failed: per-turn failures are answered in-band
+/// on a stream (the session lives on), the rest end the call with a status.
+/// Every variant maps to its gRPC code in [`ServiceError::code`], matched
+/// variant by variant down to the layers' own enums: a new variant anywhere
+/// forces a decision here.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A ConverseRequest with no action.
+    #[error("the request has no action: set one of options, turn or reset")]
+    NoAction,
+    /// Options after the first request.
+    #[error("options are allowed only as the stream's first request")]
+    OptionsNotFirst,
+    /// An enum number this server does not know.
+    #[error("unknown {field} value {value}")]
+    UnknownEnum {
+        /// The field.
+        field: &'static str,
+        /// The number sent.
+        value: i32,
+    },
+    /// An Embed request with no texts.
+    #[error("texts is empty")]
+    NoTexts,
+    /// Options that do not suit the model.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The turn failed.
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+    /// One text of an Embed failed.
+    #[error("texts[{index}] failed")]
+    EmbedText {
+        /// Which text.
+        index: usize,
+        /// Why.
+        #[source]
+        source: TurnError,
+    },
+    /// The model is still loading.
+    #[error("the model is still loading; retry when health is SERVING")]
+    Loading,
+    /// SIGINT/SIGTERM: new streams and calls are refused while open streams drain.
+    #[error("the server is shutting down and takes no new requests")]
+    Draining,
+    /// The drain deadline passed with the stream still open.
+    #[error("server shutting down")]
+    ShuttingDown,
+    /// `--max-sessions` streams are open.
+    #[error("too many open streams: the server's limit is {limit}")]
+    TooManyStreams {
+        /// The limit.
+        limit: usize,
+    },
+    /// A message over `--max-message-bytes` (tonic's own message kept).
+    #[error("{0}")]
+    MessageTooLarge(String),
+    /// The engine thread died: nothing can be embedded until a restart.
+    #[error(transparent)]
+    EngineStopped(#[from] EngineStopped),
+    /// The server's own default options do not suit the model (a start-up check makes this unreachable).
+    #[error("the server's default session options are invalid")]
+    Defaults(#[source] OptionsError),
+}
+
+impl ServiceError {
+    /// The gRPC code: chosen per variant, on purpose (no catch-all).
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::NoAction
+            | ServiceError::OptionsNotFirst
+            | ServiceError::UnknownEnum { .. }
+            | ServiceError::NoTexts => Code::InvalidArgument,
+            ServiceError::Options(e) => options_code(e),
+            ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => turn_code(e),
+            ServiceError::Loading | ServiceError::Draining | ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::EngineStopped(EngineStopped) => Code::Unavailable,
+            ServiceError::TooManyStreams { .. } | ServiceError::MessageTooLarge(_) => Code::ResourceExhausted,
+            ServiceError::Defaults(_) => Code::Internal,
+        }
+    }
+
+    /// One clear sentence for the client (internal failures hide their chain,
+    /// which goes to the log).
+    pub fn client_message(&self) -> String {
+        match self {
+            ServiceError::Turn(e) => turn_message(e),
+            ServiceError::EmbedText { index, source } => format!("texts[{index}]: {}", turn_message(source)),
+            _ if self.code() == Code::Internal => "the server failed to handle this request".to_string(),
+            _ => self.to_string(),
+        }
+    }
+
+    fn log(&self) {
+        match self.code() {
+            Code::Internal => tracing::error!(error = %ErrorChain(self), "request failed"),
+            Code::Unavailable if matches!(self, ServiceError::EngineStopped(_)) => {
+                tracing::error!(error = %self, "request failed");
+            }
+            _ => tracing::debug!(error = %self, "request refused"),
+        }
+    }
+
+    /// The status that ends a call (logged).
+    pub fn to_status(&self) -> Status {
+        self.log();
+        Status::new(self.code(), self.client_message())
+    }
+
+    /// The in-band error of a Converse response (logged).
+    pub(super) fn to_pb(&self) -> pb::Error {
+        self.log();
+        pb::Error {
+            code: self.code() as i32,
+            message: self.client_message(),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        e.to_status()
+    }
+}
+
+/// A turn's failure as the client reads it: internal ones hide their chain.
+fn turn_message(e: &TurnError) -> String {
+    if turn_code(e) == Code::Internal {
+        "the model failed to run this turn; the conversation is unchanged".to_string()
+    } else {
+        e.to_string()
+    }
+}
+
+fn options_code(e: &OptionsError) -> Code {
+    match e {
+        OptionsError::Dimensions { .. }
+        | OptionsError::Window { .. }
+        | OptionsError::Keep { .. }
+        | OptionsError::Chunk => Code::InvalidArgument,
+    }
+}
+
+fn turn_code(e: &TurnError) -> Code {
+    match e {
+        TurnError::UnknownRole(_) | TurnError::Empty => Code::InvalidArgument,
+        TurnError::Options(o) => options_code(o),
+        TurnError::TurnTooLong { .. } | TurnError::OverWindow { .. } | TurnError::ContextFull { .. } => {
+            Code::ResourceExhausted
+        }
+        TurnError::Tokenizer(t) => match t {
+            TokenizerError::Encode(_) | TokenizerError::Load { .. } | TokenizerError::MissingMarker { .. } => {
+                Code::Internal
+            }
+        },
+        TurnError::Model(m) => match m {
+            ModelError::Ort { .. }
+            | ModelError::Runtime(_)
+            | ModelError::Path { .. }
+            | ModelError::Tokenizer(_)
+            | ModelError::Config { .. }
+            | ModelError::Contract { .. } => Code::Internal,
+        },
+    }
+}
+
+/// Displays an error with its sources.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// What tonic says of a message over the size limit (in a status message,
+/// and percent-encoded in a `grpc-message` header).
+const OVERSIZE: [&str; 2] = ["message length too large", "message%20length%20too%20large"];
+
+/// Whether tonic's status (code and message) is its "message too large":
+/// OUT_OF_RANGE, where gRPC's convention (and every other implementation's)
+/// is RESOURCE_EXHAUSTED.
+fn is_oversize(code: Code, message: &str) -> bool {
+    code == Code::OutOfRange && OVERSIZE.iter().any(|m| message.contains(m))
+}
+
+/// The status to end a stream with when reading from it failed: tonic's
+/// own, except an over-size message, which is [`ServiceError::MessageTooLarge`].
+pub(super) fn inbound_failure(status: Status) -> Status {
+    if is_oversize(status.code(), status.message()) {
+        ServiceError::MessageTooLarge(status.message().to_string()).to_status()
+    } else {
+        status
+    }
+}
+
+/// tonic answers an over-size unary request with OUT_OF_RANGE before any
+/// handler runs; this response layer rewrites that one status (on
+/// trailers-only responses, where it sits in the headers) to
+/// RESOURCE_EXHAUSTED, as `inbound_failure` does for streams.
+pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| is_oversize(Code::OutOfRange, m));
+    if oversize {
+        headers.insert("grpc-status", http::HeaderValue::from(Code::ResourceExhausted as i32));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each failure maps to the code STYLE.md chooses for its kind.
+    #[test]
+    fn codes_are_chosen_per_variant() {
+        let cases: Vec<(ServiceError, Code)> = vec![
+            (ServiceError::NoAction, Code::InvalidArgument),
+            (
+                ServiceError::UnknownEnum {
+                    field: "pooling",
+                    value: 9,
+                },
+                Code::InvalidArgument,
+            ),
+            (ServiceError::Options(OptionsError::Chunk), Code::InvalidArgument),
+            (ServiceError::Turn(TurnError::Empty), Code::InvalidArgument),
+            (
+                ServiceError::Turn(TurnError::ContextFull {
+                    context: 1,
+                    tokens: 2,
+                    window: 2,
+                }),
+                Code::ResourceExhausted,
+            ),
+            (ServiceError::TooManyStreams { limit: 1 }, Code::ResourceExhausted),
+            (ServiceError::MessageTooLarge("too big".into()), Code::ResourceExhausted),
+            (ServiceError::Loading, Code::Unavailable),
+            (ServiceError::Draining, Code::Unavailable),
+            (ServiceError::ShuttingDown, Code::Unavailable),
+            (ServiceError::EngineStopped(EngineStopped), Code::Unavailable),
+            (
+                ServiceError::Turn(TurnError::Model(ModelError::Contract {
+                    path: "m.onnx".into(),
+                    reason: "x".into(),
+                })),
+                Code::Internal,
+            ),
+            (ServiceError::Defaults(OptionsError::Chunk), Code::Internal),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.code(), code, "{error:?}");
+        }
+    }
+
+    /// Internal failures tell the client one sentence, not their chain; the rest say what was wrong.
+    #[test]
+    fn clients_read_one_clear_sentence() {
+        let internal = ServiceError::EmbedText {
+            index: 3,
+            source: TurnError::Tokenizer(TokenizerError::Encode("bad".into())),
+        };
+        assert_eq!(
+            internal.client_message(),
+            "texts[3]: the model failed to run this turn; the conversation is unchanged"
+        );
+        assert_eq!(
+            ServiceError::EmbedText {
+                index: 0,
+                source: TurnError::Empty
+            }
+            .client_message(),
+            "texts[0]: the turn's text is empty"
+        );
+        let stopped = ServiceError::EngineStopped(EngineStopped).client_message();
+        assert!(stopped.contains("engine has stopped"), "{stopped}");
+        assert!(
+            !stopped.contains("shutting down"),
+            "a dead engine is not a shutdown: {stopped}"
+        );
+    }
+
+    /// tonic's over-size status is recognised in a status and in a percent-encoded header, nothing else.
+    #[test]
+    fn oversize_is_recognised_in_both_spellings() {
+        let tonic =
+            Status::out_of_range("Error, decoded message length too large: found 5 bytes, the limit is: 4 bytes");
+        assert_eq!(inbound_failure(tonic).code(), Code::ResourceExhausted);
+        assert_eq!(inbound_failure(Status::out_of_range("other")).code(), Code::OutOfRange);
+        assert_eq!(inbound_failure(Status::cancelled("gone")).code(), Code::Cancelled);
+        let response = http::Response::builder()
+            .header("grpc-status", "11")
+            .header("grpc-message", "decoded%20message%20length%20too%20large")
+            .body(())
+            .unwrap();
+        let rewritten = oversize_is_resource_exhausted(response);
+        assert_eq!(rewritten.headers()["grpc-status"], "8");
+    }
+}
