@@ -48,7 +48,8 @@ EXACT = {
 PER_CALL_QUANTISED = {
     "model_q4.onnx": 0.999,  # 1.0 / 1.0 AVX-512;  1.0 / 0.99998 AVX2 (max abs 0.0 / 1.73)
     "model_q8.onnx": 0.999,  # 0.99999 / 0.99994 AVX-512
-    "model_int8.onnx": 0.98,  # 0.9904 / 0.9930 AVX-512
+    "model_int8.onnx": 0.96,  # 0.9904 / 0.9930 AVX-512; AVX2 (no VNNI) sums u8*s8 pairs in
+    # saturating 16 bits, which per-call scales move: margin ~6x, still above a broken run's 0.950
 }
 
 
