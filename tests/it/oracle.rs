@@ -492,9 +492,13 @@ fn context_changes_the_embedding() {
 #[test]
 #[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The quantised and fp16 variants of the real model load (contract read off
-/// their graphs) and embed close to f32: fp16 within cosine 0.999, q8 within
-/// 0.995 (0.9985 measured on these short turns; ≥ 0.999 on BENCHMARKS.md's
-/// 45-token turns), q4 and int8 (the default quantisers, known to drift) within 0.9.
+/// their graphs) and embed close to f32. Bounds rest on margins over the worst
+/// turn measured (AMD EPYC AVX-512 and Intel Sapphire Rapids; these cosines
+/// come from weight quantisation, which no CPU changes, plus per-call
+/// activation rounding, which kernels move a little): fp16 0.999 (measured
+/// ≥ 0.99999), q8 0.995 (0.9985), q4 0.9 (0.974), int8 0.8 (0.913; the
+/// default dynamic quantiser drifts most). A wrong graph or tokenizer scores
+/// like an unrelated text, ~0.43, so each bound still fails on one.
 fn real_variants_load_and_embed() {
     let f32_model = common::real();
     let mut reference = Conversation::new(&f32_model, opts()).unwrap();
@@ -506,7 +510,7 @@ fn real_variants_load_and_embed() {
         ("model_fp16.onnx", stateful_embedder::model::KvDtype::F16, 0.999),
         ("model_q8.onnx", stateful_embedder::model::KvDtype::F32, 0.995),
         ("model_q4.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
-        ("model_int8.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
+        ("model_int8.onnx", stateful_embedder::model::KvDtype::F32, 0.8),
     ] {
         let path = common::model_file(common::real_dir(), file);
         let model = Model::open(&path, &Default::default()).unwrap();
