@@ -24,7 +24,7 @@ serve: setup
 	./target/release/stateful-embedder serve --model $(REAL)/$(SERVE_FILE) --addr $(ADDR)
 
 test: setup models
-	$(CARGO) test --all-targets -- --include-ignored
+	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
 
@@ -38,7 +38,7 @@ AVX2_RUN := $(CURDIR)/tests/avx2/run-as-zen3
 test-avx2: setup models
 	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get install -y -qq qemu-user >/dev/null; } || { echo "test-avx2 needs qemu-x86_64 (Debian: apt-get install qemu-user)"; exit 1; }
-	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$(AVX2_RUN) $(CARGO) test --test it oracle:: -- --include-ignored --nocapture
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$(AVX2_RUN) $(CARGO) test --test it oracle:: -- --nocapture
 	SE_REQUIRE_MODELS=1 $(AVX2_RUN) $(PY) -m pytest tests/python/test_model.py -q -s -p no:cacheprovider -k "chunking or left_padded"
 
 # The Python side: the onnxruntime wheel (its libonnxruntime.so is what the

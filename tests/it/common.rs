@@ -1,8 +1,6 @@
 //! Shared helpers: model locations, shared loaded models, the oracle, vector comparison.
 //!
-//! Real-model tests are `#[ignore = "needs the real model: …"]`: a plain `cargo test` lists
-//! them as ignored in its summary, and `make test` runs them with
-//! `--include-ignored`, where a missing model is a failure, never a skip.
+//! A missing model is a failure ("run `make models`"), never a skip.
 
 use std::{
     ops::Range,

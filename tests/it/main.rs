@@ -2,9 +2,8 @@
 //!
 //! Models: `models/tiny` (random weights, real tokenizer and contract) for
 //! most tests; `models/qwen2.5-coder-0.5b-instruct` for the real-model ones.
-//! `make test` prepares both. Real-model tests are `#[ignore]`d, so a plain
-//! `cargo test` says in its summary that they did not run; `make test` runs
-//! them with `--include-ignored`. A missing model fails a test, never skips it.
+//! `make test` prepares both, and every test runs in every `cargo test`: a
+//! missing model fails its tests (with "run `make models`"), never skips them.
 
 mod common;
 mod grpc;

@@ -240,7 +240,6 @@ fn tiny_fp16_oracle() {
 }
 
 #[test]
-#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The oracle holds on the real model in f32, including dimensions 64 and 512.
 fn real_f32_oracle() {
     let model = common::real();
@@ -292,7 +291,6 @@ of one hundred rows, logging every rejected line.";
 const SECOND: &str = "Now add retries with exponential backoff when the database is unavailable.";
 
 #[test]
-#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The prototype's three scenarios on the real model: a ~45-token first turn,
 /// a second turn that grows the context and changes the vector, and a reset
 /// that gives exactly a new conversation's first embedding.
@@ -490,7 +488,6 @@ fn context_changes_the_embedding() {
 }
 
 #[test]
-#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// The quantised and fp16 variants of the real model load (contract read off
 /// their graphs) and embed close to f32. Bounds rest on margins over the worst
 /// turn measured (AMD EPYC AVX-512 and Intel Sapphire Rapids; these cosines
@@ -733,7 +730,6 @@ fn batches_group_by_shape() {
 }
 
 #[test]
-#[ignore = "needs the real model: `make test` runs it (cargo test -- --include-ignored)"]
 /// Batched turns meet the oracle on the real model in f32: four conversations
 /// with different histories, two batched rounds of one call each.
 fn real_f32_batched_oracle() {
