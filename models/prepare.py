@@ -13,6 +13,9 @@ and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
 tokenizer.json and config.json. `tiny` writes a 2-layer random-weight model
 with the same contract and the real tokenizer: the fast test fixture.
 `import` adopts an existing optimum export. `check` verifies the contract.
+Beside every model go templates.json (the input types and the probe) and
+embedding_stats.safetensors (the background statistics the server
+standardises with; see embedding_stats.py), which the server requires.
 
 Everything prepared is cached under $SE_CACHE_DIR (default
 ~/.cache/stateful-embedder), keyed by the source's sha256 and TOOL_VERSION, and
@@ -34,6 +37,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from embedding_stats import ensure_profile
 
 # Run as a script, so its own folder (models/, with qwen_onnx and gguf_source)
 # is first on sys.path; the tests get the same folder from tests/python/pytest.ini.
@@ -58,6 +63,8 @@ VARIANT_FILES = {
 }
 # f32 weights are just under protobuf's 2 GiB; keep them beside the graph.
 EXTERNAL_DATA_OVER = 1 << 30
+# Beside every model: the embedding statistics and templates (embedding_stats.py).
+PROFILE_FILES = ["embedding_stats.safetensors", "templates.json"]
 
 
 def log(msg: str) -> None:
@@ -320,11 +327,14 @@ def prepare_real(args) -> None:
     if not (cached / "tokenizer.json").exists():
         with Step("writing tokenizer.json from the GGUF's vocabulary"):
             write_json(cached / "tokenizer.json", src.tokenizer_json(), indent=None)
-    build_variants(src, arch, cached, variants)
+    # The embedding statistics are computed on the f32 graph (and serve every variant).
+    build_variants(src, arch, cached, sorted(set(variants) | {"f32"}))
     write_config(cached, arch, REAL_NAME, {"gguf_sha256": GGUF_SHA256, "gguf_name": src.field("general.name")})
+    with Step("checking the embedding statistics and templates"):
+        ensure_profile(cached, REAL_NAME, log)
     out = Path(args.out)
     with Step(f"installing into {out}"):
-        install(cached, out, ["tokenizer.json", "config.json", *(VARIANT_FILES[v] for v in variants)])
+        install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, *(VARIANT_FILES[v] for v in variants)])
     report(out)
 
 
@@ -355,8 +365,9 @@ def prepare_tiny(args) -> None:
         with Step("building the tiny model with an lm_head (for the import test)"):
             save_model(build(arch, random_weights(arch, TINY_SEED), np.float32, lm_head=True), path)
     write_config(cached, arch, "tiny-random-qwen2", {"seed": TINY_SEED, "gguf_sha256": GGUF_SHA256})
+    ensure_profile(cached, "tiny-random-qwen2", log)
     out = Path(args.out)
-    install(cached, out, ["tokenizer.json", "config.json", "model.onnx", "model_fp16.onnx", "model_logits.onnx"])
+    install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, "model.onnx", "model_fp16.onnx", "model_logits.onnx"])
     report(out)
 
 
@@ -468,6 +479,8 @@ def import_export(args) -> None:
     if (model_path.parent / "config.json").exists():
         shutil.copyfile(model_path.parent / "config.json", out / "config.json")
     found = check_contract(out)
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    ensure_profile(out, cfg.get("name") or out.name, log)
     log(f"imported {model_path} -> {out}: {found}")
 
 

@@ -45,8 +45,63 @@ pub enum Pooling {
     /// Mean over the turn's text tokens (each has attended to the whole context).
     #[default]
     Mean,
-    /// The hidden state of the turn's last text token: the conversation-state vector.
+    /// The hidden state of the turn's last text token.
     LastToken,
+    /// The model's probe (a fixed suffix from `templates.json`, e.g.
+    /// `In one sentence, the text above is about: "`) run on top of the
+    /// turn's cache, its last token's hidden state: a summary of the whole
+    /// conversation. The probe's tokens never join the context: a second
+    /// model call per turn reads the turn's cache and its result is dropped.
+    Probe,
+}
+
+impl Pooling {
+    /// The name of this pooling's background statistics.
+    pub fn stats_key(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::LastToken => "last_token",
+            Pooling::Probe => "probe",
+        }
+    }
+}
+
+/// What is done to a pooled vector before truncation and normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Standardize {
+    /// Per-dimension z-score with the model's background statistics
+    /// (`embedding_stats.safetensors`): `(x - mean) / std`.
+    #[default]
+    Zscore,
+    /// Nothing: the raw hidden state.
+    None,
+    /// [`Standardize::Zscore`], then the model's learned linear head
+    /// (`mean.head` in the statistics: fitted with a contrastive loss on
+    /// docstring → code pairs). MEAN pooling only.
+    Head,
+}
+
+/// What kind of text a turn is, for the model's input-type templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InputType {
+    /// The text as it is.
+    #[default]
+    Raw,
+    /// A search query: the model's `query` template around the text.
+    Query,
+    /// A document to be found: the model's `document` template.
+    Document,
+}
+
+impl InputType {
+    /// The template's name in `templates.json`, if any.
+    pub fn template_name(self) -> Option<&'static str> {
+        match self {
+            InputType::Raw => None,
+            InputType::Query => Some("query"),
+            InputType::Document => Some("document"),
+        }
+    }
 }
 
 /// What happens when a turn does not fit in the window.
@@ -79,6 +134,10 @@ pub struct ConversationOptions {
     pub keep_tokens: usize,
     /// Also return the mean-pooled vector (useful with [`Pooling::LastToken`]).
     pub include_turn_mean: bool,
+    /// Standardisation before truncation and normalisation.
+    pub standardize: Standardize,
+    /// The template around every turn's text.
+    pub input_type: InputType,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
     /// Tokens per model call when prefilling a long turn or a rebuilt context.
@@ -95,6 +154,8 @@ impl Default for ConversationOptions {
             overflow: Overflow::Slide,
             keep_tokens: 0,
             include_turn_mean: false,
+            standardize: Standardize::Zscore,
+            input_type: InputType::Raw,
             max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
@@ -131,6 +192,9 @@ pub enum OptionsError {
     /// A zero prefill chunk.
     #[error("prefill_chunk_tokens must be at least 1")]
     Chunk,
+    /// The learned head was asked for with another pooling than MEAN.
+    #[error("standardize HEAD needs pooling MEAN (the head is fitted on mean-pooled vectors)")]
+    HeadNeedsMean,
 }
 
 impl ConversationOptions {
@@ -162,6 +226,9 @@ impl ConversationOptions {
         }
         if self.prefill_chunk_tokens == 0 {
             return Err(OptionsError::Chunk);
+        }
+        if self.standardize == Standardize::Head && self.pooling != Pooling::Mean {
+            return Err(OptionsError::HeadNeedsMean);
         }
         Ok(())
     }
@@ -379,7 +446,17 @@ impl Conversation {
         if !role.is_empty() && !ROLES.contains(&role) {
             return Err(TurnError::UnknownRole(role.to_string()));
         }
-        let turn = self.model.tokenizer().turn(text, role)?;
+        let template = self
+            .options
+            .input_type
+            .template_name()
+            .and_then(|name| self.model.templates().input_types.get(name))
+            .cloned()
+            .unwrap_or_default();
+        let turn = self
+            .model
+            .tokenizer()
+            .turn_templated(text, role, &template.prefix, &template.suffix)?;
         if turn.text.is_empty() {
             return Err(TurnError::Empty);
         }
@@ -505,11 +582,46 @@ impl Conversation {
             plan, pooler, cache, ..
         } = pending;
         let cache = cache.expect("a turn has at least one token, so at least one call ran");
-        Ok(Advance::Done(self.adopt(plan, pooler, cache)))
+        Ok(Advance::Done(self.adopt(plan, pooler, cache)?))
     }
 
-    /// Success: takes the new state and builds the output.
-    pub(crate) fn adopt(&mut self, plan: TurnPlan, mut pooler: Pooler, cache: KvCache) -> TurnOutput {
+    /// The probe's last hidden state on top of `cache` (the turn's new
+    /// cache). The probe's own cache is dropped: `cache` is only read.
+    fn probe(&self, cache: &KvCache) -> Result<Vec<f32>, ModelError> {
+        let ids = self.model.probe_ids();
+        let n = ids.len();
+        let (hidden, _dropped) = self.model.forward(ids, cache, n - 1..n)?;
+        Ok(hidden.row(0).to_vec())
+    }
+
+    /// Standardises (if asked), truncates and normalises a pooled vector.
+    fn finish_pooled(&self, mut v: Vec<f32>, pooling: Pooling) -> Vec<f32> {
+        let stats = self.model.embedding_stats();
+        match self.options.standardize {
+            Standardize::None => {}
+            Standardize::Zscore => stats.get(pooling.stats_key()).apply(&mut v),
+            Standardize::Head => {
+                stats.get(pooling.stats_key()).apply(&mut v);
+                v = stats.apply_head(&v);
+            }
+        }
+        let dims = self.options.output_dimensions(self.model.spec().hidden_size);
+        finish_vector(v, dims, self.options.normalize)
+    }
+
+    /// Success of the turn's calls: runs the probe if the pooling needs it
+    /// (a failure there leaves the conversation as it was), then takes the
+    /// new state and builds the output.
+    pub(crate) fn adopt(
+        &mut self,
+        plan: TurnPlan,
+        mut pooler: Pooler,
+        cache: KvCache,
+    ) -> Result<TurnOutput, TurnError> {
+        let probed = match self.options.pooling {
+            Pooling::Probe => Some(self.probe(&cache)?),
+            Pooling::Mean | Pooling::LastToken => None,
+        };
         if plan.rebuild {
             self.tokens = plan.sequence;
         } else {
@@ -520,23 +632,24 @@ impl Conversation {
         self.cache = cache;
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
 
-        let dims = self.options.output_dimensions(self.model.spec().hidden_size);
-        let normalize = self.options.normalize;
         let turn_mean = self
             .options
             .include_turn_mean
-            .then(|| finish_vector(pooler.mean(), dims, normalize));
-        let embedding = match self.options.pooling {
-            Pooling::Mean => finish_vector(pooler.mean(), dims, normalize),
-            Pooling::LastToken => finish_vector(std::mem::take(&mut pooler.last), dims, normalize),
+            .then(|| self.finish_pooled(pooler.mean(), Pooling::Mean));
+        let pooling = self.options.pooling;
+        let pooled = match (pooling, probed) {
+            (Pooling::Probe, Some(v)) => v,
+            (Pooling::LastToken, _) => std::mem::take(&mut pooler.last),
+            _ => pooler.mean(),
         };
-        TurnOutput {
+        let embedding = self.finish_pooled(pooled, pooling);
+        Ok(TurnOutput {
             embedding,
             turn_mean,
             turn_tokens: plan.turn_tokens,
             context_tokens,
             evicted_tokens: plan.evicted,
-        }
+        })
     }
 
     /// A raw-text turn's embedding (the prototype's `embed`).
@@ -587,7 +700,7 @@ impl Conversation {
     }
 
     /// The KV cache of the context.
-    pub(crate) fn cache(&self) -> &KvCache {
+    pub fn cache(&self) -> &KvCache {
         &self.cache
     }
 }

@@ -209,7 +209,7 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits)
                         let mut pooler = Pooler::new(hidden.width);
                         pooler.add_all(&hidden);
                         let output = requests[i].conversation.adopt(plan, pooler, cache);
-                        results[i] = Some(Started::Done(Ok(output)));
+                        results[i] = Some(Started::Done(output));
                     }
                 }
                 Err(e) => {

@@ -94,16 +94,41 @@ impl TextTokenizer {
     /// # Errors
     /// [`TokenizerError::Encode`] if the tokenizer fails.
     pub fn turn(&self, text: &str, role: &str) -> Result<TurnTokens, TokenizerError> {
+        self.turn_templated(text, role, "", "")
+    }
+
+    /// [`TextTokenizer::turn`] with an input type's template around the text
+    /// (inside the ChatML markers): `prefix`, the text and `suffix`, each
+    /// tokenised on its own; only the text's tokens are in
+    /// [`TurnTokens::text`].
+    ///
+    /// # Errors
+    /// [`TokenizerError::Encode`] if the tokenizer fails.
+    pub fn turn_templated(
+        &self,
+        text: &str,
+        role: &str,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<TurnTokens, TokenizerError> {
         let body = self.encode(text)?;
-        if role.is_empty() {
-            let n = body.len();
-            return Ok(TurnTokens { ids: body, text: 0..n });
+        let mut ids = if role.is_empty() {
+            Vec::new()
+        } else {
+            self.encode(&format!("<|im_start|>{role}\n"))?
+        };
+        if !prefix.is_empty() {
+            ids.extend(self.encode(prefix)?);
         }
-        let mut ids = self.encode(&format!("<|im_start|>{role}\n"))?;
         let start = ids.len();
         ids.extend_from_slice(&body);
         let end = ids.len();
-        ids.extend_from_slice(&self.im_end_suffix);
+        if !suffix.is_empty() {
+            ids.extend(self.encode(suffix)?);
+        }
+        if !role.is_empty() {
+            ids.extend_from_slice(&self.im_end_suffix);
+        }
         Ok(TurnTokens { ids, text: start..end })
     }
 

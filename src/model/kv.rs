@@ -51,6 +51,26 @@ impl KvCache {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Every cached value's bits, layer by layer (key, then value), as
+    /// little-endian bytes: for tests that a cache is bit-identical to another.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] if a tensor cannot be read.
+    pub fn to_bits(&self) -> Result<Vec<u8>, ModelError> {
+        let mut out = Vec::with_capacity(self.bytes as usize);
+        for t in &self.tensors {
+            if let Ok((_, data)) = t.try_extract_tensor::<f32>() {
+                out.extend(data.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+            } else {
+                let (_, data) = t
+                    .try_extract_tensor::<half::f16>()
+                    .map_err(ort_err("read a KV cache"))?;
+                out.extend(data.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Drop for KvCache {

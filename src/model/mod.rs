@@ -18,14 +18,18 @@
 //!   [`Model::forward_batch`]) and [`Hidden`];
 //! * `contract`: [`ModelSpec`] and [`KvDtype`], discovered from the session;
 //! * `kv`: [`KvCache`] and its byte ledger, and the packing of several
-//!   caches into one batched call.
+//!   caches into one batched call;
+//! * `profile`: the embedding statistics and templates shipped beside the
+//!   model ([`EmbeddingStats`], [`Templates`]).
 
 mod contract;
 mod kv;
+mod profile;
 
 pub use contract::{KvDtype, ModelSpec};
 use contract::{discover, read_config};
 pub use kv::KvCache;
+pub use profile::{EmbeddingStats, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template, Templates};
 
 use std::{
     path::{Path, PathBuf},
@@ -83,6 +87,14 @@ pub enum ModelError {
         /// What is missing or wrong.
         reason: String,
     },
+    /// The embedding statistics or templates beside the model are missing or wrong.
+    #[error("{path}: {reason}")]
+    Profile {
+        /// The file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
     /// ONNX Runtime failed.
     #[error("ONNX Runtime failed to {action}")]
     Ort {
@@ -125,6 +137,9 @@ pub struct Model {
     kv_ledger: Arc<AtomicU64>,
     /// Model calls (`Session::run`) so far.
     calls: AtomicU64,
+    stats: EmbeddingStats,
+    templates: Templates,
+    probe_ids: Vec<u32>,
 }
 
 /// One forward pass's hidden states: `rows × hidden` row-major f32.
@@ -172,9 +187,12 @@ impl Model {
             };
             return Err(ModelError::Path { path: file, reason });
         }
-        // The tokenizer first: it is cheap and its absence is fatal.
+        // The tokenizer and the profile first: they are cheap and their
+        // absence is fatal.
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let config = read_config(&dir.join("config.json"))?;
+        let templates = Templates::read(&dir.join(TEMPLATES_FILE))?;
+        let probe_ids = tokenizer.encode(&templates.probe)?;
         let environment = runtime::environment(options.onnxruntime.as_deref())?;
         let threads = if options.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -205,6 +223,7 @@ impl Model {
             format!("{name} ({file_name})"),
             tokenizer.vocab_size(),
         )?;
+        let stats = EmbeddingStats::read(&dir.join(STATS_FILE), spec.hidden_size, &name)?;
         let io = IoNames {
             past: (0..spec.layers)
                 .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
@@ -230,6 +249,9 @@ impl Model {
             io,
             kv_ledger: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
+            stats,
+            templates,
+            probe_ids,
         }))
     }
 
@@ -241,6 +263,21 @@ impl Model {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// The background statistics of its pooled vectors.
+    pub fn embedding_stats(&self) -> &EmbeddingStats {
+        &self.stats
+    }
+
+    /// Its input-type templates and probe.
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    /// The probe's token ids.
+    pub fn probe_ids(&self) -> &[u32] {
+        &self.probe_ids
     }
 
     /// Bytes held by all live KV caches of this model.

@@ -152,7 +152,8 @@ fn options_code(e: &OptionsError) -> Code {
         OptionsError::Dimensions { .. }
         | OptionsError::Window { .. }
         | OptionsError::Keep { .. }
-        | OptionsError::Chunk => Code::InvalidArgument,
+        | OptionsError::Chunk
+        | OptionsError::HeadNeedsMean => Code::InvalidArgument,
     }
 }
 
@@ -174,7 +175,8 @@ fn turn_code(e: &TurnError) -> Code {
             | ModelError::Path { .. }
             | ModelError::Tokenizer(_)
             | ModelError::Config { .. }
-            | ModelError::Contract { .. } => Code::Internal,
+            | ModelError::Contract { .. }
+            | ModelError::Profile { .. } => Code::Internal,
         },
     }
 }

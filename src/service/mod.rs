@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::{
     config::Config,
-    conversation::{Conversation, ConversationOptions, Overflow, Pooling, TurnOutput},
+    conversation::{Conversation, ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
     engine::{Engine, TurnReply},
     pb::{self, converse_request::Action, converse_response::Result as ResponseBody},
 };
@@ -39,8 +39,33 @@ fn pooling(value: i32) -> Result<Pooling, ServiceError> {
     match pb::Pooling::try_from(value) {
         Ok(pb::Pooling::Unspecified | pb::Pooling::Mean) => Ok(Pooling::Mean),
         Ok(pb::Pooling::LastToken) => Ok(Pooling::LastToken),
+        Ok(pb::Pooling::Probe) => Ok(Pooling::Probe),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "pooling",
+            value,
+        }),
+    }
+}
+
+fn standardize(value: i32) -> Result<Standardize, ServiceError> {
+    match pb::Standardize::try_from(value) {
+        Ok(pb::Standardize::Unspecified | pb::Standardize::Zscore) => Ok(Standardize::Zscore),
+        Ok(pb::Standardize::None) => Ok(Standardize::None),
+        Ok(pb::Standardize::Head) => Ok(Standardize::Head),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "standardize",
+            value,
+        }),
+    }
+}
+
+fn input_type(value: i32) -> Result<InputType, ServiceError> {
+    match pb::InputType::try_from(value) {
+        Ok(pb::InputType::Unspecified) => Ok(InputType::Raw),
+        Ok(pb::InputType::Query) => Ok(InputType::Query),
+        Ok(pb::InputType::Document) => Ok(InputType::Document),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "input_type",
             value,
         }),
     }
@@ -89,6 +114,8 @@ impl Limits {
             overflow: overflow(o.overflow)?,
             keep_tokens: o.keep_tokens as usize,
             include_turn_mean: o.include_turn_mean,
+            standardize: standardize(o.standardize)?,
+            input_type: input_type(o.input_type)?,
             ..base
         })
     }
@@ -239,6 +266,8 @@ impl pb::embedder_server::Embedder for EmbedderService {
             pooling: pooling(req.pooling)?,
             dimensions: dimensions(req.dimensions),
             normalize: req.normalize.unwrap_or(true),
+            standardize: standardize(req.standardize)?,
+            input_type: input_type(req.input_type)?,
             ..self.shared.limits.default_options()
         };
         if req.texts.is_empty() {
@@ -256,7 +285,8 @@ impl pb::embedder_server::Embedder for EmbedderService {
 
     async fn get_model_info(&self, _: Request<pb::GetModelInfoRequest>) -> Result<Response<pb::ModelInfo>, Status> {
         let engine = self.engine()?;
-        let spec = engine.model().spec();
+        let model = engine.model();
+        let spec = model.spec();
         let n = saturating_u32;
         Ok(Response::new(pb::ModelInfo {
             name: spec.name.clone(),
@@ -268,6 +298,14 @@ impl pb::embedder_server::Embedder for EmbedderService {
             vocab_size: n(spec.vocab_size),
             max_context_tokens: n(self.shared.limits.max_context_tokens),
             kv_bytes_per_token: spec.kv_bytes_per_token(),
+            input_types: model
+                .templates()
+                .input_types
+                .iter()
+                .map(|(name, t)| (name.clone(), t.text()))
+                .collect(),
+            probe: model.templates().probe.clone(),
+            stats_corpus_sha256: model.embedding_stats().corpus_sha256.clone(),
         }))
     }
 

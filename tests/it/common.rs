@@ -9,7 +9,7 @@ use std::{
 };
 
 use stateful_embedder::{
-    conversation::{ConversationOptions, Pooling},
+    conversation::{ConversationOptions, Pooling, Standardize},
     model::{Model, ModelOptions},
 };
 
@@ -57,14 +57,58 @@ pub fn real() -> Arc<Model> {
     load(&CELL, real_dir(), "model.onnx")
 }
 
-/// The oracle: one call with an empty cache over `ids`, pooled over `span`.
+/// The oracle: one call with an empty cache over `ids`, pooled over `span`
+/// (for the probe pooling: one call over `ids` followed by the probe's
+/// tokens, the last row), standardised with the model's statistics if the
+/// options say so, truncated and normalised.
 pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &ConversationOptions) -> Vec<f32> {
+    let mut pooled = if options.pooling == Pooling::Probe {
+        let mut all = ids.to_vec();
+        all.extend_from_slice(model.probe_ids());
+        let n = all.len();
+        let (hidden, _) = model
+            .forward(&all, &model.empty_cache(), n - 1..n)
+            .expect("the oracle's forward pass runs");
+        hidden.row(0).to_vec()
+    } else {
+        pool(model, ids, span, options.pooling)
+    };
+    if options.standardize != Standardize::None {
+        let key = match options.pooling {
+            Pooling::Mean => "mean",
+            Pooling::LastToken => "last_token",
+            Pooling::Probe => "probe",
+        };
+        let stats = model.embedding_stats().get(key);
+        for (i, x) in pooled.iter_mut().enumerate() {
+            *x = (*x - stats.mean[i]) * stats.inv_std[i];
+        }
+    }
+    if options.standardize == Standardize::Head {
+        // y = z · W, W row-major [h, h].
+        let w = model.embedding_stats().head();
+        let h = pooled.len();
+        pooled = (0..h)
+            .map(|j| {
+                (0..h)
+                    .map(|i| f64::from(pooled[i]) * f64::from(w[i * h + j]))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+    }
+    let width = pooled.len();
+    let dims = options.dimensions.unwrap_or(width).min(width);
+    truncate_and_normalize(pooled, dims, options.normalize)
+}
+
+/// Mean or last-token pooling of one empty-cache call over `ids`.
+fn pool(model: &Model, ids: &[u32], span: Range<usize>, pooling: Pooling) -> Vec<f32> {
     let (hidden, _) = model
         .forward(ids, &model.empty_cache(), span.clone())
         .expect("the oracle's forward pass runs");
     assert_eq!(hidden.rows(), span.len());
     let width = hidden.width;
-    let pooled = match options.pooling {
+    match pooling {
         Pooling::Mean => {
             let mut sum = vec![0f64; width];
             for r in 0..hidden.rows() {
@@ -74,10 +118,8 @@ pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &Conversa
             }
             sum.iter().map(|s| (s / hidden.rows() as f64) as f32).collect()
         }
-        Pooling::LastToken => hidden.row(hidden.rows() - 1).to_vec(),
-    };
-    let dims = options.dimensions.unwrap_or(width).min(width);
-    truncate_and_normalize(pooled, dims, options.normalize)
+        Pooling::LastToken | Pooling::Probe => hidden.row(hidden.rows() - 1).to_vec(),
+    }
 }
 
 /// The documented post-processing, written here rather than borrowed from the

@@ -428,6 +428,222 @@ async fn in_band_errors_keep_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The quality options over the wire: standardisation, input types and the
+/// probe reach the tokens and the vectors (Embed and Converse, each against
+/// a library conversation with the same options); GetModelInfo lists the
+/// templates; unknown enum numbers are in-band INVALID_ARGUMENT in a stream
+/// and INVALID_ARGUMENT statuses for Embed.
+async fn quality_options_over_the_wire() {
+    use stateful_embedder::conversation::{InputType, Pooling, Standardize};
+    let server = TestServer::start(&[]).await;
+    let mut client = server.client().await;
+    let model = common::tiny();
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::tiny_dir().join("templates.json")).unwrap()).unwrap();
+    assert_eq!(
+        info.input_types["query"],
+        file["input_types"]["query"].as_str().unwrap()
+    );
+    assert_eq!(
+        info.input_types["document"],
+        file["input_types"]["document"].as_str().unwrap()
+    );
+    assert_eq!(info.probe, file["probe"].as_str().unwrap());
+    assert_eq!(info.stats_corpus_sha256.len(), 64, "{info:?}");
+
+    let text = "Return the sum of two numbers.";
+    for (pooling, standardize, input_type) in [
+        (pb::Pooling::Mean, pb::Standardize::Unspecified, pb::InputType::Query),
+        (pb::Pooling::Probe, pb::Standardize::Zscore, pb::InputType::Unspecified),
+        (pb::Pooling::LastToken, pb::Standardize::None, pb::InputType::Document),
+        (pb::Pooling::Mean, pb::Standardize::Head, pb::InputType::Query),
+    ] {
+        let got = client
+            .embed(pb::EmbedRequest {
+                texts: vec![text.into()],
+                pooling: pooling as i32,
+                standardize: standardize as i32,
+                input_type: input_type as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let o = ConversationOptions {
+            pooling: match pooling {
+                pb::Pooling::Probe => Pooling::Probe,
+                pb::Pooling::LastToken => Pooling::LastToken,
+                _ => Pooling::Mean,
+            },
+            standardize: match standardize {
+                pb::Standardize::None => Standardize::None,
+                pb::Standardize::Head => Standardize::Head,
+                _ => Standardize::Zscore,
+            },
+            input_type: match input_type {
+                pb::InputType::Query => InputType::Query,
+                pb::InputType::Document => InputType::Document,
+                pb::InputType::Unspecified => InputType::Raw,
+            },
+            ..Default::default()
+        };
+        let mut conv = Conversation::new(&model, o).unwrap();
+        let want = conv.turn(text, "").unwrap();
+        let e = &got.embeddings[0];
+        assert_close(
+            &format!("{pooling:?} {standardize:?} {input_type:?}"),
+            &e.values,
+            &want.embedding,
+            F32,
+        );
+        // The query template's tokens join the turn: prefix + text.
+        let text_ids = model.tokenizer().encode(text).unwrap();
+        let prefix = info.input_types["query"].split("{text}").next().unwrap().to_string();
+        let expected_ids = match input_type {
+            pb::InputType::Query => [model.tokenizer().encode(&prefix).unwrap(), text_ids.clone()].concat(),
+            _ => text_ids.clone(),
+        };
+        assert_eq!(conv.tokens(), &expected_ids[..], "{input_type:?}");
+        assert_eq!(e.turn_tokens as usize, expected_ids.len());
+    }
+    // Standardisation changes the vector; raw stays one option away.
+    let both: Vec<Vec<f32>> = {
+        let mut v = Vec::new();
+        for standardize in [pb::Standardize::None, pb::Standardize::Zscore] {
+            let r = client
+                .embed(pb::EmbedRequest {
+                    texts: vec![text.into()],
+                    standardize: standardize as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            v.push(r.embeddings[0].values.clone());
+        }
+        v
+    };
+    assert!(
+        common::cosine(&both[0], &both[1]) < 0.999,
+        "z-scoring must change the vector"
+    );
+
+    for (field, bad) in [
+        (
+            "standardize",
+            pb::EmbedRequest {
+                standardize: 99,
+                texts: vec!["x".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "input_type",
+            pb::EmbedRequest {
+                input_type: 99,
+                texts: vec!["x".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "pooling",
+            pb::EmbedRequest {
+                pooling: 99,
+                texts: vec!["x".into()],
+                ..Default::default()
+            },
+        ),
+    ] {
+        let err = client.embed(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    for (field, o) in [
+        (
+            "standardize",
+            pb::SessionOptions {
+                standardize: 7,
+                ..Default::default()
+            },
+        ),
+        (
+            "needs pooling MEAN",
+            pb::SessionOptions {
+                standardize: pb::Standardize::Head as i32,
+                pooling: pb::Pooling::Probe as i32,
+                ..Default::default()
+            },
+        ),
+        (
+            "input_type",
+            pb::SessionOptions {
+                input_type: 7,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let responses = converse_all(&mut client, vec![options(o), turn("ok", "still works", "")]).await;
+        assert_eq!(error(&responses[0]).code, Code::InvalidArgument as i32, "{field}");
+        assert!(
+            error(&responses[0]).message.contains(field),
+            "{}",
+            error(&responses[0]).message
+        );
+        assert_eq!(
+            embedding(&responses[1]).values.len(),
+            64,
+            "the session goes on with the defaults"
+        );
+    }
+
+    // A stream with the probe: each turn's vector equals a library
+    // conversation's with the same options.
+    let responses = converse_all(
+        &mut client,
+        vec![
+            options(pb::SessionOptions {
+                pooling: pb::Pooling::Probe as i32,
+                include_turn_mean: true,
+                ..Default::default()
+            }),
+            turn("a", TURNS[1].0, "user"),
+            turn("b", TURNS[2].0, "assistant"),
+        ],
+    )
+    .await;
+    let mut conv = Conversation::new(
+        &model,
+        ConversationOptions {
+            pooling: Pooling::Probe,
+            include_turn_mean: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (r, (text, role)) in responses[1..].iter().zip([TURNS[1], TURNS[2]]) {
+        let want = conv.turn(text, role).unwrap();
+        let got = embedding(r);
+        assert_close("probe over the wire", &got.values, &want.embedding, F32);
+        assert_close(
+            "turn mean beside the probe",
+            &got.turn_mean,
+            want.turn_mean.as_ref().unwrap(),
+            F32,
+        );
+        assert_eq!(
+            got.context_tokens as usize,
+            conv.context_len(),
+            "the probe never joins the context"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// After a normal close, a cancellation and a killed client process, GetStats shows 0 sessions and 0 KV bytes.
 async fn caches_are_freed_when_streams_end() {
     let server = TestServer::start(&[]).await;
@@ -559,6 +775,7 @@ async fn embed_and_model_info() {
             pooling: pb::Pooling::LastToken as i32,
             dimensions: 32,
             normalize: Some(false),
+            ..Default::default()
         })
         .await
         .unwrap()

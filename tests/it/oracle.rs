@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use stateful_embedder::{
-    conversation::{Conversation, ConversationOptions, OptionsError, Overflow, Pooling, TurnError, TurnOutput},
+    conversation::{
+        Conversation, ConversationOptions, InputType, OptionsError, Overflow, Pooling, Standardize, TurnError,
+        TurnOutput,
+    },
     model::Model,
     schedule::{BatchLimits, TurnRequest, run_turns},
 };
@@ -83,15 +86,15 @@ impl Script {
     /// What a turn of `text` should leave: the full context, the pooled span,
     /// the turn's tokens and the eviction.
     fn expect(&self, text: &str, role: &str) -> Expected {
-        let tt = self.model.tokenizer().turn(text, role).expect("tokenizes");
-        let (mut full, evicted) = self.expected_base(tt.ids.len());
-        let span = full.len() + tt.text.start..full.len() + tt.text.end;
-        full.extend_from_slice(&tt.ids);
+        let (ids, text_span) = expected_turn(&self.model, text, role, self.options.input_type);
+        let (mut full, evicted) = self.expected_base(ids.len());
+        let span = full.len() + text_span.start..full.len() + text_span.end;
+        full.extend_from_slice(&ids);
         Expected {
             what: format!("turn {:?} (role {role:?}) at context {}", text, full.len()),
             full,
             span,
-            turn_tokens: tt.ids.len(),
+            turn_tokens: ids.len(),
             evicted,
         }
     }
@@ -132,6 +135,38 @@ impl Script {
             self.worst.1
         );
     }
+}
+
+/// A turn's tokens as documented, built here from the tokenizer's plain
+/// `encode`: the ChatML opening (with a role), the input type's template
+/// prefix, the text, the template suffix, the ChatML closing, each part
+/// encoded on its own; and the text's span.
+fn expected_turn(model: &Model, text: &str, role: &str, input_type: InputType) -> (Vec<u32>, std::ops::Range<usize>) {
+    let tok = model.tokenizer();
+    let (prefix, suffix) = match input_type.template_name() {
+        Some(name) => {
+            let t = &model.templates().input_types[name];
+            (t.prefix.clone(), t.suffix.clone())
+        }
+        None => (String::new(), String::new()),
+    };
+    let mut ids = Vec::new();
+    if !role.is_empty() {
+        ids.extend(tok.encode(&format!("<|im_start|>{role}\n")).unwrap());
+    }
+    if !prefix.is_empty() {
+        ids.extend(tok.encode(&prefix).unwrap());
+    }
+    let start = ids.len();
+    ids.extend(tok.encode(text).unwrap());
+    let end = ids.len();
+    if !suffix.is_empty() {
+        ids.extend(tok.encode(&suffix).unwrap());
+    }
+    if !role.is_empty() {
+        ids.extend(tok.encode("<|im_end|>\n").unwrap());
+    }
+    (ids, start..end)
 }
 
 /// What a turn should leave, computed independently of the code under test.
@@ -225,6 +260,73 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         }
     }
     assert!(resets > 0, "a window of 40 tokens must have overflowed");
+    // Raw vectors (no standardisation), every pooling.
+    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe] {
+        let o = ConversationOptions {
+            pooling,
+            standardize: Standardize::None,
+            ..opts()
+        };
+        let mut s = Script::new(model, o, tol);
+        s.turn(TEXTS[0], "user");
+        s.turn(TEXTS[1], "");
+        s.report(&format!("{label} raw {pooling:?}"));
+    }
+    // The learned head (MEAN only), with the turn mean beside it.
+    let o = ConversationOptions {
+        standardize: Standardize::Head,
+        include_turn_mean: true,
+        ..opts()
+    };
+    let mut s = Script::new(model, o, tol);
+    s.turn(TEXTS[0], "user");
+    s.turn(TEXTS[2], "assistant");
+    s.report(&format!("{label} head"));
+    // Input types: the template's tokens join the context, only the text is pooled.
+    for input_type in [InputType::Query, InputType::Document] {
+        let o = ConversationOptions { input_type, ..opts() };
+        let mut s = Script::new(model, o, tol);
+        s.turn(TEXTS[3], "");
+        s.turn(TEXTS[0], "user");
+        s.report(&format!("{label} input type {input_type:?}"));
+    }
+    // The probe: its vector meets the oracle (one call over the context and
+    // the probe), and after every turn the cache is bit-identical to the one
+    // a conversation without the probe holds (also with chunked prefill and
+    // a slide).
+    for (chunk, window) in [(512, 8192), (7, 64)] {
+        let o = ConversationOptions {
+            pooling: Pooling::Probe,
+            include_turn_mean: true,
+            prefill_chunk_tokens: chunk,
+            max_context_tokens: window,
+            ..opts()
+        };
+        let mut s = Script::new(model, o.clone(), tol);
+        let mut plain = Conversation::new(
+            model,
+            ConversationOptions {
+                pooling: Pooling::Mean,
+                ..o
+            },
+        )
+        .unwrap();
+        for (i, text) in TEXTS.iter().cycle().take(12).enumerate() {
+            let role = ["user", "assistant", ""][i % 3];
+            s.turn(text, role);
+            plain.turn(text, role).unwrap();
+            assert_eq!(
+                s.conv.tokens(),
+                plain.tokens(),
+                "the probe's tokens never join the context"
+            );
+            assert!(
+                s.conv.cache().to_bits().unwrap() == plain.cache().to_bits().unwrap(),
+                "the probe left the cache bit-identical (turn {i})"
+            );
+        }
+        s.report(&format!("{label} probe chunk={chunk} window={window}"));
+    }
 }
 
 #[test]
@@ -447,6 +549,16 @@ fn invalid_options_are_refused() {
         }),
         OptionsError::Keep { .. }
     ));
+    for pooling in [Pooling::LastToken, Pooling::Probe] {
+        assert_eq!(
+            bad(ConversationOptions {
+                pooling,
+                standardize: Standardize::Head,
+                ..opts()
+            }),
+            OptionsError::HeadNeedsMean
+        );
+    }
 }
 
 #[test]

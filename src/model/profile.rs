@@ -1,0 +1,427 @@
+//! What turns a pooled hidden state into a good embedding, shipped beside
+//! the model by `models/prepare.py`:
+//!
+//! * `embedding_stats.safetensors`: per pooling, the mean and the inverse
+//!   standard deviation of the pooled vectors over the model tool's fixed
+//!   background corpus (`models/background.jsonl`). Raw decoder states are
+//!   anisotropic (a few outlier dimensions dominate every cosine);
+//!   standardising each dimension removes that common part.
+//! * `templates.json`: the input types (`query`, `document`) as templates
+//!   around the text, and the probe suffix of [`crate::conversation::Pooling::Probe`].
+//!
+//! Both are required: a model without them, or with statistics of another
+//! width or model, does not load (a silently raw vector is a silently worse
+//! embedding).
+
+use std::{collections::BTreeMap, path::Path};
+
+use super::ModelError;
+
+/// The statistics file beside the model.
+pub const STATS_FILE: &str = "embedding_stats.safetensors";
+/// The templates file beside the model.
+pub const TEMPLATES_FILE: &str = "templates.json";
+/// The statistics format this server reads.
+pub const STATS_FORMAT: &str = "1";
+
+/// The pooled vectors the statistics describe, one set per pooling.
+pub const STATS_POOLINGS: [&str; 3] = ["mean", "last_token", "probe"];
+
+/// Per-dimension standardisation: `(x - mean) * inv_std`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standardizer {
+    /// The background mean.
+    pub mean: Vec<f32>,
+    /// 1 / the background standard deviation.
+    pub inv_std: Vec<f32>,
+}
+
+impl Standardizer {
+    /// Standardises `v` in place.
+    pub fn apply(&self, v: &mut [f32]) {
+        for ((x, m), s) in v.iter_mut().zip(&self.mean).zip(&self.inv_std) {
+            *x = (*x - m) * s;
+        }
+    }
+}
+
+/// The statistics of every pooling, and where they came from.
+#[derive(Debug, Clone)]
+pub struct EmbeddingStats {
+    by_pooling: BTreeMap<String, Standardizer>,
+    /// The learned head for z-scored MEAN vectors, `[hidden, hidden]` row-major.
+    head: Vec<f32>,
+    hidden: usize,
+    /// SHA-256 of the background corpus they were computed from.
+    pub corpus_sha256: String,
+    /// The model tool's version that wrote them.
+    pub tool_version: String,
+}
+
+impl EmbeddingStats {
+    /// The standardiser of one pooling (`"mean"`, `"last_token"`, `"probe"`).
+    pub fn get(&self, pooling: &str) -> &Standardizer {
+        &self.by_pooling[pooling]
+    }
+
+    /// The learned head `W` (`[hidden, hidden]`, row-major): a z-scored MEAN
+    /// vector `z` becomes `z · W`.
+    pub fn head(&self) -> &[f32] {
+        &self.head
+    }
+
+    /// `z · W` for the learned head (sums in f64).
+    pub fn apply_head(&self, z: &[f32]) -> Vec<f32> {
+        let h = self.hidden;
+        let mut y = vec![0f64; h];
+        for (i, zi) in z.iter().enumerate().take(h) {
+            let row = &self.head[i * h..(i + 1) * h];
+            for (yj, w) in y.iter_mut().zip(row) {
+                *yj += f64::from(*zi) * f64::from(*w);
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Reads and checks the statistics of a model of width `hidden` named `name`.
+    ///
+    /// # Errors
+    /// [`ModelError::Profile`] when the file is missing, malformed, of
+    /// another format, model or width, or lacks a pooling.
+    pub fn read(path: &Path, hidden: usize, name: &str) -> Result<EmbeddingStats, ModelError> {
+        let bad = |reason: String| ModelError::Profile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| {
+            bad(format!(
+                "cannot read the embedding statistics ({e}); run `make models` (or `models/prepare.py stats <dir>`) to write them"
+            ))
+        })?;
+        let (meta, tensors) = parse_safetensors(&bytes).map_err(bad)?;
+        let field = |k: &str| meta.get(k).cloned().unwrap_or_default();
+        if field("format") != STATS_FORMAT {
+            return Err(bad(format!(
+                "statistics format {:?}, this server reads {STATS_FORMAT:?}",
+                field("format")
+            )));
+        }
+        if field("model") != name {
+            return Err(bad(format!(
+                "statistics of model {:?}, not of this model {name:?}",
+                field("model")
+            )));
+        }
+        let mut by_pooling = BTreeMap::new();
+        for pooling in STATS_POOLINGS {
+            let get = |what: &str| -> Result<Vec<f32>, ModelError> {
+                let key = format!("{pooling}.{what}");
+                let (shape, values) = tensors.get(&key).ok_or_else(|| bad(format!("no tensor {key:?}")))?;
+                if shape != &[hidden] {
+                    return Err(bad(format!(
+                        "tensor {key:?} has shape {shape:?}, the model's hidden size is {hidden}"
+                    )));
+                }
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(bad(format!("tensor {key:?} holds a non-finite value")));
+                }
+                Ok(values.clone())
+            };
+            let standardizer = Standardizer {
+                mean: get("mean")?,
+                inv_std: get("inv_std")?,
+            };
+            by_pooling.insert(pooling.to_string(), standardizer);
+        }
+        let head = match tensors.get("mean.head") {
+            Some((shape, values)) if shape == &[hidden, hidden] && values.iter().all(|v| v.is_finite()) => {
+                values.clone()
+            }
+            Some((shape, _)) if shape != &[hidden, hidden] => {
+                return Err(bad(format!(
+                    "tensor \"mean.head\" has shape {shape:?}, want [{hidden}, {hidden}]"
+                )));
+            }
+            Some(_) => return Err(bad("tensor \"mean.head\" holds a non-finite value".to_string())),
+            None => return Err(bad("no tensor \"mean.head\"".to_string())),
+        };
+        Ok(EmbeddingStats {
+            by_pooling,
+            head,
+            hidden,
+            corpus_sha256: field("corpus_sha256"),
+            tool_version: field("tool_version"),
+        })
+    }
+}
+
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The safetensors layout: an 8-byte little-endian header length, a JSON
+/// header (`__metadata__` and, per tensor, dtype, shape, byte offsets), the
+/// data. Only F32 tensors are accepted.
+fn parse_safetensors(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Tensors), String> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or("not a safetensors file: shorter than its header length")?;
+    let header = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or("not a safetensors file: truncated header")?;
+    let data = &bytes[8 + n..];
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let mut meta = BTreeMap::new();
+    let mut tensors = BTreeMap::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    meta.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let dtype = v["dtype"].as_str().unwrap_or_default();
+        if dtype != "F32" {
+            return Err(format!("tensor {name:?} is {dtype}, not F32"));
+        }
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .unwrap_or_default();
+        let offsets: Vec<usize> = v["data_offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .unwrap_or_default();
+        let [start, end] = offsets[..] else {
+            return Err(format!("tensor {name:?} has no data_offsets"));
+        };
+        let raw = data
+            .get(start..end)
+            .filter(|r| r.len() == 4 * shape.iter().product::<usize>())
+            .ok_or_else(|| format!("tensor {name:?}: offsets do not match its shape"))?;
+        let values = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        tensors.insert(name, (shape, values));
+    }
+    Ok((meta, tensors))
+}
+
+/// A template around a turn's text: `prefix` + text + `suffix`, each part
+/// tokenised on its own; only the text's tokens are pooled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Template {
+    /// Text before the turn's.
+    pub prefix: String,
+    /// Text after the turn's.
+    pub suffix: String,
+}
+
+impl Template {
+    fn parse(name: &str, template: &str) -> Result<Template, String> {
+        let mut parts = template.split("{text}");
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(prefix), Some(suffix), None) => Ok(Template {
+                prefix: prefix.to_string(),
+                suffix: suffix.to_string(),
+            }),
+            _ => Err(format!(
+                "input type {name:?}: the template must hold \"{{text}}\" exactly once"
+            )),
+        }
+    }
+
+    /// The template as written in the file.
+    pub fn text(&self) -> String {
+        format!("{}{{text}}{}", self.prefix, self.suffix)
+    }
+}
+
+/// The templates of `templates.json`.
+#[derive(Debug, Clone)]
+pub struct Templates {
+    /// Input type name → template.
+    pub input_types: BTreeMap<String, Template>,
+    /// The probe's text (appended after a turn for [`crate::conversation::Pooling::Probe`]).
+    pub probe: String,
+}
+
+impl Templates {
+    /// Reads `templates.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Profile`] when it is missing or malformed, or lacks the
+    /// `query` and `document` input types or a non-empty probe.
+    pub fn read(path: &Path) -> Result<Templates, ModelError> {
+        let bad = |reason: String| ModelError::Profile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        #[derive(serde::Deserialize)]
+        struct File {
+            input_types: BTreeMap<String, String>,
+            probe: String,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(format!(
+                "cannot read the templates ({e}); run `make models` to write them"
+            ))
+        })?;
+        let file: File = serde_json::from_str(&text).map_err(|e| bad(format!("invalid templates: {e}")))?;
+        let mut input_types = BTreeMap::new();
+        for (name, t) in &file.input_types {
+            input_types.insert(name.clone(), Template::parse(name, t).map_err(bad)?);
+        }
+        for required in ["query", "document"] {
+            if !input_types.contains_key(required) {
+                return Err(bad(format!("no {required:?} input type")));
+            }
+        }
+        if file.probe.is_empty() {
+            return Err(bad("the probe is empty".to_string()));
+        }
+        Ok(Templates {
+            input_types,
+            probe: file.probe,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn safetensors(meta: &str, tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
+        let shaped: Vec<(&str, Vec<f32>, Vec<usize>)> =
+            tensors.iter().map(|(k, v)| (*k, v.clone(), vec![v.len()])).collect();
+        safetensors_shaped(meta, &shaped)
+    }
+
+    fn safetensors_shaped(meta: &str, tensors: &[(&str, Vec<f32>, Vec<usize>)]) -> Vec<u8> {
+        let mut header = format!("{{\"__metadata__\":{meta}");
+        let mut data = Vec::new();
+        for (name, v, shape) in tensors {
+            let start = data.len();
+            data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            let shape: Vec<String> = shape.iter().map(usize::to_string).collect();
+            header += &format!(
+                ",\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{start},{}]}}",
+                shape.join(","),
+                data.len()
+            );
+        }
+        header += "}";
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    fn full(meta: &str, width: usize) -> Vec<u8> {
+        let mut t = Vec::new();
+        for p in STATS_POOLINGS {
+            t.push((format!("{p}.mean"), vec![1.0; width]));
+            t.push((format!("{p}.inv_std"), vec![2.0; width]));
+        }
+        // A head that swaps the first two components.
+        let mut head = vec![0.0; width * width];
+        for i in 0..width {
+            let j = if i < 2 { 1 - i } else { i };
+            head[i * width + j] = 1.0;
+        }
+        t.push(("mean.head".to_string(), head));
+        let t: Vec<(&str, Vec<f32>, Vec<usize>)> = t
+            .iter()
+            .map(|(k, v)| {
+                let shape = if k == "mean.head" {
+                    vec![width, width]
+                } else {
+                    vec![width]
+                };
+                (k.as_str(), v.clone(), shape)
+            })
+            .collect();
+        safetensors_shaped(meta, &t)
+    }
+
+    fn write(bytes: &[u8]) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(bytes)
+    }
+
+    /// A tiny stand-in for a temp-file crate: a unique path removed on drop.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(bytes: &[u8]) -> TempPath {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "se-stats-{}-{}.safetensors",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, bytes).expect("write a temp file");
+                TempPath(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    const META: &str = r#"{"format":"1","model":"m","corpus_sha256":"abc","tool_version":"5"}"#;
+
+    #[test]
+    fn reads_and_applies() {
+        let f = write(&full(META, 3));
+        let stats = EmbeddingStats::read(&f.0, 3, "m").expect("valid statistics load");
+        assert_eq!(stats.corpus_sha256, "abc");
+        let mut v = vec![1.0, 2.0, 4.0];
+        stats.get("mean").apply(&mut v);
+        assert_eq!(v, vec![0.0, 2.0, 6.0], "(x - 1) * 2");
+        assert_eq!(
+            stats.apply_head(&v),
+            vec![2.0, 0.0, 6.0],
+            "the head swaps the first two"
+        );
+    }
+
+    #[test]
+    fn a_mismatch_is_a_load_error() {
+        let f = write(&full(META, 3));
+        let width = EmbeddingStats::read(&f.0, 4, "m").unwrap_err().to_string();
+        assert!(width.contains("hidden size is 4"), "{width}");
+        let model = EmbeddingStats::read(&f.0, 3, "other").unwrap_err().to_string();
+        assert!(model.contains("not of this model"), "{model}");
+        let g = write(&full(r#"{"format":"0","model":"m"}"#, 3));
+        let format = EmbeddingStats::read(&g.0, 3, "m").unwrap_err().to_string();
+        assert!(format.contains("format"), "{format}");
+        let h = write(&safetensors(META, &[("mean.mean", vec![0.0; 3])]));
+        let missing = EmbeddingStats::read(&h.0, 3, "m").unwrap_err().to_string();
+        assert!(missing.contains("no tensor \"mean.inv_std\""), "{missing}");
+        let missing_file = EmbeddingStats::read(Path::new("/nonexistent/x"), 3, "m")
+            .unwrap_err()
+            .to_string();
+        assert!(missing_file.contains("make models"), "{missing_file}");
+        let garbage = write(b"\x05\0\0\0\0\0\0\0{nope");
+        assert!(EmbeddingStats::read(&garbage.0, 3, "m").is_err());
+    }
+
+    #[test]
+    fn templates_need_text_once() {
+        assert_eq!(
+            Template::parse("q", "Q: {text}!").unwrap(),
+            Template {
+                prefix: "Q: ".into(),
+                suffix: "!".into()
+            }
+        );
+        assert!(Template::parse("q", "no placeholder").is_err());
+        assert!(Template::parse("q", "{text}{text}").is_err());
+    }
+}
