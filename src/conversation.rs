@@ -7,10 +7,20 @@
 //!   every model call succeeded, so a failed turn leaves the conversation as
 //!   it was (ONNX Runtime never writes into its inputs).
 //!
+//! # From hidden states to a vector
+//! A turn's text tokens (its ChatML markers and input-type template excluded)
+//! are pooled (mean or last token), or the model's probe runs on top of the
+//! turn's new cache and its last row is taken ([`Pooling::Probe`]; the
+//! probe's own cache is dropped, so the conversation's cache is exactly what
+//! it would be without it). The vector is then standardised with the model's
+//! background statistics of that pooling (and, for [`Standardize::Head`],
+//! multiplied by the learned head), truncated and normalised.
+//!
 //! # The oracle
 //! The embedding after turn k equals the embedding computed in one call with
 //! an empty cache over `concat(tokens(t1)…tokens(tk))` (after a slide: over the
-//! kept tokens followed by the turn), pooled over the same span: exactly for a
+//! kept tokens followed by the turn; for the probe: followed by the probe's
+//! tokens, its last row), pooled over the same span and post-processed alike: exactly for a
 //! turn run on its own ([`Conversation::turn`]), up to float rounding for one
 //! that shared a padded call with other conversations' turns
 //! ([`crate::schedule::run_turns`]).

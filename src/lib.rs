@@ -14,10 +14,14 @@
 //!   conversation's or several in one padded call; `model::contract`
 //!   discovers the I/O contract ([`model::ModelSpec`]) and `model::kv` holds
 //!   [`model::KvCache`] (a conversation's cache, with its byte ledger) and the
-//!   packing of caches into a batch.
+//!   packing of caches into a batch; `model::profile` reads what ships beside
+//!   the model for embedding quality ([`model::EmbeddingStats`]: background
+//!   statistics and the learned head; [`model::Templates`]: input types and
+//!   the probe).
 //! * [`conversation`] is one conversation's state machine
-//!   ([`conversation::Conversation::new`], `turn`, `reset`): pooling,
-//!   truncation, context window and overflow policies, all-or-nothing turns.
+//!   ([`conversation::Conversation::new`], `turn`, `reset`): templates,
+//!   pooling (mean, last token, probe), standardisation, truncation, context
+//!   window and overflow policies, all-or-nothing turns.
 //! * [`schedule`] decides what runs together: it groups turns of several
 //!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
 //!   of work into chunks, and runs long turns a chunk per round.
