@@ -26,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 BACKGROUND = HERE / "background.jsonl"
 TEMPLATES = HERE / "templates.json"
-STATS_FORMAT = 1
+STATS_FORMAT = 2
 MAX_TOKENS = 512
 
 
@@ -59,7 +59,9 @@ class Transform:
         cov = np.cov((b - mu).T)
         s, u = np.linalg.eigh(cov)
         order = np.argsort(s)[::-1][:k]
-        proj = u[:, order] / np.sqrt(np.maximum(s[order], 1e-9))
+        # A floor on the eigenvalues (1e-6 of the largest): components the
+        # background barely spans are kept finite, not blown up.
+        proj = u[:, order] / np.sqrt(np.maximum(s[order], 1e-6 * s.max()))
         # A deterministic sign per component (eigh's signs are arbitrary).
         signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])
         return Transform(mu.astype(np.float32), None, (proj * signs).astype(np.float32))
@@ -181,7 +183,7 @@ def stats_metadata(name: str, hidden: int) -> dict[str, str]:
         "probe_sha256": hashlib.sha256(probe.encode()).hexdigest(),
         "tool_version": STATS_TOOL_VERSION,
         "layer": "final",
-        "transform": "zscore",
+        "transform": "zscore,whiten,head",
     }
 
 
@@ -200,6 +202,10 @@ def write_stats(model_dir: Path, name: str, out: Path) -> dict[str, np.ndarray]:
         t = Transform.zscore(res[key])
         tensors[f"{pooling}.mean"] = t.mean
         tensors[f"{pooling}.inv_std"] = t.scale
+        # PCA whitening with every component, largest variance first (the
+        # server keeps the first DEFAULT_WHITEN_COMPONENTS unless asked).
+        w = Transform.pca_whiten(res[key], res[key].shape[1])
+        tensors[f"{pooling}.whiten"] = w.proj
     tensors["mean.head"] = fit_head_on_pairs(q, Transform(tensors["mean.mean"], tensors["mean.inv_std"]))
     hidden = res["mean:final"].shape[1]
     write_safetensors(out, tensors, stats_metadata(name, hidden))

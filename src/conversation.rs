@@ -46,6 +46,9 @@ use crate::{
 
 /// The default context window, when neither client nor server sets one.
 pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 8192;
+/// Components [`Standardize::Whiten`] keeps when `dimensions` is not set
+/// (the best of 128–700 in QUALITY.md's measurements).
+pub const DEFAULT_WHITEN_COMPONENTS: usize = 384;
 /// The default size of one prefill call for long turns.
 pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
 
@@ -85,6 +88,12 @@ pub enum Standardize {
     Zscore,
     /// Nothing: the raw hidden state.
     None,
+    /// PCA whitening with the model's background statistics: the vector's
+    /// coordinates along the background's principal directions (largest
+    /// variance first), each over its standard deviation. Its length is the
+    /// number of components kept: `dimensions`, by default
+    /// [`DEFAULT_WHITEN_COMPONENTS`].
+    Whiten,
     /// [`Standardize::Zscore`], then the model's learned linear head
     /// (`mean.head` in the statistics: fitted with a contrastive loss on
     /// docstring → code pairs). MEAN pooling only.
@@ -148,6 +157,11 @@ pub struct ConversationOptions {
     pub standardize: Standardize,
     /// The template around every turn's text.
     pub input_type: InputType,
+    /// With [`Pooling::Probe`]: run the probe in the turn's own model call,
+    /// its tokens joining the context, instead of a second call that leaves
+    /// the cache untouched. For one-turn conversations (`Embed`'s texts),
+    /// whose cache is dropped after the turn: the same vector, one call.
+    pub probe_inline: bool,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
     /// Tokens per model call when prefilling a long turn or a rebuilt context.
@@ -166,6 +180,7 @@ impl Default for ConversationOptions {
             include_turn_mean: false,
             standardize: Standardize::Zscore,
             input_type: InputType::Raw,
+            probe_inline: false,
             max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
@@ -245,7 +260,12 @@ impl ConversationOptions {
 
     /// The embedding's length for a model of `hidden` width.
     pub fn output_dimensions(&self, hidden: usize) -> usize {
-        self.dimensions.unwrap_or(hidden).min(hidden)
+        let default = if self.standardize == Standardize::Whiten {
+            DEFAULT_WHITEN_COMPONENTS
+        } else {
+            hidden
+        };
+        self.dimensions.unwrap_or(default).min(hidden)
     }
 }
 
@@ -524,10 +544,25 @@ impl Conversation {
         let mut sequence = rebuild.unwrap_or_default();
         let offset = sequence.len();
         sequence.extend_from_slice(&turn.ids);
+        let mut span = (offset + turn.text.start)..(offset + turn.text.end);
+        if o.pooling == Pooling::Probe && o.probe_inline {
+            // The probe rides in the turn's call; its last row is the vector.
+            let probe = self.model.probe_ids();
+            let context_after = if rebuilt { sequence.len() } else { ctx + sequence.len() };
+            if context_after + probe.len() > window {
+                return Err(TurnError::OverWindow {
+                    tokens: n + probe.len(),
+                    kept: 0,
+                    window,
+                });
+            }
+            sequence.extend_from_slice(probe);
+            span = sequence.len() - 1..sequence.len();
+        }
         Ok(TurnPlan {
             sequence,
             rebuild: rebuilt,
-            span: (offset + turn.text.start)..(offset + turn.text.end),
+            span,
             turn_tokens: n,
             evicted,
         })
@@ -607,15 +642,16 @@ impl Conversation {
     /// Standardises (if asked), truncates and normalises a pooled vector.
     fn finish_pooled(&self, mut v: Vec<f32>, pooling: Pooling) -> Vec<f32> {
         let stats = self.model.embedding_stats();
+        let dims = self.options.output_dimensions(self.model.spec().hidden_size);
         match self.options.standardize {
             Standardize::None => {}
             Standardize::Zscore => stats.get(pooling.stats_key()).apply(&mut v),
+            Standardize::Whiten => v = stats.get(pooling.stats_key()).whiten(&v, dims),
             Standardize::Head => {
                 stats.get(pooling.stats_key()).apply(&mut v);
                 v = stats.apply_head(&v);
             }
         }
-        let dims = self.options.output_dimensions(self.model.spec().hidden_size);
         finish_vector(v, dims, self.options.normalize)
     }
 
@@ -629,8 +665,9 @@ impl Conversation {
         cache: KvCache,
     ) -> Result<TurnOutput, TurnError> {
         let probed = match self.options.pooling {
-            Pooling::Probe => Some(self.probe(&cache)?),
-            Pooling::Mean | Pooling::LastToken => None,
+            // Inline, the probe's last row is the pooled span itself.
+            Pooling::Probe if !self.options.probe_inline => Some(self.probe(&cache)?),
+            Pooling::Probe | Pooling::Mean | Pooling::LastToken => None,
         };
         if plan.rebuild {
             self.tokens = plan.sequence;

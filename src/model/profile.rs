@@ -22,18 +22,23 @@ pub const STATS_FILE: &str = "embedding_stats.safetensors";
 /// The templates file beside the model.
 pub const TEMPLATES_FILE: &str = "templates.json";
 /// The statistics format this server reads.
-pub const STATS_FORMAT: &str = "1";
+pub const STATS_FORMAT: &str = "2";
 
 /// The pooled vectors the statistics describe, one set per pooling.
 pub const STATS_POOLINGS: [&str; 3] = ["mean", "last_token", "probe"];
 
-/// Per-dimension standardisation: `(x - mean) * inv_std`.
+/// One pooling's background statistics: per-dimension standardisation
+/// `(x - mean) * inv_std`, and PCA whitening `(x - mean) · whiten`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standardizer {
     /// The background mean.
     pub mean: Vec<f32>,
     /// 1 / the background standard deviation.
     pub inv_std: Vec<f32>,
+    /// PCA whitening, `[hidden, hidden]` row-major: column j is the j-th
+    /// principal direction (largest background variance first) over the
+    /// square root of its variance.
+    pub whiten: Vec<f32>,
 }
 
 impl Standardizer {
@@ -42,6 +47,19 @@ impl Standardizer {
         for ((x, m), s) in v.iter_mut().zip(&self.mean).zip(&self.inv_std) {
             *x = (*x - m) * s;
         }
+    }
+
+    /// The first `k` whitened components of `v` (sums in f64).
+    pub fn whiten(&self, v: &[f32], k: usize) -> Vec<f32> {
+        let h = self.mean.len();
+        let mut y = vec![0f64; k.min(h)];
+        for (i, (x, m)) in v.iter().zip(&self.mean).enumerate() {
+            let c = f64::from(*x - m);
+            for (yj, w) in y.iter_mut().zip(&self.whiten[i * h..(i + 1) * h]) {
+                *yj += c * f64::from(*w);
+            }
+        }
+        y.into_iter().map(|x| x as f32).collect()
     }
 }
 
@@ -117,9 +135,10 @@ impl EmbeddingStats {
             let get = |what: &str| -> Result<Vec<f32>, ModelError> {
                 let key = format!("{pooling}.{what}");
                 let (shape, values) = tensors.get(&key).ok_or_else(|| bad(format!("no tensor {key:?}")))?;
-                if shape != &[hidden] {
+                let want: &[usize] = if what == "whiten" { &[hidden, hidden] } else { &[hidden] };
+                if shape != want {
                     return Err(bad(format!(
-                        "tensor {key:?} has shape {shape:?}, the model's hidden size is {hidden}"
+                        "tensor {key:?} has shape {shape:?}, want {want:?} (the model's hidden size is {hidden})"
                     )));
                 }
                 if values.iter().any(|v| !v.is_finite()) {
@@ -130,6 +149,7 @@ impl EmbeddingStats {
             let standardizer = Standardizer {
                 mean: get("mean")?,
                 inv_std: get("inv_std")?,
+                whiten: get("whiten")?,
             };
             by_pooling.insert(pooling.to_string(), standardizer);
         }
@@ -325,6 +345,12 @@ mod tests {
         for p in STATS_POOLINGS {
             t.push((format!("{p}.mean"), vec![1.0; width]));
             t.push((format!("{p}.inv_std"), vec![2.0; width]));
+            // Whitening that keeps component i scaled by i + 1.
+            let mut w = vec![0.0; width * width];
+            for i in 0..width {
+                w[i * width + i] = (i + 1) as f32;
+            }
+            t.push((format!("{p}.whiten"), w));
         }
         // A head that swaps the first two components.
         let mut head = vec![0.0; width * width];
@@ -336,7 +362,7 @@ mod tests {
         let t: Vec<(&str, Vec<f32>, Vec<usize>)> = t
             .iter()
             .map(|(k, v)| {
-                let shape = if k == "mean.head" {
+                let shape = if k == "mean.head" || k.ends_with(".whiten") {
                     vec![width, width]
                 } else {
                     vec![width]
@@ -374,7 +400,7 @@ mod tests {
         }
     }
 
-    const META: &str = r#"{"format":"1","model":"m","corpus_sha256":"abc","tool_version":"5"}"#;
+    const META: &str = r#"{"format":"2","model":"m","corpus_sha256":"abc","tool_version":"5"}"#;
 
     #[test]
     fn reads_and_applies() {

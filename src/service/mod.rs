@@ -52,6 +52,7 @@ fn standardize(value: i32) -> Result<Standardize, ServiceError> {
         Ok(pb::Standardize::Unspecified | pb::Standardize::Zscore) => Ok(Standardize::Zscore),
         Ok(pb::Standardize::None) => Ok(Standardize::None),
         Ok(pb::Standardize::Head) => Ok(Standardize::Head),
+        Ok(pb::Standardize::Whiten) => Ok(Standardize::Whiten),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "standardize",
             value,
@@ -81,6 +82,34 @@ fn overflow(value: i32) -> Result<Overflow, ServiceError> {
             value,
         }),
     }
+}
+
+/// `Embed`'s pooling when unset: the probe, which for a lone text rides in
+/// the text's own model call (QUALITY.md: the best vector for retrieval).
+pub const EMBED_DEFAULT_POOLING: Pooling = Pooling::Probe;
+/// `Embed`'s standardisation when unset (QUALITY.md).
+pub const EMBED_DEFAULT_STANDARDIZE: Standardize = Standardize::Whiten;
+
+/// An `Embed` request's options over the server's defaults. Its texts are
+/// one-turn conversations, so the probe runs inline.
+pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Result<ConversationOptions, ServiceError> {
+    Ok(ConversationOptions {
+        pooling: if req.pooling == pb::Pooling::Unspecified as i32 {
+            EMBED_DEFAULT_POOLING
+        } else {
+            pooling(req.pooling)?
+        },
+        dimensions: dimensions(req.dimensions),
+        normalize: req.normalize.unwrap_or(true),
+        standardize: if req.standardize == pb::Standardize::Unspecified as i32 {
+            EMBED_DEFAULT_STANDARDIZE
+        } else {
+            standardize(req.standardize)?
+        },
+        input_type: input_type(req.input_type)?,
+        probe_inline: true,
+        ..base
+    })
 }
 
 fn dimensions(value: u32) -> Option<usize> {
@@ -262,14 +291,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         self.refuse_if_draining()?;
         let engine = self.engine()?;
         let req = request.into_inner();
-        let options = ConversationOptions {
-            pooling: pooling(req.pooling)?,
-            dimensions: dimensions(req.dimensions),
-            normalize: req.normalize.unwrap_or(true),
-            standardize: standardize(req.standardize)?,
-            input_type: input_type(req.input_type)?,
-            ..self.shared.limits.default_options()
-        };
+        let options = embed_options(&req, self.shared.limits.default_options())?;
         if req.texts.is_empty() {
             return Err(ServiceError::NoTexts.into());
         }

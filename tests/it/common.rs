@@ -9,7 +9,7 @@ use std::{
 };
 
 use stateful_embedder::{
-    conversation::{ConversationOptions, Pooling, Standardize},
+    conversation::{ConversationOptions, DEFAULT_WHITEN_COMPONENTS, Pooling, Standardize},
     model::{Model, ModelOptions},
 };
 
@@ -73,13 +73,28 @@ pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &Conversa
     } else {
         pool(model, ids, span, options.pooling)
     };
-    if options.standardize != Standardize::None {
-        let key = match options.pooling {
-            Pooling::Mean => "mean",
-            Pooling::LastToken => "last_token",
-            Pooling::Probe => "probe",
-        };
-        let stats = model.embedding_stats().get(key);
+    let hidden = pooled.len();
+    let dims = options
+        .dimensions
+        .unwrap_or(if options.standardize == Standardize::Whiten {
+            DEFAULT_WHITEN_COMPONENTS
+        } else {
+            hidden
+        })
+        .min(hidden);
+    if options.standardize == Standardize::Whiten {
+        // y_j = sum_i (x_i - mean_i) W[i, j], W row-major [h, h], j < dims.
+        let stats = model.embedding_stats().get(stats_key(options.pooling));
+        let centred: Vec<f64> = pooled.iter().zip(&stats.mean).map(|(x, m)| f64::from(x - m)).collect();
+        pooled = (0..dims)
+            .map(|j| {
+                (0..hidden)
+                    .map(|i| centred[i] * f64::from(stats.whiten[i * hidden + j]))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+    } else if options.standardize != Standardize::None {
+        let stats = model.embedding_stats().get(stats_key(options.pooling));
         for (i, x) in pooled.iter_mut().enumerate() {
             *x = (*x - stats.mean[i]) * stats.inv_std[i];
         }
@@ -96,9 +111,15 @@ pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &Conversa
             })
             .collect();
     }
-    let width = pooled.len();
-    let dims = options.dimensions.unwrap_or(width).min(width);
     truncate_and_normalize(pooled, dims, options.normalize)
+}
+
+fn stats_key(pooling: Pooling) -> &'static str {
+    match pooling {
+        Pooling::Mean => "mean",
+        Pooling::LastToken => "last_token",
+        Pooling::Probe => "probe",
+    }
 }
 
 /// Mean or last-token pooling of one empty-cache call over `ids`.

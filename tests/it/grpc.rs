@@ -480,10 +480,12 @@ async fn quality_options_over_the_wire() {
                 pb::Pooling::LastToken => Pooling::LastToken,
                 _ => Pooling::Mean,
             },
+            // Unset is Embed's default, whitening.
             standardize: match standardize {
                 pb::Standardize::None => Standardize::None,
                 pb::Standardize::Head => Standardize::Head,
-                _ => Standardize::Zscore,
+                pb::Standardize::Zscore => Standardize::Zscore,
+                _ => Standardize::Whiten,
             },
             input_type: match input_type {
                 pb::InputType::Query => InputType::Query,
@@ -775,6 +777,7 @@ async fn embed_and_model_info() {
             pooling: pb::Pooling::LastToken as i32,
             dimensions: 32,
             normalize: Some(false),
+            standardize: pb::Standardize::Zscore as i32,
             ..Default::default()
         })
         .await
@@ -800,7 +803,7 @@ async fn embed_and_model_info() {
     );
     assert_eq!(after.turns_total - before.turns_total, 4);
     // 40 texts of 14 bytes run in chunks of at most --max-batch-tokens (64)
-    // bytes, 4 texts each, which bounds the caches held at once: 10 calls.
+    // bytes, 4 texts each, which bounds the caches held at once.
     let many: Vec<String> = (0..40).map(|i| format!("text number {i:02}")).collect();
     let got = client
         .embed(pb::EmbedRequest {
@@ -811,18 +814,34 @@ async fn embed_and_model_info() {
         .unwrap()
         .into_inner();
     assert_eq!(got.embeddings.len(), 40);
+    // Embed's defaults: the probe (inline, one call per text) and whitening,
+    // equal to a library conversation with those options (whose probe runs
+    // as a second call on the turn's cache).
+    let embed_defaults = ConversationOptions {
+        pooling: stateful_embedder::conversation::Pooling::Probe,
+        standardize: stateful_embedder::conversation::Standardize::Whiten,
+        ..Default::default()
+    };
     for (text, e) in many.iter().zip(&got.embeddings) {
-        let want = Conversation::new(&model, ConversationOptions::default())
+        let want = Conversation::new(&model, embed_defaults.clone())
             .unwrap()
             .turn(text, "")
             .unwrap();
         assert_close(text, &e.values, &want.embedding, F32);
     }
+    // Each text's row is its tokens and the inline probe's: a chunk of 4
+    // runs in as many calls as rows of that length fit in 64 padded slots.
+    let row = model.tokenizer().encode(&many[0]).unwrap().len() + model.probe_ids().len();
+    assert!(
+        many.iter()
+            .all(|t| model.tokenizer().encode(t).unwrap().len() + model.probe_ids().len() == row)
+    );
+    let per_call = 64 / row;
     let last = server.wait_stats("answered", |_| true).await;
     assert_eq!(
         last.model_calls_total - after.model_calls_total,
-        10,
-        "40 texts in chunks of 4"
+        10 * 4u64.div_ceil(per_call as u64),
+        "40 texts in chunks of 4, rows of {row} tokens"
     );
     assert_eq!(last.kv_cache_bytes, 0, "an Embed keeps no cache");
     let empty = client
@@ -1092,6 +1111,8 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
     let got = client
         .embed(pb::EmbedRequest {
             texts: texts.clone(),
+            pooling: pb::Pooling::Mean as i32,
+            standardize: pb::Standardize::Zscore as i32,
             ..Default::default()
         })
         .await

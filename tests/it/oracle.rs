@@ -272,6 +272,24 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         s.turn(TEXTS[1], "");
         s.report(&format!("{label} raw {pooling:?}"));
     }
+    // PCA whitening, every pooling, default and truncated widths.
+    for (pooling, dims) in [
+        (Pooling::Mean, None),
+        (Pooling::Probe, Some(16)),
+        (Pooling::LastToken, Some(hidden)),
+    ] {
+        let o = ConversationOptions {
+            pooling,
+            dimensions: dims,
+            standardize: Standardize::Whiten,
+            ..opts()
+        };
+        let mut s = Script::new(model, o, tol);
+        let out = s.turn(TEXTS[0], "user");
+        assert_eq!(out.embedding.len(), dims.unwrap_or(hidden.min(384)));
+        s.turn(TEXTS[1], "");
+        s.report(&format!("{label} whiten {pooling:?} {dims:?}"));
+    }
     // The learned head (MEAN only), with the turn mean beside it.
     let o = ConversationOptions {
         standardize: Standardize::Head,

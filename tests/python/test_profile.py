@@ -45,7 +45,7 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
     assert meta["head_pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     probe = json.loads((MODELS / "templates.json").read_text())["probe"]
     assert meta["probe_sha256"] == hashlib.sha256(probe.encode()).hexdigest()
-    assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "1")
+    assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "2")
 
     from pooled import Qwen
 
