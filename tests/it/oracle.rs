@@ -388,6 +388,23 @@ fn real_f32_oracle() {
         s.turn(TEXTS[2], "assistant");
         s.report(&format!("real f32 chatml {pooling:?} dims {dims:?}"));
     }
+    // Embed's defaults (the probe, whitened) and the learned head, over a conversation.
+    for (pooling, standardize) in [
+        (Pooling::Probe, Standardize::Whiten),
+        (Pooling::Mean, Standardize::Head),
+    ] {
+        let o = ConversationOptions {
+            pooling,
+            standardize,
+            ..opts()
+        };
+        let mut s = Script::new(&model, o, F32);
+        s.turn(TEXTS[0], "user");
+        let out = s.turn(TEXTS[2], "assistant");
+        let want_len = if standardize == Standardize::Whiten { 384 } else { 896 };
+        assert_eq!(out.embedding.len(), want_len);
+        s.report(&format!("real f32 {pooling:?} {standardize:?}"));
+    }
     for keep in [0, 16] {
         let o = ConversationOptions {
             max_context_tokens: 96,
