@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests/python/gen"))
+sys.path.insert(0, str(ROOT / "tests/python/gen"))  # the stubs the Python tests generate (or set PYTHONPATH)
 
 import datasets  # noqa: E402
 
