@@ -187,12 +187,9 @@ impl Model {
             };
             return Err(ModelError::Path { path: file, reason });
         }
-        // The tokenizer and the profile first: they are cheap and their
-        // absence is fatal.
+        // The tokenizer first: it is cheap and its absence is fatal.
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let config = read_config(&dir.join("config.json"))?;
-        let templates = Templates::read(&dir.join(TEMPLATES_FILE))?;
-        let probe_ids = tokenizer.encode(&templates.probe)?;
         let environment = runtime::environment(options.onnxruntime.as_deref())?;
         let threads = if options.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -223,6 +220,10 @@ impl Model {
             format!("{name} ({file_name})"),
             tokenizer.vocab_size(),
         )?;
+        // The embedding profile after the contract: a graph that is not a
+        // decoder gets the contract's message (e.g. "run prepare.py import").
+        let templates = Templates::read(&dir.join(TEMPLATES_FILE))?;
+        let probe_ids = tokenizer.encode(&templates.probe)?;
         let stats = EmbeddingStats::read(&dir.join(STATS_FILE), spec.hidden_size, &name)?;
         let io = IoNames {
             past: (0..spec.layers)
