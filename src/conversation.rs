@@ -161,6 +161,8 @@ pub struct ConversationOptions {
     /// its tokens joining the context, instead of a second call that leaves
     /// the cache untouched. For one-turn conversations (`Embed`'s texts),
     /// whose cache is dropped after the turn: the same vector, one call.
+    /// The pooled span is then the probe's last row, so `include_turn_mean`
+    /// would return that row too: leave it off.
     pub probe_inline: bool,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
