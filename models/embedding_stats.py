@@ -141,6 +141,21 @@ def background_items(encode, chatml) -> list[tuple[list[int], int, int]]:
     return items
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and the tensors (F32, F16 or I64) of a safetensors file."""
+    dtypes = {"F32": "<f4", "F16": "<f2", "I64": "<i8"}
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    tensors = {}
+    for name, meta in header.items():
+        if name != "__metadata__":
+            a, b = meta["data_offsets"]
+            tensors[name] = np.frombuffer(data[a:b], dtype=dtypes[meta["dtype"]]).reshape(meta["shape"])
+    return header.get("__metadata__", {}), tensors
+
+
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """The safetensors format (8-byte header length, JSON header, raw
     little-endian data), written without a dependency, byte-reproducible:

@@ -6,8 +6,6 @@ attention mask, L2 normalisation (sentence-transformers' modules.json).
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from pathlib import Path
 
@@ -18,18 +16,14 @@ MAX_TOKENS = 256
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = meta["data_offsets"]
-        out[name] = np.frombuffer(data[a:b], dtype=dtypes[meta["dtype"]]).reshape(meta["shape"])
-    return out
+    """The tensors of a safetensors file (the reader beside the writer, in
+    models/embedding_stats.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models"))
+    from embedding_stats import read_safetensors as read
+
+    return read(path)[1]
 
 
 def _layer_norm(x, w, b, eps=1e-12):

@@ -161,7 +161,7 @@ def main(argv=None):
         np.save(path, v)
         return v
 
-    def run_set(name, queries, docs_items, docs_texts, query_ids_fn):
+    def run_set(name, queries, docs_items, docs_texts):
         raw_q = cache.embed(f"{name}-q", [(ids, 0, len(ids)) for ids in (qwen.encode(q) for q in queries)], probe_ids)
         pre_ids = qwen.encode(query_prefix.split("{text}")[0])
         post_ids = qwen.encode(query_prefix.split("{text}")[1]) if query_prefix.split("{text}")[1] else []
@@ -171,7 +171,6 @@ def main(argv=None):
             ids = qwen.encode(q)
             tpl_items.append((pre_ids + ids + post_ids, len(pre_ids), len(pre_ids) + len(ids)))
         tpl_q = cache.embed(f"{name}-qt", tpl_items, probe_ids)
-        del query_ids_fn
         d = cache.embed(f"{name}-d", docs_items, probe_ids)
         rows = {}
         for key in [f"{p}:{k}" for p in ("mean", "last", "probe") for k in qwen.keys]:
@@ -193,12 +192,12 @@ def main(argv=None):
         for p in pairs:
             ids = qwen.encode(p.doc)[: 512]
             items.append((ids, 0, len(ids)))
-        run_set(name, [p.query for p in pairs], items, [p.doc for p in pairs], None)
+        run_set(name, [p.query for p in pairs], items, [p.doc for p in pairs])
 
     for kind in ("two_turn", "multi_turn", "long"):
         convs = datasets.conversations(sets["python"], kind, args.conversations)
         items = [qwen.chatml(c.turns) for c in convs]
-        run_set(f"conv_{kind}", [c.query for c in convs], items, ["\n".join(t for _, t in c.turns) for c in convs], None)
+        run_set(f"conv_{kind}", [c.query for c in convs], items, ["\n".join(t for _, t in c.turns) for c in convs])
 
     # Cost: one text per call, as a lone stream's turn.
     sample = [qwen.encode(p.doc)[:512] for p in datasets.sample(sets["python"], "eval", 32)]

@@ -1,11 +1,12 @@
 //! What turns a pooled hidden state into a good embedding, shipped beside
 //! the model by `models/prepare.py`:
 //!
-//! * `embedding_stats.safetensors`: per pooling, the mean and the inverse
-//!   standard deviation of the pooled vectors over the model tool's fixed
-//!   background corpus (`models/background.jsonl`). Raw decoder states are
+//! * `embedding_stats.safetensors`: per pooling, the mean, the inverse
+//!   standard deviation and the PCA whitening of the pooled vectors over the
+//!   model tool's fixed background corpus (`models/background.jsonl`), and
+//!   the learned head for mean-pooled vectors. Raw decoder states are
 //!   anisotropic (a few outlier dimensions dominate every cosine);
-//!   standardising each dimension removes that common part.
+//!   standardising or whitening removes that common part.
 //! * `templates.json`: the input types (`query`, `document`) as templates
 //!   around the text, and the probe suffix of [`crate::conversation::Pooling::Probe`].
 //!
@@ -113,7 +114,7 @@ impl EmbeddingStats {
         };
         let bytes = std::fs::read(path).map_err(|e| {
             bad(format!(
-                "cannot read the embedding statistics ({e}); run `make models` (or `models/prepare.py stats <dir>`) to write them"
+                "cannot read the embedding statistics ({e}); run `make models` (or `models/prepare.py import` for an export of your own) to write them"
             ))
         })?;
         let (meta, tensors) = parse_safetensors(&bytes).map_err(bad)?;
@@ -130,41 +131,29 @@ impl EmbeddingStats {
                 field("model")
             )));
         }
+        // Every tensor the same way: present, of the shape the model needs, finite.
+        let tensor = |key: &str, want: &[usize]| -> Result<Vec<f32>, ModelError> {
+            let (shape, values) = tensors.get(key).ok_or_else(|| bad(format!("no tensor {key:?}")))?;
+            if shape != want {
+                return Err(bad(format!(
+                    "tensor {key:?} has shape {shape:?}, want {want:?} (the model's hidden size is {hidden})"
+                )));
+            }
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!("tensor {key:?} holds a non-finite value")));
+            }
+            Ok(values.clone())
+        };
         let mut by_pooling = BTreeMap::new();
         for pooling in STATS_POOLINGS {
-            let get = |what: &str| -> Result<Vec<f32>, ModelError> {
-                let key = format!("{pooling}.{what}");
-                let (shape, values) = tensors.get(&key).ok_or_else(|| bad(format!("no tensor {key:?}")))?;
-                let want: &[usize] = if what == "whiten" { &[hidden, hidden] } else { &[hidden] };
-                if shape != want {
-                    return Err(bad(format!(
-                        "tensor {key:?} has shape {shape:?}, want {want:?} (the model's hidden size is {hidden})"
-                    )));
-                }
-                if values.iter().any(|v| !v.is_finite()) {
-                    return Err(bad(format!("tensor {key:?} holds a non-finite value")));
-                }
-                Ok(values.clone())
-            };
             let standardizer = Standardizer {
-                mean: get("mean")?,
-                inv_std: get("inv_std")?,
-                whiten: get("whiten")?,
+                mean: tensor(&format!("{pooling}.mean"), &[hidden])?,
+                inv_std: tensor(&format!("{pooling}.inv_std"), &[hidden])?,
+                whiten: tensor(&format!("{pooling}.whiten"), &[hidden, hidden])?,
             };
             by_pooling.insert(pooling.to_string(), standardizer);
         }
-        let head = match tensors.get("mean.head") {
-            Some((shape, values)) if shape == &[hidden, hidden] && values.iter().all(|v| v.is_finite()) => {
-                values.clone()
-            }
-            Some((shape, _)) if shape != &[hidden, hidden] => {
-                return Err(bad(format!(
-                    "tensor \"mean.head\" has shape {shape:?}, want [{hidden}, {hidden}]"
-                )));
-            }
-            Some(_) => return Err(bad("tensor \"mean.head\" holds a non-finite value".to_string())),
-            None => return Err(bad("no tensor \"mean.head\"".to_string())),
-        };
+        let head = tensor("mean.head", &[hidden, hidden])?;
         Ok(EmbeddingStats {
             by_pooling,
             head,

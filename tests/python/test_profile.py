@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 import subprocess
 
 import numpy as np
@@ -15,19 +14,6 @@ import pytest
 from conftest import BIN, MODELS, TINY, require
 
 import embedding_stats as es
-
-
-def read(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    tensors = {}
-    for name, meta in header.items():
-        if name != "__metadata__":
-            a, b = meta["data_offsets"]
-            tensors[name] = np.frombuffer(data[a:b], "<f4").reshape(meta["shape"])
-    return header["__metadata__"], tensors
 
 
 def test_statistics_are_reproducible_and_what_they_say(tmp_path):
@@ -40,7 +26,7 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
     es.write_stats(TINY, "tiny-random-qwen2", fresh)
     assert fresh.read_bytes() == installed.read_bytes(), "the statistics are not reproducible"
 
-    meta, t = read(fresh)
+    meta, t = es.read_safetensors(fresh)
     assert meta["corpus_sha256"] == hashlib.sha256((MODELS / "background.jsonl").read_bytes()).hexdigest()
     assert meta["head_pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     probe = json.loads((MODELS / "templates.json").read_text())["probe"]
