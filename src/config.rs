@@ -9,6 +9,10 @@ use crate::{
     schedule::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
 };
 
+/// The default `--max-sessions`: measured safe on the tiny model (10,000
+/// open streams within the budget, health answering; BENCHMARKS.md).
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+
 /// A gRPC server that keeps one decoder KV cache per bidirectional stream and
 /// answers every turn with an embedding.
 #[derive(Debug, Parser)]
@@ -44,14 +48,36 @@ pub struct Config {
     #[arg(long, env = "SE_THREADS", default_value_t = 0)]
     pub threads: usize,
 
-    /// Default context window per conversation, in tokens (clients may ask for
-    /// another, up to the model's maximum).
+    /// Context window per conversation, in tokens: the default and the most
+    /// a client may ask for (more is INVALID_ARGUMENT); at most the model's
+    /// maximum.
     #[arg(long, env = "SE_MAX_CONTEXT_TOKENS", default_value_t = DEFAULT_MAX_CONTEXT_TOKENS)]
     pub max_context_tokens: usize,
 
-    /// Most Converse streams open at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "SE_MAX_SESSIONS", default_value_t = 64)]
+    /// Most Converse streams open at once; more get RESOURCE_EXHAUSTED. An
+    /// idle stream costs its token ids and a few KiB (BENCHMARKS.md), its KV
+    /// cache being evictable, so this can be large.
+    #[arg(long, env = "SE_MAX_SESSIONS", default_value_t = DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
+
+    /// Most bytes all KV caches may hold together (live caches, part-built
+    /// ones and a running call's): e.g. 8GiB, 512MiB. When a turn needs more,
+    /// idle conversations' caches are evicted (least recently used first) and
+    /// rebuilt by recomputation at their next turn. Default: half the memory
+    /// available at start (the cgroup's, in a container) after the model's
+    /// weights.
+    #[arg(long, env = "SE_MAX_KV_BYTES", value_parser = crate::memory::parse_bytes)]
+    pub max_kv_bytes: Option<u64>,
+
+    /// Evict the cache of a conversation idle this long (the stream stays
+    /// open; the next turn rebuilds it); 0 never evicts by age.
+    #[arg(long, env = "SE_IDLE_EVICT_SECONDS", default_value_t = 0.0, value_parser = parse_seconds)]
+    pub idle_evict_seconds: f64,
+
+    /// How long a resumable session whose stream was lost (not half-closed)
+    /// waits to be resumed before it is freed; 0 turns resumable sessions off.
+    #[arg(long, env = "SE_DETACHED_TTL_SECONDS", default_value_t = 300.0, value_parser = parse_seconds)]
+    pub detached_ttl_seconds: f64,
 
     /// Most tokens in one turn (ChatML markers included); longer turns get an
     /// in-band RESOURCE_EXHAUSTED error.
@@ -122,6 +148,20 @@ impl Config {
             max_turns: self.max_batch_turns.max(1),
             max_padded_tokens: self.max_batch_tokens,
         }
+    }
+
+    /// The idle age at which caches are evicted, if any.
+    pub fn idle_evict(&self) -> Option<Duration> {
+        (self.idle_evict_seconds > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.idle_evict_seconds).ok())
+            .flatten()
+    }
+
+    /// How long a lost session is kept; `None` when resumable sessions are off.
+    pub fn detached_ttl(&self) -> Option<Duration> {
+        (self.detached_ttl_seconds > 0.0).then(|| {
+            Duration::try_from_secs_f64(self.detached_ttl_seconds).unwrap_or(Duration::from_secs(u64::MAX / 4))
+        })
     }
 
     /// The drain deadline; `None` (from `inf`, or more seconds than a

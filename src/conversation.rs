@@ -2,10 +2,17 @@
 //! and the turn that prefills new text on top and returns an embedding.
 //!
 //! # Invariants
-//! * `tokens.len() == cache.len()`: the next position is always `tokens.len()`.
+//! * The next position is always `tokens.len()`, and the cache covers either
+//!   all the tokens (the conversation is *resident*) or none of them (it was
+//!   *evicted*: [`Conversation::evict_cache`] dropped the cache to free
+//!   memory and kept the token ids, 4 bytes a token). An evicted
+//!   conversation's next turn rebuilds the cache by prefilling its tokens
+//!   (in chunks, like a long turn), then runs the turn: its embedding is
+//!   exactly what it would have been (the oracle below).
 //! * A turn is all or nothing: the new cache and tokens are adopted only when
 //!   every model call succeeded, so a failed turn leaves the conversation as
-//!   it was (ONNX Runtime never writes into its inputs).
+//!   it was (ONNX Runtime never writes into its inputs), though perhaps
+//!   evicted.
 //!
 //! # From hidden states to a vector
 //! A turn's text tokens (its ChatML markers and input-type template excluded)
@@ -308,6 +315,21 @@ pub enum TurnError {
         /// The window.
         window: usize,
     },
+    /// The turn's model calls need more KV cache memory at once than the
+    /// server's budget allows with every other cache evicted.
+    #[error(
+        "the turn needs {need} bytes of KV cache at once, more than the budget of {budget} bytes (--max-kv-bytes) leaves with every other conversation's cache evicted"
+    )]
+    OverBudget {
+        /// Bytes its next call adds.
+        need: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// Another turn of the conversation is running (a client's turns are
+    /// sent one at a time, so this is a bug if it happens).
+    #[error("another turn of this conversation is running")]
+    Busy,
     /// The options do not suit the model (stateless embeds only).
     #[error(transparent)]
     Options(#[from] OptionsError),
@@ -332,6 +354,9 @@ pub struct TurnOutput {
     pub context_tokens: usize,
     /// Tokens dropped from the context by this turn (slide or reset).
     pub evicted_tokens: usize,
+    /// Tokens of context recomputed before the turn because the
+    /// conversation's cache had been evicted (0 when it was resident).
+    pub rebuilt_tokens: usize,
 }
 
 /// One conversation over a shared [`Model`]: its own tokens and KV cache.
@@ -345,6 +370,7 @@ pub struct Conversation {
     tokens: Vec<u32>,
     cache: KvCache,
     peak_kv_bytes: u64,
+    turns: u64,
 }
 
 /// Pools a turn's text rows as they stream out of the prefill calls.
@@ -412,6 +438,8 @@ pub(crate) struct TurnPlan {
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
     evicted: usize,
+    /// Context tokens recomputed because the cache had been evicted.
+    restored: usize,
 }
 
 /// A turn too long for one call, part-way through its prefill on the
@@ -428,6 +456,13 @@ pub(crate) struct PendingTurn {
 }
 
 impl PendingTurn {
+    /// Whether its next chunk reads the conversation's own cache (false for
+    /// a rebuild, and once the first chunk has run): if not, that cache may
+    /// be evicted while the turn goes on.
+    pub(crate) fn reads_conversation_cache(&self) -> bool {
+        !self.plan.rebuild && self.cache.is_none()
+    }
+
     pub(crate) fn new(plan: TurnPlan, width: usize) -> Self {
         Self {
             plan,
@@ -460,6 +495,7 @@ impl Conversation {
             options,
             tokens: Vec::new(),
             peak_kv_bytes: 0,
+            turns: 0,
         })
     }
 
@@ -510,8 +546,14 @@ impl Conversation {
             });
         }
 
+        let mut restored = 0;
         let (rebuild, evicted): (Option<Vec<u32>>, usize) = if ctx + n <= window {
-            (None, 0)
+            if self.is_resident() {
+                (None, 0)
+            } else {
+                restored = ctx;
+                (Some(self.tokens.clone()), 0)
+            }
         } else {
             match o.overflow {
                 Overflow::Reject => {
@@ -567,7 +609,45 @@ impl Conversation {
             span,
             turn_tokens: n,
             evicted,
+            restored,
         })
+    }
+
+    /// Bytes a single-call plan adds to the model's ledger at its peak:
+    /// the call's outputs and, for a second-call probe, the probe's, while
+    /// the turn's new cache is held (see [`Model::call_bytes`]).
+    pub(crate) fn plan_bytes(&self, plan: &TurnPlan) -> u64 {
+        let base = self.base_len(plan);
+        let len = plan.sequence.len();
+        self.model.call_bytes(base, len) + self.probe_bytes(base + len)
+    }
+
+    /// Bytes the second-call probe on a cache of `len` tokens adds (0 when
+    /// the pooling needs no such call).
+    pub(crate) fn probe_bytes(&self, len: usize) -> u64 {
+        if self.options.pooling == Pooling::Probe && !self.options.probe_inline {
+            self.model.call_bytes(len, self.model.probe_ids().len())
+        } else {
+            0
+        }
+    }
+
+    /// Bytes the next chunk of a pending turn adds at its peak (with the
+    /// probe after the last chunk).
+    pub(crate) fn chunk_bytes(&self, pending: &PendingTurn) -> u64 {
+        let chunk = self.options.prefill_chunk_tokens.max(1);
+        let base = match &pending.cache {
+            Some(cache) => cache.len(),
+            None => self.base_len(&pending.plan),
+        };
+        let end = (pending.done + chunk).min(pending.plan.sequence.len());
+        let new = end - pending.done;
+        let probe = if end == pending.plan.sequence.len() {
+            self.probe_bytes(base + new)
+        } else {
+            0
+        };
+        self.model.call_bytes(base, new) + probe
     }
 
     /// Whether the plan runs in a single model call (and so can share one).
@@ -680,6 +760,7 @@ impl Conversation {
         debug_assert_eq!(cache.len(), context_tokens, "the cache covers exactly the context");
         self.cache = cache;
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        self.turns += 1;
 
         let turn_mean = self
             .options
@@ -698,6 +779,7 @@ impl Conversation {
             turn_tokens: plan.turn_tokens,
             context_tokens,
             evicted_tokens: plan.evicted,
+            rebuilt_tokens: plan.restored,
         })
     }
 
@@ -716,6 +798,30 @@ impl Conversation {
         self.tokens.clear();
         self.cache = self.model.empty_cache();
         released
+    }
+
+    /// Drops the cache to free its memory and keeps the token ids: the
+    /// next turn rebuilds the cache (by prefilling the tokens) before it
+    /// runs, and its embedding is what it would have been. Returns the bytes
+    /// freed (0 when nothing was cached).
+    pub fn evict_cache(&mut self) -> u64 {
+        if self.cache.is_empty() {
+            return 0;
+        }
+        let freed = self.cache.bytes();
+        self.cache = self.model.empty_cache();
+        freed
+    }
+
+    /// Whether the cache covers the context (false after
+    /// [`Conversation::evict_cache`], until the next turn rebuilds it).
+    pub fn is_resident(&self) -> bool {
+        self.cache.len() == self.tokens.len()
+    }
+
+    /// Turns this conversation has taken (a reset does not count them down).
+    pub fn turns(&self) -> u64 {
+        self.turns
     }
 
     /// Tokens in the context (the next position).

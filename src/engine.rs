@@ -4,11 +4,14 @@
 //! # Threading
 //! Inference never runs on a Tokio worker. Streams send jobs over a
 //! bounded channel (a full queue makes `send` wait: backpressure) and await a
-//! oneshot reply. A turn's [`Conversation`] moves into the job and comes back
-//! with the result ([`TurnReply`]), so no cache is ever shared or locked. If
-//! the reply's receiver is gone when the worker gets to a job (the stream was
-//! cancelled or its client vanished), the job is skipped and dropping it
-//! frees the conversation's cache at once.
+//! oneshot reply. A turn's job carries the [`Slot`] its conversation rests
+//! in; the worker takes the conversation out when the turn starts, and puts
+//! it back before the answer goes, so no cache is ever shared while a turn
+//! runs, and a queued turn's conversation can still be evicted
+//! ([`crate::memory`]). If the reply's receiver is gone when the worker gets
+//! to a job (the stream was cancelled or its client vanished), the job is
+//! skipped and the conversation goes back unchanged: freed with its slot at
+//! once, unless a resumable session keeps the slot.
 //!
 //! # Rounds
 //! The worker works in rounds: it takes every job waiting (up to
@@ -35,8 +38,11 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
+use std::time::{Duration, Instant};
+
 use crate::{
     conversation::{Conversation, ConversationOptions, TurnError, TurnOutput},
+    memory::{KvBudget, Slot},
     model::Model,
     schedule::{BatchLimits, Replies, Scheduler, Work},
 };
@@ -48,21 +54,16 @@ use crate::{
 #[error("the inference engine has stopped: its thread exited unexpectedly")]
 pub struct EngineStopped;
 
-/// What a turn job answers: the conversation back, and what the turn gave.
-#[derive(Debug)]
-pub struct TurnReply {
-    /// The conversation, after the turn (or exactly as before, on error).
-    pub conversation: Conversation,
-    /// The turn's output or why it failed.
-    pub result: Result<TurnOutput, TurnError>,
-}
+/// What a turn job answers (the conversation is back in its slot by then:
+/// after the turn, or exactly as before it on error).
+pub type TurnReply = Result<TurnOutput, TurnError>;
 
 /// What an `Embed` job answers: one result per text, in order.
 pub type EmbedReply = Vec<Result<TurnOutput, TurnError>>;
 
 enum Job {
     Turn {
-        conversation: Conversation,
+        slot: Arc<Slot>,
         text: String,
         role: String,
         reply: oneshot::Sender<TurnReply>,
@@ -87,6 +88,13 @@ pub struct EngineStats {
     tokens: AtomicU64,
     /// Texts queued or running: one per live [`QueueTicket`].
     queued: AtomicUsize,
+    /// Turns that rebuilt an evicted cache, and the tokens they recomputed.
+    rebuilds: AtomicU64,
+    rebuilt_tokens: AtomicU64,
+    /// Time texts waited between their submission and their first model
+    /// call's round, summed and at most, in microseconds.
+    queue_wait_us: AtomicU64,
+    queue_wait_max_us: AtomicU64,
 }
 
 impl EngineStats {
@@ -105,18 +113,48 @@ impl EngineStats {
         self.queued.load(Ordering::Relaxed)
     }
 
+    /// Turns that had to rebuild an evicted cache before they ran.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
+    }
+
+    /// Tokens those rebuilds recomputed.
+    pub fn rebuilt_tokens(&self) -> u64 {
+        self.rebuilt_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Total time texts waited in the queue before their round began.
+    pub fn queue_wait_total(&self) -> Duration {
+        Duration::from_micros(self.queue_wait_us.load(Ordering::Relaxed))
+    }
+
+    /// The longest such wait.
+    pub fn queue_wait_max(&self) -> Duration {
+        Duration::from_micros(self.queue_wait_max_us.load(Ordering::Relaxed))
+    }
+
     /// `n` tickets, each counted in [`EngineStats::queued`] until dropped.
     fn tickets(self: &Arc<Self>, n: usize) -> Vec<QueueTicket> {
         self.queued.fetch_add(n, Ordering::Relaxed);
-        (0..n).map(|_| QueueTicket(self.clone())).collect()
+        let now = Instant::now();
+        (0..n).map(|_| QueueTicket(self.clone(), now)).collect()
     }
 }
 
 /// One text's place in [`EngineStats::queued`], given up on drop: whatever
 /// path a text leaves the engine by (answered, abandoned, failed, dropped
-/// with the engine), the count follows.
+/// with the engine), the count follows. It knows when the text was queued.
 #[derive(Debug)]
-struct QueueTicket(Arc<EngineStats>);
+struct QueueTicket(Arc<EngineStats>, Instant);
+
+impl QueueTicket {
+    /// Counts the text's wait, from its submission until now (its round).
+    fn started(&self) {
+        let waited = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.0.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
+        self.0.queue_wait_max_us.fetch_max(waited, Ordering::Relaxed);
+    }
+}
 
 impl Drop for QueueTicket {
     fn drop(&mut self) {
@@ -131,30 +169,39 @@ pub struct Engine {
     jobs_tx: Option<mpsc::Sender<Job>>,
     stats: Arc<EngineStats>,
     model: Arc<Model>,
+    budget: Arc<KvBudget>,
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Engine {
     /// Starts the worker thread with a queue of `queue_depth` jobs, batching
-    /// queued turns within `limits`.
+    /// queued turns within `limits` and keeping every cache within `budget`
+    /// (which must be over the engine's model).
     ///
     /// # Panics
     /// If the OS cannot spawn a thread.
-    pub fn start(model: Arc<Model>, queue_depth: usize, limits: BatchLimits) -> Engine {
+    pub fn start(model: Arc<Model>, queue_depth: usize, limits: BatchLimits, budget: Arc<KvBudget>) -> Engine {
         let (jobs_tx, jobs_rx) = mpsc::channel(queue_depth.max(1));
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let worker_model = model.clone();
+        let worker_budget = budget.clone();
         let worker = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats, limits))
+            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats, limits, worker_budget))
             .expect("the OS can spawn the engine thread");
         Engine {
             jobs_tx: Some(jobs_tx),
             stats,
             model,
+            budget,
             worker: Some(worker),
         }
+    }
+
+    /// The KV budget the engine keeps; conversations rest in its slots.
+    pub fn budget(&self) -> &Arc<KvBudget> {
+        &self.budget
     }
 
     /// The model the engine runs.
@@ -177,21 +224,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs one turn of `conversation`. Cancel-safe: dropping the future
-    /// abandons the turn and (once the worker sees it) frees the conversation.
+    /// Runs one turn of the conversation resting in `slot` (a slot of this
+    /// engine's [`Engine::budget`]). Cancel-safe: dropping the future
+    /// abandons the turn; once the worker sees it, the conversation goes back
+    /// into its slot as it was (and is freed with the slot if nobody else
+    /// holds it).
     ///
     /// # Errors
-    /// [`EngineStopped`] when the engine thread has died (the conversation is lost with it).
-    pub async fn turn(
-        &self,
-        conversation: Conversation,
-        text: String,
-        role: String,
-    ) -> Result<TurnReply, EngineStopped> {
+    /// [`EngineStopped`] when the engine thread has died (the conversation
+    /// may be lost with it).
+    pub async fn turn(&self, slot: Arc<Slot>, text: String, role: String) -> Result<TurnReply, EngineStopped> {
         let (reply, rx) = oneshot::channel();
         let span = tracing::Span::current();
         self.submit(1, |mut tickets| Job::Turn {
-            conversation,
+            slot,
             text,
             role,
             reply,
@@ -240,10 +286,17 @@ struct Answer {
     ticket: QueueTicket,
 }
 
-/// A stream's reply, or slot `index` of `Embed` job `job`.
+/// A stream's reply (and the slot its conversation goes back to), or slot
+/// `index` of `Embed` job `job`.
 enum AnswerTo {
-    Stream(oneshot::Sender<TurnReply>),
-    Embed { job: u64, index: usize },
+    Stream {
+        tx: oneshot::Sender<TurnReply>,
+        slot: Arc<Slot>,
+    },
+    Embed {
+        job: u64,
+        index: usize,
+    },
 }
 
 /// An `Embed` job being answered: its reply, a slot per text, and how many
@@ -261,7 +314,13 @@ struct Answers {
     next_embed: u64,
 }
 
-fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc<EngineStats>, limits: BatchLimits) {
+fn engine_worker(
+    model: Arc<Model>,
+    mut jobs_rx: mpsc::Receiver<Job>,
+    stats: Arc<EngineStats>,
+    limits: BatchLimits,
+    budget: Arc<KvBudget>,
+) {
     let mut scheduler = Scheduler::new(limits);
     let mut answers = Answers {
         stats,
@@ -283,7 +342,7 @@ fn engine_worker(model: Arc<Model>, mut jobs_rx: mpsc::Receiver<Job>, stats: Arc
             }
         }
         let work = answers.admit(&model, jobs);
-        scheduler.run_round(work, &mut answers);
+        scheduler.run_round(work, &mut answers, &*budget);
     }
     tracing::debug!("engine queue closed; worker exits");
 }
@@ -296,22 +355,33 @@ impl Answers {
         for job in jobs {
             match job {
                 Job::Turn {
-                    conversation,
+                    slot,
                     text,
                     role,
                     reply,
                     span,
                     ticket,
-                } => work.push(Work {
-                    conversation,
-                    text,
-                    role,
-                    span,
-                    reply: Answer {
-                        to: AnswerTo::Stream(reply),
-                        ticket,
-                    },
-                }),
+                } => {
+                    ticket.started();
+                    if reply.is_closed() {
+                        continue; // the conversation rests in its slot, untouched
+                    }
+                    let Some(conversation) = slot.take() else {
+                        // The service sends a conversation's turns one at a time.
+                        let _ = reply.send(Err(TurnError::Busy));
+                        continue;
+                    };
+                    work.push(Work {
+                        conversation,
+                        text,
+                        role,
+                        span,
+                        reply: Answer {
+                            to: AnswerTo::Stream { tx: reply, slot },
+                            ticket,
+                        },
+                    });
+                }
                 Job::Embed {
                     texts,
                     options,
@@ -319,6 +389,9 @@ impl Answers {
                     span,
                     tickets,
                 } => {
+                    for ticket in &tickets {
+                        ticket.started();
+                    }
                     if reply.is_closed() {
                         continue; // the tickets drop with the job
                     }
@@ -374,7 +447,7 @@ impl Answers {
 impl Replies<Answer> for Answers {
     fn wanted(&self, reply: &Answer) -> bool {
         match &reply.to {
-            AnswerTo::Stream(tx) => !tx.is_closed(),
+            AnswerTo::Stream { tx, .. } => !tx.is_closed(),
             AnswerTo::Embed { job, .. } => self.embeds.get(job).is_some_and(|e| !e.reply.is_closed()),
         }
     }
@@ -390,15 +463,24 @@ impl Replies<Answer> for Answers {
         if let Ok(out) = &result {
             self.stats.turns.fetch_add(1, Ordering::Relaxed);
             self.stats.tokens.fetch_add(out.turn_tokens as u64, Ordering::Relaxed);
+            if out.rebuilt_tokens > 0 {
+                self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .rebuilt_tokens
+                    .fetch_add(out.rebuilt_tokens as u64, Ordering::Relaxed);
+            }
         }
-        // Counters move before the answer goes, so that a client holding the
-        // answer sees them moved (and, for an Embed, its caches gone).
+        // Counters move and the conversation is back before the answer goes,
+        // so that a client holding the answer sees them moved (and, for an
+        // Embed, its caches gone), and its next turn finds the conversation.
         let Answer { to, ticket } = reply;
         match to {
-            AnswerTo::Stream(tx) => {
+            AnswerTo::Stream { tx, slot } => {
+                slot.put(conversation);
                 drop(ticket);
-                // A failed send means the stream is gone: the conversation drops with it.
-                let _ = tx.send(TurnReply { conversation, result });
+                // A failed send means the stream is gone: the conversation is
+                // freed with its slot, unless a resumable session keeps it.
+                let _ = tx.send(result);
             }
             AnswerTo::Embed { job, index } => {
                 drop(conversation);
@@ -412,16 +494,23 @@ impl Replies<Answer> for Answers {
         }
     }
 
-    fn abandon(&mut self, reply: Answer) {
+    fn abandon(&mut self, conversation: Conversation, reply: Answer) {
         let Answer { to, ticket } = reply;
-        drop(ticket);
-        if let AnswerTo::Embed { job, .. } = to
-            && let Some(embed) = self.embeds.get_mut(&job)
-        {
-            embed.open -= 1;
-            if embed.open == 0 {
-                self.embeds.remove(&job);
+        match to {
+            AnswerTo::Stream { slot, .. } => {
+                slot.put(conversation);
+                drop(slot);
+            }
+            AnswerTo::Embed { job, .. } => {
+                drop(conversation);
+                if let Some(embed) = self.embeds.get_mut(&job) {
+                    embed.open -= 1;
+                    if embed.open == 0 {
+                        self.embeds.remove(&job);
+                    }
+                }
             }
         }
+        drop(ticket);
     }
 }

@@ -66,6 +66,7 @@ pub mod config;
 pub mod conversation;
 pub mod cpu;
 pub mod engine;
+pub mod memory;
 pub mod model;
 pub mod runtime;
 pub mod schedule;

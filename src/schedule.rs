@@ -20,6 +20,15 @@
 //! turn holds a part-built cache; one whose requester has gone is dropped
 //! before its next chunk, which frees its cache then.
 //!
+//! # Memory
+//! Before each model call the scheduler asks its [`Room`] for the bytes the
+//! call adds (see [`crate::memory`]). When the budget cannot give them by
+//! evicting resting conversations, a batch runs as single turns, then the
+//! round's other conversations' caches are evicted (their plans redone as
+//! rebuilds), then the turn's own cache when it is not read (or the turn is
+//! redone as a rebuild, in chunks); a turn that still does not fit fails
+//! with [`TurnError::OverBudget`], its conversation unchanged.
+//!
 //! The scheduler decides what runs; where answers go (a stream's oneshot, a
 //! slot of an `Embed`) is the engine's, behind the `Replies` trait.
 
@@ -63,6 +72,33 @@ impl Default for BatchLimits {
 /// attention only, about a hundredth of a row.
 const PAD_NEW_PER_TURN: usize = 8;
 const PAD_PAST_PER_TURN: usize = 256;
+
+/// Memory for model calls: see the module docs.
+pub trait Room {
+    /// Whether `need` more bytes fit under the budget, after evicting
+    /// resting conversations' caches if they did not.
+    fn make_room(&self, need: u64) -> bool;
+    /// Counts a cache the scheduler evicted itself (a conversation of the round).
+    fn evicted(&self, tokens: usize);
+    /// The budget, in bytes.
+    fn limit(&self) -> u64;
+}
+
+/// No budget: every call fits ([`run_turns`] for library users).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unlimited;
+
+impl Room for Unlimited {
+    fn make_room(&self, _need: u64) -> bool {
+        true
+    }
+
+    fn evicted(&self, _tokens: usize) {}
+
+    fn limit(&self) -> u64 {
+        u64::MAX
+    }
+}
 
 /// One turn for [`run_turns`].
 #[derive(Debug)]
@@ -136,7 +172,7 @@ fn group(mut candidates: Vec<(usize, usize, usize)>, limits: BatchLimits) -> Vec
 /// needing several calls, and every turn of a group whose call failed run on
 /// their own.
 pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Result<TurnOutput, TurnError>> {
-    let started = start_turns(requests, limits);
+    let started = start_turns(requests, limits, &Unlimited);
     requests
         .iter_mut()
         .zip(started)
@@ -159,7 +195,7 @@ pub(crate) enum Started {
 
 /// [`run_turns`] without the turns that need several calls: those come back
 /// pending, so that the engine can run their chunks between other work.
-pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Started> {
+pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits, room: &impl Room) -> Vec<Started> {
     let mut results: Vec<Option<Started>> = requests.iter().map(|_| None).collect();
     let mut plans: Vec<Option<TurnPlan>> = Vec::with_capacity(requests.len());
     let mut candidates = Vec::new();
@@ -182,6 +218,28 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits)
 
     if let Some(model) = &model {
         for group in group(candidates, limits).iter().filter(|g| g.members.len() > 1) {
+            let shape: Vec<(usize, usize)> = group
+                .members
+                .iter()
+                .map(|&i| {
+                    let plan = plans[i].as_ref().expect("grouped turns have plans");
+                    (requests[i].conversation.base_len(plan), plan.sequence.len())
+                })
+                .collect();
+            let probe = group
+                .members
+                .iter()
+                .zip(&shape)
+                .map(|(&i, (p, n))| requests[i].conversation.probe_bytes(p + n))
+                .max()
+                .unwrap_or(0);
+            if !room.make_room(model.batch_call_bytes(&shape) + probe) {
+                tracing::debug!(
+                    turns = group.members.len(),
+                    "no room for a batched call; its turns run alone"
+                );
+                continue;
+            }
             let batched = {
                 let empty = model.empty_cache();
                 let rows: Vec<BatchRow<'_>> = group
@@ -220,19 +278,80 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits)
     }
 
     // Everything not yet answered runs alone, or waits for its calls.
-    for (i, r) in requests.iter_mut().enumerate() {
-        if let Some(plan) = plans[i].take() {
-            results[i] = Some(if r.conversation.single_call(&plan) {
-                Started::Done(r.conversation.run_alone(plan))
-            } else {
-                Started::Pending(PendingTurn::new(plan, r.conversation.model().spec().hidden_size))
-            });
+    for i in 0..requests.len() {
+        let Some(mut plan) = plans[i].take() else { continue };
+        loop {
+            let c = &requests[i].conversation;
+            if !c.single_call(&plan) {
+                let pending = PendingTurn::new(plan, c.model().spec().hidden_size);
+                results[i] = Some(Started::Pending(pending));
+                break;
+            }
+            let need = c.plan_bytes(&plan);
+            if room.make_room(need) {
+                results[i] = Some(Started::Done(requests[i].conversation.run_alone(plan)));
+                break;
+            }
+            // The others of the round first, then the turn's own cache.
+            evict_others(requests, &mut plans, &mut results, i, room);
+            if room.make_room(need) {
+                continue;
+            }
+            let c = &mut *requests[i].conversation;
+            if c.kv_bytes() == 0 {
+                results[i] = Some(Started::Done(Err(TurnError::OverBudget {
+                    need,
+                    budget: room.limit(),
+                })));
+                break;
+            }
+            room.evicted(c.context_len());
+            c.evict_cache();
+            if !plan.rebuild {
+                match c.plan(requests[i].text, requests[i].role) {
+                    Ok(p) => plan = p,
+                    Err(e) => {
+                        results[i] = Some(Started::Done(Err(e)));
+                        break;
+                    }
+                }
+            }
         }
     }
     results
         .into_iter()
         .map(|r| r.expect("every turn has a result"))
         .collect()
+}
+
+/// Evicts the caches of the round's conversations other than `except`: the
+/// ones that have run (their new caches) and the ones still to run, whose
+/// plans are redone as rebuilds.
+fn evict_others(
+    requests: &mut [TurnRequest<'_>],
+    plans: &mut [Option<TurnPlan>],
+    results: &mut [Option<Started>],
+    except: usize,
+    room: &impl Room,
+) {
+    for (j, r) in requests.iter_mut().enumerate() {
+        if j == except || r.conversation.kv_bytes() == 0 {
+            continue;
+        }
+        room.evicted(r.conversation.context_len());
+        r.conversation.evict_cache();
+        if let Some(plan) = &plans[j]
+            && !plan.rebuild
+        {
+            match r.conversation.plan(r.text, r.role) {
+                Ok(p) => plans[j] = Some(p),
+                Err(e) => {
+                    plans[j] = None;
+                    results[j] = Some(Started::Done(Err(e)));
+                }
+            }
+        }
+    }
 }
 
 /// How many of `texts` (their lengths in bytes, in order) make the next chunk
@@ -282,8 +401,9 @@ pub(crate) trait Replies<R> {
         span: &tracing::Span,
         result: Result<TurnOutput, TurnError>,
     );
-    /// Gives up a reply nobody waits for (its conversation is already dropped).
-    fn abandon(&mut self, reply: R);
+    /// Gives up a reply nobody waits for, with its conversation exactly as
+    /// before the turn (for the engine to drop, or to put back where it rests).
+    fn abandon(&mut self, conversation: Conversation, reply: R);
 }
 
 /// A turn that needs several calls, waiting for its next chunk.
@@ -291,6 +411,9 @@ pub(crate) trait Replies<R> {
 struct LongTurn<R> {
     conversation: Conversation,
     pending: PendingTurn,
+    /// The turn's text and role, to plan it again as a rebuild.
+    text: String,
+    role: String,
     span: tracing::Span,
     reply: R,
 }
@@ -324,7 +447,7 @@ impl<R> Scheduler<R> {
 
     /// One round: `work` in chunks (each through [`start_turns`]), then one
     /// chunk of the oldest long turn still wanted.
-    pub fn run_round(&mut self, work: Vec<Work<R>>, replies: &mut impl Replies<R>) {
+    pub fn run_round(&mut self, work: Vec<Work<R>>, replies: &mut impl Replies<R>, room: &impl Room) {
         let mut work: VecDeque<Work<R>> = work
             .into_iter()
             .filter_map(|w| {
@@ -332,12 +455,11 @@ impl<R> Scheduler<R> {
                     return Some(w);
                 }
                 let _enter = w.span.enter();
-                tracing::debug!("turn abandoned before it ran; freeing its conversation");
+                tracing::debug!("turn abandoned before it ran");
                 let Work {
                     conversation, reply, ..
                 } = w;
-                drop(conversation);
-                replies.abandon(reply);
+                replies.abandon(conversation, reply);
                 None
             })
             .collect();
@@ -353,7 +475,7 @@ impl<R> Scheduler<R> {
                         role: &w.role,
                     })
                     .collect();
-                start_turns(&mut requests, self.limits)
+                start_turns(&mut requests, self.limits, room)
             };
             if chunk.len() > 1 {
                 tracing::debug!(turns = chunk.len(), "ran a batch of turns");
@@ -361,39 +483,76 @@ impl<R> Scheduler<R> {
             for (w, started) in chunk.into_iter().zip(started) {
                 let Work {
                     conversation,
+                    text,
+                    role,
                     span,
                     reply,
-                    ..
                 } = w;
                 match started {
                     Started::Done(result) => replies.answer(conversation, reply, &span, result),
                     Started::Pending(pending) => self.long.push_back(LongTurn {
                         conversation,
                         pending,
+                        text,
+                        role,
                         span,
                         reply,
                     }),
                 }
             }
         }
-        self.advance_long(replies);
+        self.advance_long(replies, room);
     }
 
-    /// Runs the next chunk of the oldest long turn still wanted.
-    fn advance_long(&mut self, replies: &mut impl Replies<R>) {
+    /// Runs the next chunk of the oldest long turn still wanted, if there is
+    /// room for it (evicting the conversation's own cache when the turn no
+    /// longer reads it); otherwise the turn fails with
+    /// [`TurnError::OverBudget`].
+    fn advance_long(&mut self, replies: &mut impl Replies<R>, room: &impl Room) {
         while let Some(long) = self.long.pop_front() {
             let LongTurn {
                 mut conversation,
-                pending,
+                mut pending,
+                text,
+                role,
                 span,
                 reply,
             } = long;
             if !replies.wanted(&reply) {
                 let _enter = span.enter();
-                tracing::debug!("long turn abandoned part-way; freeing its conversation");
-                drop((conversation, pending));
-                replies.abandon(reply);
+                tracing::debug!("long turn abandoned part-way");
+                drop(pending);
+                replies.abandon(conversation, reply);
                 continue;
+            }
+            let mut need = conversation.chunk_bytes(&pending);
+            let mut fits = room.make_room(need);
+            if !fits && conversation.kv_bytes() > 0 {
+                // The conversation's own cache goes too: a turn that still
+                // reads it is planned again as a rebuild.
+                room.evicted(conversation.context_len());
+                conversation.evict_cache();
+                if pending.reads_conversation_cache() {
+                    match conversation.plan(&text, &role) {
+                        Ok(plan) => pending = PendingTurn::new(plan, conversation.model().spec().hidden_size),
+                        Err(e) => {
+                            drop(pending);
+                            replies.answer(conversation, reply, &span, Err(e));
+                            return;
+                        }
+                    }
+                }
+                need = conversation.chunk_bytes(&pending);
+                fits = room.make_room(need);
+            }
+            if !fits {
+                drop(pending);
+                let error = TurnError::OverBudget {
+                    need,
+                    budget: room.limit(),
+                };
+                replies.answer(conversation, reply, &span, Err(error));
+                return;
             }
             let step = {
                 let _enter = span.enter();
@@ -403,6 +562,8 @@ impl<R> Scheduler<R> {
                 Ok(Advance::More(pending)) => self.long.push_front(LongTurn {
                     conversation,
                     pending,
+                    text,
+                    role,
                     span,
                     reply,
                 }),

@@ -21,6 +21,7 @@ use crate::{
     conversation::Conversation,
     cpu::{self, CpuFeatures},
     engine::Engine,
+    memory::{self, KvBudget},
     model::{Model, ModelOptions},
     pb::{self, embedder_server::EmbedderServer},
     service::{EmbedderService, Limits, Shared, oversize_is_resource_exhausted, saturating_u32},
@@ -108,6 +109,15 @@ pub async fn run(
             joined = &mut loader, if !loaded => {
                 loaded = true;
                 let engine = joined.context("the model loader panicked")??;
+                if let Some(idle) = config.idle_evict() {
+                    let (budget, stop) = (engine.budget().clone(), shared.root.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = evict_idle_caches(budget, idle) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
                 let _ = shared.engine.set(engine);
                 set_health(&health, ServingStatus::Serving).await;
                 tracing::info!("serving");
@@ -141,11 +151,52 @@ fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded and warm"
     );
+    let limit = match config.max_kv_bytes {
+        Some(limit) => limit,
+        // Measured now: the model's weights and the warm-up's arena are in.
+        None => {
+            memory::default_budget(0).context("cannot read the memory available (/proc/meminfo): set --max-kv-bytes")?
+        }
+    };
+    let per_token = model.spec().kv_bytes_per_token();
+    tracing::info!(
+        kv_budget_bytes = limit,
+        kv_budget_tokens = limit / per_token.max(1),
+        source = if config.max_kv_bytes.is_some() {
+            "--max-kv-bytes"
+        } else {
+            "half the memory available after loading the model"
+        },
+        "KV budget"
+    );
+    let window = config.max_context_tokens.min(model.spec().max_positions) as u64;
+    if limit < 2 * window * per_token {
+        tracing::warn!(
+            kv_budget_bytes = limit,
+            window_tokens = window,
+            "the KV budget holds less than twice a full window's cache: turns of a conversation near its window will fail with RESOURCE_EXHAUSTED"
+        );
+    }
+    let budget = KvBudget::new(model.clone(), limit);
     Ok(Arc::new(Engine::start(
         model,
         config.queue_depth,
         config.batch_limits(),
+        budget,
     )))
+}
+
+/// Evicts, every so often, the caches of conversations idle `idle` or longer.
+async fn evict_idle_caches(budget: Arc<KvBudget>, idle: Duration) {
+    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let n = budget.evict_idle(idle);
+        if n > 0 {
+            tracing::debug!(evicted = n, "evicted idle conversations' caches");
+        }
+    }
 }
 
 /// Says which CPU features ONNX Runtime will pick kernels by, and which

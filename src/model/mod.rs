@@ -291,6 +291,35 @@ impl Model {
         self.calls.load(Ordering::Relaxed)
     }
 
+    /// Bytes [`Model::forward`] of `new` tokens on a cache of `past` adds
+    /// to [`Model::kv_cache_bytes`] while it runs: its `present.*` outputs,
+    /// which become the new cache. (The cache it reads is counted already.)
+    pub fn call_bytes(&self, past: usize, new: usize) -> u64 {
+        (past + new) as u64 * self.spec.kv_bytes_per_token()
+    }
+
+    /// Bytes [`Model::forward_batch`] over rows of `(past, new)` tokens adds
+    /// while it runs: the pasts packed into one `[B, heads, P, d]` tensor per
+    /// layer, the batched `present.*` (`B × (P + N)` slots) and each row's
+    /// own new cache copied out of them. One row is a [`Model::call_bytes`].
+    pub fn batch_call_bytes(&self, rows: &[(usize, usize)]) -> u64 {
+        if let [(past, new)] = rows {
+            return self.call_bytes(*past, *new);
+        }
+        let b = rows.len();
+        let p = rows.iter().map(|r| r.0).max().unwrap_or(0);
+        let n = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let own: usize = rows.iter().map(|(p, n)| p + n).sum();
+        (b * p + b * (p + n) + own) as u64 * self.spec.kv_bytes_per_token()
+    }
+
+    /// Counts `bytes` in the ledger until the reservation is dropped or
+    /// turned into caches.
+    fn reserve(&self, bytes: u64) -> Reservation<'_> {
+        self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
+        Reservation { model: self, bytes }
+    }
+
     /// An empty cache.
     pub fn empty_cache(&self) -> KvCache {
         KvCache {
@@ -342,6 +371,7 @@ impl Model {
         }
 
         let keep = keep.start.min(s)..keep.end.min(s);
+        let mut reserved = self.reserve(self.call_bytes(p, s));
         let (hidden, tensors) = self.run(inputs, |outputs| {
             let hidden = self.read_hidden(outputs, [keep])?.remove(0);
             let tensors = self
@@ -356,7 +386,7 @@ impl Model {
                 .collect();
             Ok((hidden, tensors))
         })?;
-        Ok((hidden, self.cache(tensors, total)))
+        Ok((hidden, reserved.cache(tensors, total)))
     }
 
     /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
@@ -410,17 +440,39 @@ impl Model {
             }
         })
     }
+}
 
-    /// A cache of `len` tokens over `tensors`, counted in the ledger.
-    fn cache(&self, tensors: Vec<DynValue>, len: usize) -> KvCache {
-        let bytes = len as u64 * self.spec.kv_bytes_per_token();
-        self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
+/// Bytes counted in the model's ledger for a running call (see
+/// [`Model::call_bytes`]): given back on drop, or carried over into the
+/// caches the call made, so the ledger never counts a byte twice nor drops
+/// one it still holds.
+struct Reservation<'a> {
+    model: &'a Model,
+    bytes: u64,
+}
+
+impl Reservation<'_> {
+    /// A cache of `len` tokens over `tensors`, its bytes taken from the reservation.
+    fn cache(&mut self, tensors: Vec<DynValue>, len: usize) -> KvCache {
+        let bytes = len as u64 * self.model.spec.kv_bytes_per_token();
+        let carried = bytes.min(self.bytes);
+        self.bytes -= carried;
+        if bytes > carried {
+            debug_assert!(false, "a call's caches exceed its reservation");
+            self.model.kv_ledger.fetch_add(bytes - carried, Ordering::Relaxed);
+        }
         KvCache {
             tensors,
             len,
             bytes,
-            ledger: self.kv_ledger.clone(),
+            ledger: self.model.kv_ledger.clone(),
         }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.model.kv_ledger.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -458,6 +510,9 @@ impl Model {
         let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
         let n = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         let total = p + n;
+        // Counted before the packed pasts are made.
+        let shape: Vec<(usize, usize)> = rows.iter().map(|r| (r.past.len, r.ids.len())).collect();
+        let mut reserved = self.reserve(self.batch_call_bytes(&shape));
         let mut ids = vec![0i64; b * n];
         let mut mask = vec![0i64; b * total];
         let mut pos = vec![0i64; b * n];
@@ -525,7 +580,7 @@ impl Model {
             .iter()
             .zip(hidden)
             .zip(tensors)
-            .map(|((r, hidden), tensors)| (hidden, self.cache(tensors, r.past.len + r.ids.len())))
+            .map(|((r, hidden), tensors)| (hidden, reserved.cache(tensors, r.past.len + r.ids.len())))
             .collect())
     }
 }

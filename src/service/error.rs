@@ -73,6 +73,43 @@ pub enum ServiceError {
     /// The engine thread died: nothing can be embedded until a restart.
     #[error(transparent)]
     EngineStopped(#[from] EngineStopped),
+    /// A session asked for a window over the server's cap.
+    #[error("max_context_tokens {asked} is over the server's cap of {cap} tokens (--max-context-tokens)")]
+    WindowOverCap {
+        /// Asked for.
+        asked: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// A resumable session on a server with `--detached-ttl-seconds 0`.
+    #[error("resumable sessions are off on this server (--detached-ttl-seconds 0)")]
+    SessionsOff,
+    /// A session id that is not 1-128 characters of A-Z a-z 0-9 . _ : -.
+    #[error("session_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : -")]
+    BadSessionId,
+    /// SESSION_MODE_CREATE with an id in use.
+    #[error("session {id:?} already exists")]
+    SessionExists {
+        /// The id.
+        id: String,
+    },
+    /// SESSION_MODE_RESUME of an unknown id.
+    #[error("no session {id:?}: it never existed, ended with a half-close, or its detached TTL passed")]
+    SessionNotFound {
+        /// The id.
+        id: String,
+    },
+    /// SESSION_MODE_RESUME of a session another open stream holds.
+    #[error("session {id:?} is held by another open stream")]
+    SessionHeld {
+        /// The id.
+        id: String,
+    },
+    /// SESSION_MODE_RESUME with other options set.
+    #[error(
+        "a resumed session keeps its own options: leave every SessionOptions field but session_id and session_mode unset"
+    )]
+    ResumeWithOptions,
     /// The server's own default options do not suit the model (a start-up check makes this unreachable).
     #[error("the server's default session options are invalid")]
     Defaults(#[source] OptionsError),
@@ -85,7 +122,13 @@ impl ServiceError {
             ServiceError::NoAction
             | ServiceError::OptionsNotFirst
             | ServiceError::UnknownEnum { .. }
-            | ServiceError::NoTexts => Code::InvalidArgument,
+            | ServiceError::NoTexts
+            | ServiceError::WindowOverCap { .. }
+            | ServiceError::BadSessionId
+            | ServiceError::ResumeWithOptions => Code::InvalidArgument,
+            ServiceError::SessionsOff | ServiceError::SessionHeld { .. } => Code::FailedPrecondition,
+            ServiceError::SessionExists { .. } => Code::AlreadyExists,
+            ServiceError::SessionNotFound { .. } => Code::NotFound,
             ServiceError::Options(e) => options_code(e),
             ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => turn_code(e),
             ServiceError::Loading | ServiceError::Draining | ServiceError::ShuttingDown => Code::Unavailable,
@@ -161,9 +204,11 @@ fn turn_code(e: &TurnError) -> Code {
     match e {
         TurnError::UnknownRole(_) | TurnError::Empty => Code::InvalidArgument,
         TurnError::Options(o) => options_code(o),
-        TurnError::TurnTooLong { .. } | TurnError::OverWindow { .. } | TurnError::ContextFull { .. } => {
-            Code::ResourceExhausted
-        }
+        TurnError::TurnTooLong { .. }
+        | TurnError::OverWindow { .. }
+        | TurnError::ContextFull { .. }
+        | TurnError::OverBudget { .. } => Code::ResourceExhausted,
+        TurnError::Busy => Code::FailedPrecondition,
         TurnError::Tokenizer(t) => match t {
             TokenizerError::Encode(_) | TokenizerError::Load { .. } | TokenizerError::MissingMarker { .. } => {
                 Code::Internal
@@ -274,6 +319,18 @@ mod tests {
                 Code::Internal,
             ),
             (ServiceError::Defaults(OptionsError::Chunk), Code::Internal),
+            (ServiceError::WindowOverCap { asked: 9, cap: 8 }, Code::InvalidArgument),
+            (ServiceError::BadSessionId, Code::InvalidArgument),
+            (ServiceError::ResumeWithOptions, Code::InvalidArgument),
+            (ServiceError::SessionsOff, Code::FailedPrecondition),
+            (ServiceError::SessionHeld { id: "a".into() }, Code::FailedPrecondition),
+            (ServiceError::SessionExists { id: "a".into() }, Code::AlreadyExists),
+            (ServiceError::SessionNotFound { id: "a".into() }, Code::NotFound),
+            (
+                ServiceError::Turn(TurnError::OverBudget { need: 2, budget: 1 }),
+                Code::ResourceExhausted,
+            ),
+            (ServiceError::Turn(TurnError::Busy), Code::FailedPrecondition),
         ];
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error:?}");

@@ -3,21 +3,24 @@
 //! # Threading
 //! Each `Converse` stream is one lightweight Tokio task (`converse_task`) that
 //! reads requests in order, hands turns to the [`Engine`] thread with the
-//! stream's [`Conversation`], and writes one response per request into a
-//! bounded channel (a slow reader pushes back). The task owns the
-//! conversation; when the stream ends, is cancelled, or its client vanishes,
-//! the task returns and the conversation's KV cache is dropped with it.
+//! [`Slot`] the stream's [`Conversation`] rests in, and writes one response
+//! per request into a bounded channel (a slow reader pushes back). The task
+//! holds the slot; when the stream ends, is cancelled, or its client
+//! vanishes, the task returns and the conversation's KV cache is dropped
+//! with the slot, unless a resumable session ([`Sessions`]) keeps it.
 //!
 //! Every failure is a [`ServiceError`] (in `error`), with its gRPC code.
 
 mod error;
+mod session;
 
 use error::inbound_failure;
 pub use error::{ErrorChain, ServiceError, oversize_is_resource_exhausted};
+pub use session::{MAX_SESSION_ID_LEN, Sessions};
 
 use std::{
     sync::{Arc, OnceLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -29,7 +32,8 @@ use tracing::Instrument;
 use crate::{
     config::Config,
     conversation::{Conversation, ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
-    engine::{Engine, TurnReply},
+    engine::Engine,
+    memory::Slot,
     pb::{self, converse_request::Action, converse_response::Result as ResponseBody},
 };
 
@@ -131,6 +135,12 @@ impl Limits {
     /// Session options from the wire, over the server's defaults.
     fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, ServiceError> {
         let base = self.default_options();
+        if o.max_context_tokens as usize > self.max_context_tokens {
+            return Err(ServiceError::WindowOverCap {
+                asked: o.max_context_tokens as usize,
+                cap: self.max_context_tokens,
+            });
+        }
         Ok(ConversationOptions {
             pooling: pooling(o.pooling)?,
             dimensions: dimensions(o.dimensions),
@@ -179,6 +189,8 @@ pub struct Limits {
     pub prefill_chunk_tokens: usize,
     /// Streams at once.
     pub max_sessions: usize,
+    /// How long a lost resumable session is kept; `None`: sessions off.
+    pub detached_ttl: Option<Duration>,
 }
 
 impl Limits {
@@ -189,6 +201,7 @@ impl Limits {
             max_turn_tokens: config.max_turn_tokens,
             prefill_chunk_tokens: config.prefill_chunk_tokens,
             max_sessions: config.max_sessions,
+            detached_ttl: config.detached_ttl(),
         }
     }
 }
@@ -206,6 +219,8 @@ pub struct Shared {
     pub root: CancellationToken,
     /// Cancelled on SIGINT/SIGTERM: new streams are refused.
     pub draining: CancellationToken,
+    /// Resumable sessions.
+    pub sessions_table: Arc<Sessions>,
 }
 
 impl Shared {
@@ -214,9 +229,10 @@ impl Shared {
         Arc::new(Shared {
             engine: OnceLock::new(),
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
-            limits,
             root: CancellationToken::new(),
             draining: CancellationToken::new(),
+            sessions_table: Sessions::new(limits.detached_ttl, limits.max_sessions),
+            limits,
         })
     }
 
@@ -272,14 +288,18 @@ impl pb::embedder_server::Embedder for EmbedderService {
         let peer = request.remote_addr();
         let conversation =
             Conversation::new(engine.model(), self.shared.limits.default_options()).map_err(ServiceError::Defaults)?;
+        let slot = engine.budget().slot(conversation);
         let (responses_tx, responses_rx) = mpsc::channel(16);
         let task = ConverseTask {
             engine,
             limits: self.shared.limits.clone(),
+            sessions: self.shared.sessions_table.clone(),
+            stream_id,
             inbound: request.into_inner(),
             responses_tx,
             cancel: self.shared.root.child_token(),
-            conversation: Some(conversation),
+            slot,
+            session_id: None,
             _permit: permit,
         };
         let span = tracing::info_span!("converse", stream_id, peer = ?peer);
@@ -328,12 +348,18 @@ impl pb::embedder_server::Embedder for EmbedderService {
                 .collect(),
             probe: model.templates().probe.clone(),
             stats_corpus_sha256: model.embedding_stats().corpus_sha256.clone(),
+            kv_budget_bytes: engine.budget().limit(),
+            max_sessions: n(self.shared.limits.max_sessions),
+            detached_ttl_seconds: self.shared.limits.detached_ttl.map_or(0.0, |d| d.as_secs_f64()),
         }))
     }
 
     async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
         let engine = self.engine()?;
         let stats = engine.stats();
+        let budget = engine.budget();
+        let census = budget.census();
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Ok(Response::new(pb::Stats {
             active_sessions: saturating_u32(self.shared.active_sessions()),
             kv_cache_bytes: engine.model().kv_cache_bytes(),
@@ -341,6 +367,16 @@ impl pb::embedder_server::Embedder for EmbedderService {
             tokens_total: stats.tokens(),
             queued_turns: saturating_u32(stats.queued()),
             model_calls_total: engine.model().calls(),
+            kv_budget_bytes: budget.limit(),
+            resident_conversations: saturating_u32(census.resident),
+            evicted_conversations: saturating_u32(census.evicted),
+            detached_sessions: saturating_u32(self.shared.sessions_table.detached()),
+            evictions_total: budget.evictions(),
+            evicted_tokens_total: budget.evicted_tokens(),
+            rebuilds_total: stats.rebuilds(),
+            rebuilt_tokens_total: stats.rebuilt_tokens(),
+            queue_wait_us_total: micros(stats.queue_wait_total()),
+            queue_wait_us_max: micros(stats.queue_wait_max()),
         }))
     }
 }
@@ -360,17 +396,21 @@ enum Ending {
     EngineStopped,
 }
 
-/// One Converse stream: owns its conversation until the stream ends.
+/// One Converse stream: holds its conversation's slot until the stream ends.
 struct ConverseTask {
     engine: Arc<Engine>,
     limits: Limits,
+    sessions: Arc<Sessions>,
+    stream_id: u64,
     inbound: Streaming<pb::ConverseRequest>,
     /// Responses to the client; a failed send means the client is gone.
     responses_tx: mpsc::Sender<Result<pb::ConverseResponse, Status>>,
     /// Cancelled after the server's drain deadline.
     cancel: CancellationToken,
-    /// `None` only while a turn is in the engine, or after the engine lost it.
-    conversation: Option<Conversation>,
+    /// Where the conversation rests between turns (the engine has it during one).
+    slot: Arc<Slot>,
+    /// The resumable session this stream holds, if any.
+    session_id: Option<String>,
     /// Holds one of the server's stream slots for the task's lifetime.
     _permit: OwnedSemaphorePermit,
 }
@@ -378,7 +418,7 @@ struct ConverseTask {
 impl ConverseTask {
     async fn run(mut self) {
         let started = Instant::now();
-        let (mut index, mut turns, mut tokens, mut peak) = (0u64, 0u64, 0u64, 0u64);
+        let (mut index, mut turns, mut tokens, mut peak, mut rebuilds) = (0u64, 0u64, 0u64, 0u64, 0u64);
         tracing::info!("stream opened");
         let ending = loop {
             let message = tokio::select! {
@@ -399,40 +439,45 @@ impl ConverseTask {
             let tag = request.tag;
             let result = match request.action {
                 None => Err(ServiceError::NoAction),
-                Some(Action::Options(o)) if index == 0 => self.apply_options(&o),
+                Some(Action::Options(o)) if index == 0 => {
+                    // A resume may wait for the lost stream's last turn.
+                    let (cancel, responses) = (self.cancel.clone(), self.responses_tx.clone());
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break self.shutting_down().await,
+                        () = responses.closed() => break Ending::ClientGone,
+                        r = self.apply_options(&o) => r,
+                    }
+                }
                 Some(Action::Options(_)) => Err(ServiceError::OptionsNotFirst),
                 Some(Action::Reset(_)) => Ok(self.reset()),
                 Some(Action::Turn(turn)) => {
-                    let conversation = self
-                        .conversation
-                        .take()
-                        .expect("between turns the conversation is back from the engine (a lost one ends the stream)");
-                    let job = self.engine.turn(conversation, turn.text, turn.role);
+                    let job = self.engine.turn(self.slot.clone(), turn.text, turn.role);
                     let reply = tokio::select! {
                         biased;
                         () = self.cancel.cancelled() => break self.shutting_down().await,
                         () = self.responses_tx.closed() => break Ending::ClientGone,
                         r = job => r,
                     };
-                    let TurnReply { conversation, result } = match reply {
-                        Ok(reply) => reply,
+                    let result = match reply {
+                        Ok(result) => result,
                         Err(stopped) => {
                             self.end_with(ServiceError::from(stopped)).await;
                             break Ending::EngineStopped;
                         }
                     };
-                    self.conversation = Some(conversation);
                     result
                         .map(|out| {
                             turns += 1;
                             tokens += out.turn_tokens as u64;
+                            rebuilds += u64::from(out.rebuilt_tokens > 0);
                             ResponseBody::Embedding(embedding(out))
                         })
                         .map_err(ServiceError::from)
                 }
             };
-            if let Some(c) = &self.conversation {
-                peak = peak.max(c.peak_kv_bytes());
+            if let Some(p) = self.slot.with(|c| c.peak_kv_bytes()) {
+                peak = peak.max(p);
             }
             let result = result.unwrap_or_else(|e| ResponseBody::Error(e.to_pb()));
             let response = pb::ConverseResponse {
@@ -445,14 +490,26 @@ impl ConverseTask {
                 break Ending::ClientGone;
             }
         };
-        drop(self.conversation.take());
+        let session = match (&self.session_id, ending) {
+            (None, _) => "none",
+            (Some(id), Ending::HalfClosed | Ending::ShuttingDown | Ending::EngineStopped) => {
+                self.sessions.end(id, self.stream_id);
+                "ended"
+            }
+            (Some(id), Ending::ClientGone | Ending::InboundError) => {
+                self.sessions.detach(id, self.stream_id);
+                "detached"
+            }
+        };
         tracing::info!(
             ending = ?ending,
             duration_ms = started.elapsed().as_millis() as u64,
             requests = index,
             turns,
             tokens,
+            rebuilds,
             peak_kv_bytes = peak,
+            session,
             "stream closed"
         );
     }
@@ -468,21 +525,59 @@ impl ConverseTask {
         let _ = self.responses_tx.send(Err(error.to_status())).await;
     }
 
-    fn apply_options(&mut self, o: &pb::SessionOptions) -> Result<ResponseBody, ServiceError> {
-        let options = self.limits.session_options(o)?;
-        let engine = self.engine.clone();
-        let conversation = Conversation::new(engine.model(), options)?;
-        let hidden = engine.model().spec().hidden_size;
-        let ready = pb::SessionReady {
-            dimensions: saturating_u32(conversation.options().output_dimensions(hidden)),
-            max_context_tokens: saturating_u32(conversation.options().max_context_tokens),
+    async fn apply_options(&mut self, o: &pb::SessionOptions) -> Result<ResponseBody, ServiceError> {
+        let mode = pb::SessionMode::try_from(o.session_mode).map_err(|_| ServiceError::UnknownEnum {
+            field: "session_mode",
+            value: o.session_mode,
+        })?;
+        let session_id = match mode {
+            pb::SessionMode::Unspecified => String::new(),
+            pb::SessionMode::Resume => {
+                let bare = pb::SessionOptions {
+                    session_id: o.session_id.clone(),
+                    session_mode: o.session_mode,
+                    ..Default::default()
+                };
+                if *o != bare {
+                    return Err(ServiceError::ResumeWithOptions);
+                }
+                let slot = self.sessions.resume(&o.session_id, self.stream_id)?;
+                self.session_id = Some(o.session_id.clone());
+                // The lost stream's last turn may still be in the engine.
+                slot.rested().await;
+                self.slot = slot;
+                o.session_id.clone()
+            }
+            pb::SessionMode::Create => {
+                let options = self.limits.session_options(o)?;
+                let conversation = Conversation::new(self.engine.model(), options)?;
+                let slot = self.engine.budget().slot(conversation);
+                let id = self.sessions.create(&o.session_id, slot.clone(), self.stream_id)?;
+                self.slot = slot;
+                self.session_id = Some(id.clone());
+                id
+            }
         };
-        self.conversation = Some(conversation);
+        if mode == pb::SessionMode::Unspecified {
+            let options = self.limits.session_options(o)?;
+            self.slot.replace(Conversation::new(self.engine.model(), options)?);
+        }
+        let hidden = self.engine.model().spec().hidden_size;
+        let ready = self
+            .slot
+            .with(|c| pb::SessionReady {
+                dimensions: saturating_u32(c.options().output_dimensions(hidden)),
+                max_context_tokens: saturating_u32(c.options().max_context_tokens),
+                session_id,
+                context_tokens: saturating_u32(c.context_len()),
+                turns: c.turns(),
+            })
+            .expect("no turn holds the conversation while options are applied");
         Ok(ResponseBody::Ready(ready))
     }
 
     fn reset(&mut self) -> ResponseBody {
-        let released = self.conversation.as_mut().map_or(0, Conversation::reset);
+        let released = self.slot.with(Conversation::reset).unwrap_or(0);
         ResponseBody::Reset(pb::ResetDone {
             released_tokens: saturating_u32(released),
         })

@@ -205,7 +205,7 @@ impl Drop for TestServer {
     }
 }
 
-fn turn(tag: &str, text: &str, role: &str) -> ConverseRequest {
+pub(crate) fn turn(tag: &str, text: &str, role: &str) -> ConverseRequest {
     ConverseRequest {
         tag: tag.into(),
         action: Some(Action::Turn(pb::Turn {
@@ -215,7 +215,7 @@ fn turn(tag: &str, text: &str, role: &str) -> ConverseRequest {
     }
 }
 
-fn options(o: pb::SessionOptions) -> ConverseRequest {
+pub(crate) fn options(o: pb::SessionOptions) -> ConverseRequest {
     ConverseRequest {
         tag: "options".into(),
         action: Some(Action::Options(o)),
@@ -231,7 +231,7 @@ fn reset(tag: &str) -> ConverseRequest {
 
 /// Opens a Converse stream fed by the returned sender: requests sent on it
 /// go out in order, and dropping it half-closes the stream.
-async fn open(
+pub(crate) async fn open(
     client: &mut EmbedderClient<Channel>,
 ) -> (
     tokio::sync::mpsc::Sender<ConverseRequest>,
@@ -248,7 +248,10 @@ async fn open(
 }
 
 /// Sends all requests at once on one stream (pipelined), half-closes, collects every response.
-async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<ConverseRequest>) -> Vec<ConverseResponse> {
+pub(crate) async fn converse_all(
+    client: &mut EmbedderClient<Channel>,
+    requests: Vec<ConverseRequest>,
+) -> Vec<ConverseResponse> {
     let (tx, stream) = open(client).await;
     for r in requests {
         tx.send(r).await.expect("the stream takes requests");
@@ -259,7 +262,7 @@ async fn converse_all(client: &mut EmbedderClient<Channel>, requests: Vec<Conver
 
 /// An open stream with one turn answered: the sender (keep it to keep the
 /// stream open), the response stream, and the first response.
-async fn open_stream(
+pub(crate) async fn open_stream(
     client: &mut EmbedderClient<Channel>,
     first: ConverseRequest,
 ) -> (
@@ -273,14 +276,14 @@ async fn open_stream(
     (tx, stream, response)
 }
 
-fn embedding(r: &ConverseResponse) -> &pb::Embedding {
+pub(crate) fn embedding(r: &ConverseResponse) -> &pb::Embedding {
     match &r.result {
         Some(Reply::Embedding(e)) => e,
         other => panic!("expected an embedding at index {}, got {other:?}", r.index),
     }
 }
 
-fn error(r: &ConverseResponse) -> &pb::Error {
+pub(crate) fn error(r: &ConverseResponse) -> &pb::Error {
     match &r.result {
         Some(Reply::Error(e)) => e,
         other => panic!("expected an error at index {}, got {other:?}", r.index),

@@ -7,5 +7,6 @@
 
 mod common;
 mod grpc;
+mod memory;
 mod oracle;
 mod runtime;
