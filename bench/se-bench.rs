@@ -14,6 +14,11 @@
 //!   GetStats) how many model calls served the turns.
 //! * `se-bench mixed` — a short turn's latency on a fresh stream, alone and
 //!   sent while another stream's long turn (about 7,500 tokens) prefills.
+//! * `se-bench sessions` — many open streams (each with one short turn
+//!   behind it, then idle) and a few active ones taking turns: the active
+//!   turns' latency, health checked throughout, the KV bytes sampled.
+//! * `se-bench rebuild` — a short turn on a ~1,000-token context with its
+//!   cache kept, and again after the server evicted it (`--idle-evict-seconds`).
 //!
 //! Each prints one JSON object on stdout.
 
@@ -50,6 +55,46 @@ enum Cmd {
     /// A short turn's latency over gRPC, alone and while another stream's long
     /// turn prefills.
     Mixed(MixedArgs),
+    /// Many open, mostly idle streams and a few active ones.
+    Sessions(SessionsArgs),
+    /// The cost of rebuilding an evicted cache vs keeping it.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Args)]
+struct SessionsArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Streams opened first, each with one short turn, then left idle.
+    #[arg(long, default_value_t = 1000)]
+    open: usize,
+    /// Streams that then take turns concurrently.
+    #[arg(long, default_value_t = 64)]
+    active: usize,
+    /// Turns per active stream (bench/turns.txt's lines).
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// HTTP/2 connections the streams share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds to wait, once every stream is open, before the active ones
+    /// start (for the driver to read the server's RSS).
+    #[arg(long, default_value_t = 0.0)]
+    pause: f64,
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    /// Server address (a server with `--idle-evict-seconds`).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Lines of bench/turns.txt in the context (about 43 tokens each).
+    #[arg(long, default_value_t = 23)]
+    context_lines: usize,
+    /// Repetitions.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -549,6 +594,212 @@ async fn mixed(args: &MixedArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn turn_request(text: String) -> pb::ConverseRequest {
+    pb::ConverseRequest {
+        tag: String::new(),
+        action: Some(Action::Turn(pb::Turn {
+            text,
+            role: String::new(),
+        })),
+    }
+}
+
+/// An open stream: its requests' sender and its responses.
+struct Open {
+    tx: tokio::sync::mpsc::Sender<pb::ConverseRequest>,
+    rx: tonic::Streaming<pb::ConverseResponse>,
+}
+
+impl Open {
+    async fn start(client: &mut EmbedderClient<tonic::transport::Channel>, first: String) -> anyhow::Result<Open> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(turn_request(first)).await?;
+        let mut rx = client
+            .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        embedding_of(rx.next().await.context("the stream ended")??)?;
+        Ok(Open { tx, rx })
+    }
+
+    async fn turn(&mut self, text: String) -> anyhow::Result<pb::Embedding> {
+        self.tx.send(turn_request(text)).await?;
+        embedding_of(self.rx.next().await.context("the stream ended")??)
+    }
+}
+
+fn embedding_of(r: pb::ConverseResponse) -> anyhow::Result<pb::Embedding> {
+    match r.result {
+        Some(Reply::Embedding(e)) => Ok(e),
+        other => anyhow::bail!("unexpected response {other:?}"),
+    }
+}
+
+async fn server_stats(addr: &str) -> anyhow::Result<pb::Stats> {
+    let mut client = EmbedderClient::connect(addr.to_string()).await?;
+    Ok(client.get_stats(pb::GetStatsRequest {}).await?.into_inner())
+}
+
+fn stats_json(s: &pb::Stats) -> serde_json::Value {
+    json!({
+        "active_sessions": s.active_sessions,
+        "kv_cache_bytes": s.kv_cache_bytes,
+        "kv_budget_bytes": s.kv_budget_bytes,
+        "resident_conversations": s.resident_conversations,
+        "evicted_conversations": s.evicted_conversations,
+        "evictions_total": s.evictions_total,
+        "rebuilds_total": s.rebuilds_total,
+        "rebuilt_tokens_total": s.rebuilt_tokens_total,
+        "turns_total": s.turns_total,
+        "model_calls_total": s.model_calls_total,
+        "queue_wait_us_total": s.queue_wait_us_total,
+        "queue_wait_us_max": s.queue_wait_us_max,
+    })
+}
+
+async fn sessions(args: &SessionsArgs) -> anyhow::Result<serde_json::Value> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(EmbedderClient::connect(args.addr.clone()).await?);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Health and the KV bytes, sampled every 20 ms on a connection of their own.
+    let sampler = {
+        let (addr, stop) = (args.addr.clone(), stop.clone());
+        tokio::spawn(async move {
+            let channel = tonic::transport::Channel::from_shared(addr)?.connect().await?;
+            let mut health = HealthClient::new(channel.clone());
+            let mut embedder = EmbedderClient::new(channel);
+            let (mut checks, mut failures, mut slowest, mut most_kv) = (0u64, 0u64, Duration::ZERO, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    health.check(HealthCheckRequest { service: String::new() }),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok_and(|r| r.into_inner().status == 1));
+                slowest = slowest.max(t.elapsed());
+                checks += 1;
+                failures += u64::from(!ok);
+                if let Ok(s) = embedder.get_stats(pb::GetStatsRequest {}).await {
+                    most_kv = most_kv.max(s.into_inner().kv_cache_bytes);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok((checks, failures, slowest, most_kv))
+        })
+    };
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(args.open);
+    for wave in (0..args.open).collect::<Vec<_>>().chunks(200) {
+        let mut opening = Vec::new();
+        for &i in wave {
+            let mut client = clients[i % clients.len()].clone();
+            opening.push(tokio::spawn(async move {
+                Open::start(&mut client, format!("stream {i}: hello")).await
+            }));
+        }
+        for o in opening {
+            idle.push(o.await??);
+        }
+    }
+    let opened_s = started.elapsed().as_secs_f64();
+    let open_stats = server_stats(&args.addr).await?;
+    println!("{}", json!({ "opened": idle.len(), "opened_s": opened_s }));
+    tokio::time::sleep(Duration::from_secs_f64(args.pause)).await;
+
+    let active_started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..args.active {
+        let mut client = clients[s % clients.len()].clone();
+        let turns = args.turns;
+        tasks.push(tokio::spawn(async move {
+            let mut open = Open::start(&mut client, turn_text(s).to_string()).await?;
+            let mut latencies = Vec::with_capacity(turns);
+            for t in 1..turns {
+                let asked = Instant::now();
+                open.turn(turn_text(s + t).to_string()).await?;
+                latencies.push(asked.elapsed().as_secs_f64() * 1e3);
+            }
+            anyhow::Ok((open, latencies))
+        }));
+    }
+    let (mut ms, mut active) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (open, l) = t.await??;
+        ms.extend(l);
+        active.push(open);
+    }
+    let active_s = active_started.elapsed().as_secs_f64();
+    let after = server_stats(&args.addr).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (checks, failures, slowest, most_kv) = sampler.await??;
+    ms.sort_by(f64::total_cmp);
+    drop((idle, active));
+    Ok(json!({
+        "open": args.open,
+        "active": args.active,
+        "turns_per_active": args.turns,
+        "opened_s": opened_s,
+        "active_s": active_s,
+        "active_turns": ms.len(),
+        "p50_ms": percentile(&ms, 50.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "health_checks": checks,
+        "health_failures": failures,
+        "health_slowest_ms": slowest.as_secs_f64() * 1e3,
+        "most_kv_bytes_sampled": most_kv,
+        "stats_open": stats_json(&open_stats),
+        "stats_after": stats_json(&after),
+    }))
+}
+
+async fn rebuild(args: &RebuildArgs) -> anyhow::Result<serde_json::Value> {
+    let context = (0..args.context_lines).map(turn_text).collect::<Vec<_>>().join("\n");
+    let mut client = EmbedderClient::connect(args.addr.clone()).await?;
+    let (mut kept, mut rebuilt, mut per_1000, mut tokens) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for rep in 0..args.reps {
+        let mut open = Open::start(&mut client, context.clone()).await?;
+        let t = Instant::now();
+        open.turn(SHORT_TEXT.to_string()).await?;
+        let kept_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Wait for the server's idle eviction.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let before = loop {
+            let s = server_stats(&args.addr).await?;
+            if s.evicted_conversations >= 1 && s.kv_cache_bytes == 0 {
+                break s;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the server never evicted the cache (--idle-evict-seconds?)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let t = Instant::now();
+        open.turn(SHORT_TEXT.to_string()).await?;
+        let rebuilt_ms = t.elapsed().as_secs_f64() * 1e3;
+        let after = server_stats(&args.addr).await?;
+        let n = after.rebuilt_tokens_total - before.rebuilt_tokens_total;
+        anyhow::ensure!(n > 0, "rep {rep}: the turn did not rebuild");
+        tokens = n;
+        kept.push(kept_ms);
+        rebuilt.push(rebuilt_ms);
+        per_1000.push((rebuilt_ms - kept_ms) / n as f64 * 1000.0);
+    }
+    Ok(json!({
+        "rebuilt_tokens": tokens,
+        "kept_ms": kept,
+        "rebuilt_ms": rebuilt,
+        "rebuild_ms_per_1000_tokens": per_1000,
+    }))
+}
+
+/// The short turn of `se-bench rebuild`.
+const SHORT_TEXT: &str = "Yes, and add unit tests too.";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let out = match &cli.command {
@@ -561,6 +812,14 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(mixed(a))?,
+        Cmd::Sessions(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(sessions(a))?,
+        Cmd::Rebuild(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(rebuild(a))?,
     };
     println!("{out}");
     Ok(())

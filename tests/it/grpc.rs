@@ -72,11 +72,16 @@ impl TestServer {
 
     /// Runs the server binary with extra flags; returns once health is SERVING.
     pub async fn process(extra: &[&str]) -> TestServer {
+        Self::process_logging(extra, "info").await
+    }
+
+    /// [`TestServer::process`] logging at `level` (its stderr is the test's).
+    pub async fn process_logging(extra: &[&str], level: &str) -> TestServer {
         let mut child = tokio::process::Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--model"])
             .arg(common::tiny_dir())
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -421,7 +421,8 @@ const PER_STREAM_BYTES: u64 = 48 << 10;
 async fn two_thousand_open_streams_fit_the_budget() {
     const STREAMS: usize = 2_000;
     let budget: u64 = 1 << 20;
-    let server = TestServer::process(&["--max-kv-bytes", "1MiB"]).await;
+    // Warnings only: 2,000 streams' open and close lines would bury the test's output.
+    let server = TestServer::process_logging(&["--max-kv-bytes", "1MiB"], "warn").await;
     let pid = server.pid();
     let mut client = server.client().await;
     // Warm the allocator and ONNX Runtime's arena with the shapes to come.
@@ -469,7 +470,9 @@ async fn two_thousand_open_streams_fit_the_budget() {
             let mut client = clients[i % 4].clone();
             opening.push(tokio::spawn(async move {
                 let (tx, mut rx) = open(&mut client).await;
-                tx.send(turn("hello", &format!("stream {i}: hello"), "user")).await.unwrap();
+                tx.send(turn("hello", &format!("stream {i}: hello"), "user"))
+                    .await
+                    .unwrap();
                 let r = rx.next().await.expect("a response").expect("an OK response");
                 assert!(!embedding(&r).values.is_empty());
                 (tx, rx)

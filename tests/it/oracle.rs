@@ -182,8 +182,56 @@ fn opts() -> ConversationOptions {
     ConversationOptions::default()
 }
 
+/// Evicts the cache before every other turn; the next turn rebuilds it (in
+/// chunks of `chunk`) and must meet the oracle, with the tokens it recomputed.
+fn evicting_script(model: &Arc<Model>, o: ConversationOptions, tol: Tolerance, label: &str) {
+    let mut s = Script::new(model, o, tol);
+    let mut rebuilt = 0;
+    for (i, text) in TEXTS.iter().cycle().take(8).enumerate() {
+        if i % 2 == 1 {
+            let context = s.conv.context_len();
+            assert!(s.conv.evict_cache() > 0);
+            assert!(!s.conv.is_resident());
+            assert_eq!(
+                (s.conv.kv_bytes(), s.conv.context_len()),
+                (0, context),
+                "token ids kept"
+            );
+        }
+        let before = s.conv.context_len();
+        let out = s.turn(text, "user");
+        if i % 2 == 1 && out.evicted_tokens == 0 {
+            assert_eq!(out.rebuilt_tokens, before, "the whole context recomputed");
+        }
+        rebuilt += out.rebuilt_tokens;
+    }
+    assert!(rebuilt > 0);
+    s.report(&format!("{label} evicted and rebuilt"));
+}
+
 fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     let hidden = model.spec().hidden_size;
+    // Eviction by recomputation: in one call, in chunks of 7, under a slide,
+    // and with the probe (its second call on the rebuilt cache).
+    for (window, chunk, pooling) in [
+        (8192, 512, Pooling::Mean),
+        (8192, 7, Pooling::Mean),
+        (64, 512, Pooling::Mean),
+        (8192, 7, Pooling::Probe),
+    ] {
+        let o = ConversationOptions {
+            max_context_tokens: window,
+            prefill_chunk_tokens: chunk,
+            pooling,
+            ..opts()
+        };
+        evicting_script(
+            model,
+            o,
+            tol,
+            &format!("{label} window {window} chunk {chunk} {pooling:?}"),
+        );
+    }
     // 1, 2 and 10 raw turns, MEAN.
     for turns in [1, 2, 10] {
         let mut s = Script::new(model, opts(), tol);
@@ -405,6 +453,14 @@ fn real_f32_oracle() {
         assert_eq!(out.embedding.len(), want_len);
         s.report(&format!("real f32 {pooling:?} {standardize:?}"));
     }
+    // Eviction by recomputation with Embed's defaults, rebuilt in chunks of 16.
+    let o = ConversationOptions {
+        pooling: Pooling::Probe,
+        standardize: Standardize::Whiten,
+        prefill_chunk_tokens: 16,
+        ..opts()
+    };
+    evicting_script(&model, o, F32, "real f32 probe whiten chunk 16");
     for keep in [0, 16] {
         let o = ConversationOptions {
             max_context_tokens: 96,
