@@ -16,7 +16,7 @@ SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIA
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test test-avx2 setup models real-model tiny-model bench quality lint clean-models
+.PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory quality lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
@@ -63,6 +63,14 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
+	$(MAKE) --no-print-directory bench-memory
+
+# BENCHMARKS.md section 8 alone: rebuild cost, the budget under load, 10,000
+# open streams (about 10 minutes; `make bench` runs it too).
+bench-memory: setup tiny-model
+	$(PY) models/prepare.py real --variants f32
+	$(CARGO) build --release --bins --features bench
+	$(PY) bench/memory.py
 
 # Retrieval quality per configuration against all-MiniLM-L6-v2 (QUALITY.md;
 # not part of `make test`: ~40 min on 2 cores, its model outputs cached in

@@ -4,7 +4,9 @@
 //! Each bidirectional `Converse` stream owns one conversation: the decoder's
 //! KV cache and the token ids behind it. Each turn is prefilled on top of the
 //! cached context in one model call and answered with an embedding; the cache
-//! is freed the moment the stream ends.
+//! is freed the moment the stream ends (unless a resumable session keeps the
+//! conversation for a new stream), and all caches together stay within one
+//! KV budget, idle ones evicted and rebuilt by recomputation.
 //!
 //! # Layout
 //! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`); [`cpu`] reads
@@ -24,21 +26,25 @@
 //!   window and overflow policies, all-or-nothing turns.
 //! * [`schedule`] decides what runs together: it groups turns of several
 //!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
-//!   of work into chunks, and runs long turns a chunk per round.
+//!   of work into chunks, runs long turns (and rebuilds) a chunk per round,
+//!   and makes room in the KV budget before each call ([`schedule::Room`]).
+//! * [`memory`] is the KV budget ([`memory::KvBudget`]): the slots
+//!   conversations rest in between turns, LRU and idle eviction.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
-//!   of jobs, each carrying its conversation and a oneshot reply; it takes
-//!   what waits each round and hands it to the scheduler, and keeps the
+//!   of jobs, each carrying its conversation's slot and a oneshot reply; it
+//!   takes what waits each round and hands it to the scheduler, and keeps the
 //!   counters (the queue count is tickets that decrement on drop).
 //! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
-//!   conversions, one task per `Converse` stream, and every failure in
+//!   conversions, one task per `Converse` stream, resumable sessions
+//!   ([`service::Sessions`]), and every failure in
 //!   [`service::ServiceError`] with its gRPC code; [`server`] adds health and
 //!   reflection and runs the lifecycle (load, warm up, serve, drain);
 //!   [`config`] is the command line; [`client`] is a small Rust client
 //!   (`stateful-embedder converse`) for scripts and tests.
 //!
 //! Data flows `service → engine → schedule → conversation → model/tokenizer`
-//! and back; a conversation's state travels with its turn, so nothing is
-//! shared between streams but the model.
+//! and back; a conversation is taken out of its slot for its turn, so
+//! nothing is shared between streams while a turn runs but the model.
 //!
 //! # Example
 //! ```

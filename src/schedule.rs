@@ -172,13 +172,31 @@ fn group(mut candidates: Vec<(usize, usize, usize)>, limits: BatchLimits) -> Vec
 /// needing several calls, and every turn of a group whose call failed run on
 /// their own.
 pub fn run_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits) -> Vec<Result<TurnOutput, TurnError>> {
-    let started = start_turns(requests, limits, &Unlimited);
+    run_turns_within(requests, limits, &Unlimited)
+}
+
+/// [`run_turns`] within a memory budget: before each call the scheduler asks
+/// `room` for the bytes it adds, and when it cannot have them evicts the
+/// other requests' caches, then the turn's own (see the module docs); each
+/// chunk of a turn that needs several calls is checked too (the
+/// engine's rounds run them a chunk per round, each checked the same way).
+pub fn run_turns_within(
+    requests: &mut [TurnRequest<'_>],
+    limits: BatchLimits,
+    room: &impl Room,
+) -> Vec<Result<TurnOutput, TurnError>> {
+    let started = start_turns(requests, limits, room);
     requests
         .iter_mut()
         .zip(started)
         .map(|(r, started)| match started {
             Started::Done(result) => result,
-            Started::Pending(pending) => r.conversation.finish(pending),
+            Started::Pending(mut pending) => loop {
+                match advance_within(r.conversation, pending, r.text, r.role, room)? {
+                    Advance::Done(output) => break Ok(output),
+                    Advance::More(rest) => pending = rest,
+                }
+            },
         })
         .collect()
 }
@@ -324,9 +342,39 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
         .collect()
 }
 
+/// Runs the next chunk of a pending turn if there is room for it: if not,
+/// the conversation's own cache is evicted too (a turn that still reads it is
+/// planned again as a rebuild); if there is still no room, the turn fails
+/// with [`TurnError::OverBudget`].
+fn advance_within(
+    conversation: &mut Conversation,
+    mut pending: PendingTurn,
+    text: &str,
+    role: &str,
+    room: &impl Room,
+) -> Result<Advance, TurnError> {
+    let mut need = conversation.chunk_bytes(&pending);
+    if !room.make_room(need) && conversation.kv_bytes() > 0 {
+        room.evicted(conversation.context_len());
+        conversation.evict_cache();
+        if pending.reads_conversation_cache() {
+            pending = PendingTurn::new(conversation.plan(text, role)?, conversation.model().spec().hidden_size);
+        }
+        need = conversation.chunk_bytes(&pending);
+    }
+    if !room.make_room(need) {
+        return Err(TurnError::OverBudget {
+            need,
+            budget: room.limit(),
+        });
+    }
+    conversation.advance(pending)
+}
+
 /// Evicts the caches of the round's conversations other than `except`: the
 /// ones that have run (their new caches) and the ones still to run, whose
-/// plans are redone as rebuilds.
+/// plans are redone as rebuilds; not those waiting for chunks on top of their
+/// own cache.
 fn evict_others(
     requests: &mut [TurnRequest<'_>],
     plans: &mut [Option<TurnPlan>],
@@ -335,7 +383,9 @@ fn evict_others(
     room: &impl Room,
 ) {
     for (j, r) in requests.iter_mut().enumerate() {
-        if j == except || r.conversation.kv_bytes() == 0 {
+        // A turn waiting for its chunks reads the cache it was planned on.
+        let pinned = matches!(&results[j], Some(Started::Pending(p)) if p.reads_conversation_cache());
+        if j == except || pinned || r.conversation.kv_bytes() == 0 {
             continue;
         }
         room.evicted(r.conversation.context_len());
@@ -512,7 +562,7 @@ impl<R> Scheduler<R> {
         while let Some(long) = self.long.pop_front() {
             let LongTurn {
                 mut conversation,
-                mut pending,
+                pending,
                 text,
                 role,
                 span,
@@ -525,38 +575,9 @@ impl<R> Scheduler<R> {
                 replies.abandon(conversation, reply);
                 continue;
             }
-            let mut need = conversation.chunk_bytes(&pending);
-            let mut fits = room.make_room(need);
-            if !fits && conversation.kv_bytes() > 0 {
-                // The conversation's own cache goes too: a turn that still
-                // reads it is planned again as a rebuild.
-                room.evicted(conversation.context_len());
-                conversation.evict_cache();
-                if pending.reads_conversation_cache() {
-                    match conversation.plan(&text, &role) {
-                        Ok(plan) => pending = PendingTurn::new(plan, conversation.model().spec().hidden_size),
-                        Err(e) => {
-                            drop(pending);
-                            replies.answer(conversation, reply, &span, Err(e));
-                            return;
-                        }
-                    }
-                }
-                need = conversation.chunk_bytes(&pending);
-                fits = room.make_room(need);
-            }
-            if !fits {
-                drop(pending);
-                let error = TurnError::OverBudget {
-                    need,
-                    budget: room.limit(),
-                };
-                replies.answer(conversation, reply, &span, Err(error));
-                return;
-            }
             let step = {
                 let _enter = span.enter();
-                conversation.advance(pending)
+                advance_within(&mut conversation, pending, &text, &role, room)
             };
             match step {
                 Ok(Advance::More(pending)) => self.long.push_front(LongTurn {

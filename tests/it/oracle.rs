@@ -11,7 +11,7 @@ use stateful_embedder::{
         TurnOutput,
     },
     model::Model,
-    schedule::{BatchLimits, TurnRequest, run_turns},
+    schedule::{BatchLimits, Room, TurnRequest, run_turns, run_turns_within},
 };
 
 use crate::common::{self, F32, FP16, Tolerance, assert_close, cosine, oracle};
@@ -957,4 +957,114 @@ fn real_f32_batched_oracle() {
     for (i, s) in scripts.iter().enumerate() {
         s.report(&format!("real f32 batched, conversation {i}"));
     }
+}
+
+/// A budget of `limit` bytes over one model's ledger, with nothing resting to
+/// evict: the scheduler can make room only among the round's own turns.
+struct Tight {
+    model: Arc<Model>,
+    limit: u64,
+    evicted: std::cell::Cell<usize>,
+}
+
+impl Room for Tight {
+    fn make_room(&self, need: u64) -> bool {
+        self.model.kv_cache_bytes() + need <= self.limit
+    }
+
+    fn evicted(&self, _tokens: usize) {
+        self.evicted.set(self.evicted.get() + 1);
+    }
+
+    fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+#[test]
+/// Short of room, a round evicts the caches of its turns that have run and
+/// then the turn's own (redone as a rebuild), never the cache a long turn
+/// waiting for its chunks reads; every turn still meets the oracle exactly,
+/// and a turn that cannot fit at all fails alone, its conversation unchanged.
+fn a_tight_round_evicts_what_it_may() {
+    let model = common::tiny_private("model.onnx");
+    let per_token = model.spec().kv_bytes_per_token();
+    let o = ConversationOptions {
+        prefill_chunk_tokens: 16,
+        ..opts()
+    };
+    let mut scripts: Vec<Script> = (0..3).map(|_| Script::new(&model, o.clone(), F32)).collect();
+    let wide = format!("{} {}", TEXTS[4], TEXTS[9]);
+    scripts[0].turn(&wide, "");
+    scripts[1].turn(TEXTS[8], "");
+    scripts[2].turn(&wide, "");
+    let long = "alpha beta gamma delta ".repeat(5);
+    let turns = [(TEXTS[3], ""), (long.as_str(), ""), (TEXTS[1], "")];
+    let expected: Vec<Expected> = scripts.iter().zip(&turns).map(|(s, (t, r))| s.expect(t, r)).collect();
+    assert!(expected[1].turn_tokens > 16, "the second turn needs several calls");
+    // In tokens: the contexts before (a, b, c) and after (fa, fb, fc) the turns.
+    let (a, b, c) = (
+        scripts[0].conv.context_len(),
+        scripts[1].conv.context_len(),
+        scripts[2].conv.context_len(),
+    );
+    let (fa, fb, fc) = (expected[0].full.len(), expected[1].full.len(), expected[2].full.len());
+    // Room for the first turn with every cache held, for the third once the
+    // first's cache is evicted (the second's, which its chunks read, kept),
+    // and for the second's chunks after that (its own old cache evicted) ...
+    let enough = (a + b + c + fa).max(b + c + fc).max(fc + 2 * fb);
+    // ... but not for the third with nothing evicted.
+    assert!(fa + b + c + fc > enough, "the third turn must have to evict");
+    let limit = enough as u64 * per_token;
+    let room = Tight {
+        model: model.clone(),
+        limit,
+        evicted: std::cell::Cell::new(0),
+    };
+    let results = {
+        let mut requests: Vec<TurnRequest<'_>> = scripts
+            .iter_mut()
+            .zip(&turns)
+            .map(|(s, (text, role))| TurnRequest {
+                conversation: &mut s.conv,
+                text,
+                role,
+            })
+            .collect();
+        run_turns_within(
+            &mut requests,
+            BatchLimits {
+                max_turns: 1,
+                ..Default::default()
+            },
+            &room,
+        )
+    };
+    assert!(room.evicted.get() >= 1, "the round had to evict");
+    for ((s, e), r) in scripts.iter_mut().zip(expected).zip(results) {
+        let out = r.expect("every turn fits once the others are evicted");
+        let resident = s.conv.is_resident();
+        // `check` wants a resident cache: rebuild an evicted one's bookkeeping by the oracle alone.
+        let want = oracle(&model, &e.full, e.span.clone(), &s.options);
+        assert_close(&e.what, &out.embedding, &want, F32);
+        assert_eq!(s.conv.tokens(), &e.full[..]);
+        assert!(resident || s.conv.kv_bytes() == 0);
+        s.context = e.full;
+    }
+
+    // A budget smaller than one call: the turn fails, nothing changes.
+    let tiny_room = Tight {
+        model: model.clone(),
+        limit: per_token,
+        evicted: std::cell::Cell::new(0),
+    };
+    let before = scripts[0].conv.tokens().to_vec();
+    let mut requests = vec![TurnRequest {
+        conversation: &mut scripts[0].conv,
+        text: TEXTS[2],
+        role: "",
+    }];
+    let r = run_turns_within(&mut requests, BatchLimits::default(), &tiny_room);
+    assert!(matches!(r[0], Err(TurnError::OverBudget { .. })), "{r:?}");
+    assert_eq!(scripts[0].conv.tokens(), &before[..], "the failed turn changed nothing");
 }
