@@ -408,9 +408,9 @@ fn rss(pid: u32) -> u64 {
 /// The most an open stream that has taken a turn costs the server beyond
 /// the KV budget: its task, channels and HTTP/2 stream state, its token ids
 /// and resting conversation (tonic's 8 KiB decode and encode buffers are
-/// most of it). Measured 18 KiB a stream here (debug build, 2,008 streams;
-/// BENCHMARKS.md has the release figure at 10,000); the bound is a margin
-/// over that for allocator fragmentation, which differs between runs.
+/// most of it). Measured 18 KiB a stream here (debug build, 2,008 streams),
+/// 19 KiB in release at 10,000 (BENCHMARKS.md section 8); the bound is a
+/// margin over that for allocator fragmentation, which differs between runs.
 const PER_STREAM_BYTES: u64 = 48 << 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
