@@ -115,6 +115,32 @@ pub struct Config {
     #[arg(long, env = "SE_DRAIN_SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
     pub drain_seconds: f64,
 
+    /// Seconds between the HTTP/2 keepalive pings the server sends on each
+    /// connection; a peer that does not answer one within
+    /// `--keepalive-timeout` (its host gone, a half-open connection) is
+    /// dropped, its streams end and their caches are freed. 0 sends none.
+    #[arg(long, env = "SE_KEEPALIVE_INTERVAL", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub keepalive_interval: f64,
+
+    /// Seconds a keepalive ping may go unanswered.
+    #[arg(long, env = "SE_KEEPALIVE_TIMEOUT", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub keepalive_timeout: f64,
+
+    /// Most streams open at once on one HTTP/2 connection (advertised to
+    /// the client; more are refused by HTTP/2 itself).
+    #[arg(long, env = "SE_MAX_STREAMS_PER_CONNECTION", default_value_t = 4096)]
+    pub max_streams_per_connection: u32,
+
+    /// Largest HTTP/2 header list accepted, in bytes.
+    #[arg(long, env = "SE_MAX_HEADER_LIST_BYTES", default_value_t = 16 << 10)]
+    pub max_header_list_bytes: u32,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for
+    /// collectors). Either way every stream's lines carry its stream id, and
+    /// no text, token or vector is logged above debug level.
+    #[arg(long, env = "SE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// The ONNX Runtime library (libonnxruntime.so*); by default ORT_DYLIB_PATH,
     /// then the project's .venv, then the system library path.
     #[arg(long, env = "SE_ONNXRUNTIME")]
@@ -150,6 +176,18 @@ impl Config {
         }
     }
 
+    /// The keepalive ping interval, if pings are on.
+    pub fn keepalive(&self) -> Option<Duration> {
+        (self.keepalive_interval > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.keepalive_interval).ok())
+            .flatten()
+    }
+
+    /// How long a keepalive ping may go unanswered.
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.keepalive_timeout).unwrap_or(Duration::from_secs(3600))
+    }
+
     /// The idle age at which caches are evicted, if any.
     pub fn idle_evict(&self) -> Option<Duration> {
         (self.idle_evict_seconds > 0.0)
@@ -169,6 +207,15 @@ impl Config {
     pub fn drain_timeout(&self) -> Option<Duration> {
         Duration::try_from_secs_f64(self.drain_seconds).ok()
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A number of seconds: zero or more, `inf` allowed; not NaN, not negative.

@@ -91,6 +91,10 @@ pub async fn run(
     };
 
     let serve = Server::builder()
+        .http2_keepalive_interval(config.keepalive())
+        .http2_keepalive_timeout(Some(config.keepalive_timeout()))
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .http2_max_header_list_size(Some(config.max_header_list_bytes))
         .layer(MapResponseLayer::new(oversize_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection_v1)

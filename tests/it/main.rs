@@ -8,5 +8,6 @@
 mod common;
 mod grpc;
 mod memory;
+mod operations;
 mod oracle;
 mod runtime;
