@@ -135,6 +135,11 @@ pub struct Config {
     #[arg(long, env = "SE_MAX_HEADER_LIST_BYTES", default_value_t = 16 << 10)]
     pub max_header_list_bytes: u32,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464);
+    /// off when unset.
+    #[arg(long, env = "SE_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Log lines as `text` (for people) or `json` (one object per line, for
     /// collectors). Either way every stream's lines carry its stream id, and
     /// no text, token or vector is logged above debug level.

@@ -153,6 +153,7 @@ impl QueueTicket {
         let waited = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.0.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
         self.0.queue_wait_max_us.fetch_max(waited, Ordering::Relaxed);
+        metrics::histogram!("se_queue_wait_seconds").record(self.1.elapsed().as_secs_f64());
     }
 }
 

@@ -28,6 +28,7 @@
 //!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
 //!   of work into chunks, runs long turns (and rebuilds) a chunk per round,
 //!   and makes room in the KV budget before each call ([`schedule::Room`]).
+//! * [`metrics`] exports Prometheus metrics (`--metrics-addr`).
 //! * [`memory`] is the KV budget ([`memory::KvBudget`]): the slots
 //!   conversations rest in between turns, LRU and idle eviction.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
@@ -73,6 +74,7 @@ pub mod conversation;
 pub mod cpu;
 pub mod engine;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod schedule;

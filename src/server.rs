@@ -22,6 +22,7 @@ use crate::{
     cpu::{self, CpuFeatures},
     engine::Engine,
     memory::{self, KvBudget},
+    metrics,
     model::{Model, ModelOptions},
     pb::{self, embedder_server::EmbedderServer},
     service::{EmbedderService, Limits, Shared, oversize_is_resource_exhausted, saturating_u32},
@@ -39,6 +40,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics_addr {
+        metrics::install(addr)?;
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let shared = Shared::new(Limits::from_config(&config));
@@ -113,6 +117,15 @@ pub async fn run(
             joined = &mut loader, if !loaded => {
                 loaded = true;
                 let engine = joined.context("the model loader panicked")??;
+                if config.metrics_addr.is_some() {
+                    let (shared, engine, stop) = (shared.clone(), engine.clone(), shared.root.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = metrics::publish(shared, engine) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
                 if let Some(idle) = config.idle_evict() {
                     let (budget, stop) = (engine.budget().clone(), shared.root.clone());
                     tokio::spawn(async move {

@@ -372,6 +372,7 @@ impl Model {
 
         let keep = keep.start.min(s)..keep.end.min(s);
         let mut reserved = self.reserve(self.call_bytes(p, s));
+        metrics::histogram!("se_batch_rows").record(1.0);
         let (hidden, tensors) = self.run(inputs, |outputs| {
             let hidden = self.read_hidden(outputs, [keep])?.remove(0);
             let tensors = self
@@ -513,6 +514,7 @@ impl Model {
         // Counted before the packed pasts are made.
         let shape: Vec<(usize, usize)> = rows.iter().map(|r| (r.past.len, r.ids.len())).collect();
         let mut reserved = self.reserve(self.batch_call_bytes(&shape));
+        metrics::histogram!("se_batch_rows").record(b as f64);
         let mut ids = vec![0i64; b * n];
         let mut mask = vec![0i64; b * total];
         let mut pos = vec![0i64; b * n];

@@ -149,7 +149,46 @@ impl ServiceError {
         }
     }
 
+    /// The variant's name, for the `se_rejected_total` metric's `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServiceError::NoAction => "no_action",
+            ServiceError::OptionsNotFirst => "options_not_first",
+            ServiceError::UnknownEnum { .. } => "unknown_enum",
+            ServiceError::NoTexts => "no_texts",
+            ServiceError::Options(_) => "options",
+            ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => match e {
+                TurnError::UnknownRole(_) => "unknown_role",
+                TurnError::Empty => "empty_text",
+                TurnError::TurnTooLong { .. } => "turn_too_long",
+                TurnError::OverWindow { .. } => "over_window",
+                TurnError::ContextFull { .. } => "context_full",
+                TurnError::OverBudget { .. } => "over_budget",
+                TurnError::Busy => "busy",
+                TurnError::Options(_) => "options",
+                TurnError::Tokenizer(_) => "tokenizer",
+                TurnError::Model(_) => "model",
+            },
+            ServiceError::Loading => "loading",
+            ServiceError::Draining => "draining",
+            ServiceError::ShuttingDown => "shutting_down",
+            ServiceError::TooManyStreams { .. } => "too_many_streams",
+            ServiceError::MessageTooLarge(_) => "message_too_large",
+            ServiceError::EngineStopped(_) => "engine_stopped",
+            ServiceError::WindowOverCap { .. } => "window_over_cap",
+            ServiceError::SessionsOff => "sessions_off",
+            ServiceError::BadSessionId => "bad_session_id",
+            ServiceError::SessionExists { .. } => "session_exists",
+            ServiceError::SessionNotFound { .. } => "session_not_found",
+            ServiceError::SessionHeld { .. } => "session_held",
+            ServiceError::ResumeWithOptions => "resume_with_options",
+            ServiceError::Defaults(_) => "defaults",
+        }
+    }
+
     fn log(&self) {
+        metrics::counter!("se_rejected_total", "reason" => self.reason(), "code" => format!("{:?}", self.code()))
+            .increment(1);
         match self.code() {
             Code::Internal => tracing::error!(error = %ErrorChain(self), "request failed"),
             Code::Unavailable if matches!(self, ServiceError::EngineStopped(_)) => {

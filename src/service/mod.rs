@@ -452,6 +452,7 @@ impl ConverseTask {
                 Some(Action::Options(_)) => Err(ServiceError::OptionsNotFirst),
                 Some(Action::Reset(_)) => Ok(self.reset()),
                 Some(Action::Turn(turn)) => {
+                    let asked = Instant::now();
                     let job = self.engine.turn(self.slot.clone(), turn.text, turn.role);
                     let reply = tokio::select! {
                         biased;
@@ -459,6 +460,7 @@ impl ConverseTask {
                         () = self.responses_tx.closed() => break Ending::ClientGone,
                         r = job => r,
                     };
+                    metrics::histogram!("se_turn_seconds").record(asked.elapsed().as_secs_f64());
                     let result = match reply {
                         Ok(result) => result,
                         Err(stopped) => {
