@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the Embedder gRPC API (with health and reflection).
-    Serve(Config),
+    Serve(Box<Config>),
     /// A Converse client: JSON-lines turns on stdin, one JSON line per response on stdout.
     Converse(crate::client::ClientConfig),
 }
@@ -135,6 +135,24 @@ pub struct Config {
     #[arg(long, env = "SE_MAX_HEADER_LIST_BYTES", default_value_t = 16 << 10)]
     pub max_header_list_bytes: u32,
 
+    /// Serve TLS with this certificate chain (PEM); needs `--tls-key`.
+    #[arg(long, env = "SE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, env = "SE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "SE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Accept Embedder calls only with `authorization: Bearer <token>`
+    /// metadata naming a token of this file (one per line; `#` comments;
+    /// reloaded on SIGHUP). Health and reflection stay open.
+    #[arg(long, env = "SE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464);
     /// off when unset.
     #[arg(long, env = "SE_METRICS_ADDR")]
@@ -168,7 +186,7 @@ impl Config {
             .into_iter()
             .chain(args.into_iter().map(Into::into));
         match Cli::try_parse_from(argv)?.command {
-            Command::Serve(config) => Ok(config),
+            Command::Serve(config) => Ok(*config),
             Command::Converse(_) => unreachable!("the first argument is `serve`"),
         }
     }

@@ -28,7 +28,8 @@
 //!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
 //!   of work into chunks, runs long turns (and rebuilds) a chunk per round,
 //!   and makes room in the KV budget before each call ([`schedule::Room`]).
-//! * [`metrics`] exports Prometheus metrics (`--metrics-addr`).
+//! * [`metrics`] exports Prometheus metrics (`--metrics-addr`); [`auth`]
+//!   checks bearer tokens (`--auth-token-file`).
 //! * [`memory`] is the KV budget ([`memory::KvBudget`]): the slots
 //!   conversations rest in between turns, LRU and idle eviction.
 //! * [`engine`] is the one thread that runs the model, fed by a bounded queue
@@ -68,6 +69,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod conversation;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     let result = match cli.command {
-        Command::Serve(config) => serve(config),
+        Command::Serve(config) => serve(*config),
         Command::Converse(config) => converse(config),
     };
     match result {

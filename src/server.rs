@@ -12,11 +12,15 @@ use std::{future::Future, sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::util::MapResponseLayer;
 
 use crate::{
+    auth::{self, Tokens},
     config::Config,
     conversation::Conversation,
     cpu::{self, CpuFeatures},
@@ -57,9 +61,20 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the v1alpha reflection service")?;
-    let embedder = EmbedderServer::new(EmbedderService::new(shared.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let tokens = match &config.auth_token_file {
+        Some(path) => {
+            let tokens = Tokens::load(path)?;
+            tokio::spawn(reload_on_sighup(tokens.clone()));
+            Some(tokens)
+        }
+        None => None,
+    };
+    let embedder = InterceptedService::new(
+        EmbedderServer::new(EmbedderService::new(shared.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        auth::interceptor(tokens),
+    );
 
     // Load and warm up off the runtime.
     let loader_config = config.clone();
@@ -94,7 +109,11 @@ pub async fn run(
         }
     };
 
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let serve = builder
         .http2_keepalive_interval(config.keepalive())
         .http2_keepalive_timeout(Some(config.keepalive_timeout()))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
@@ -147,6 +166,34 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The TLS configuration the flags ask for, if any.
+fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    tracing::info!(mutual = config.tls_client_ca.is_some(), "serving TLS");
+    Ok(Some(tls))
+}
+
+/// Reloads the token file on every SIGHUP (a bad file keeps the tokens in force).
+async fn reload_on_sighup(tokens: Arc<Tokens>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the token file will not be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tokens.reload() {
+            Ok(n) => tracing::info!(tokens = n, "token file reloaded"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "token file not reloaded; the tokens in force stay"),
+        }
+    }
 }
 
 /// Loads the model, starts the engine, and runs one warm-up turn.

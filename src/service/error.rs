@@ -81,6 +81,9 @@ pub enum ServiceError {
         /// The cap.
         cap: usize,
     },
+    /// No accepted bearer token (`--auth-token-file`).
+    #[error("missing or invalid bearer token: send `authorization: Bearer <token>` metadata")]
+    Unauthenticated,
     /// A resumable session on a server with `--detached-ttl-seconds 0`.
     #[error("resumable sessions are off on this server (--detached-ttl-seconds 0)")]
     SessionsOff,
@@ -128,6 +131,7 @@ impl ServiceError {
             | ServiceError::ResumeWithOptions => Code::InvalidArgument,
             ServiceError::SessionsOff | ServiceError::SessionHeld { .. } => Code::FailedPrecondition,
             ServiceError::SessionExists { .. } => Code::AlreadyExists,
+            ServiceError::Unauthenticated => Code::Unauthenticated,
             ServiceError::SessionNotFound { .. } => Code::NotFound,
             ServiceError::Options(e) => options_code(e),
             ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => turn_code(e),
@@ -183,6 +187,7 @@ impl ServiceError {
             ServiceError::SessionHeld { .. } => "session_held",
             ServiceError::ResumeWithOptions => "resume_with_options",
             ServiceError::Defaults(_) => "defaults",
+            ServiceError::Unauthenticated => "unauthenticated",
         }
     }
 
@@ -362,6 +367,7 @@ mod tests {
             (ServiceError::BadSessionId, Code::InvalidArgument),
             (ServiceError::ResumeWithOptions, Code::InvalidArgument),
             (ServiceError::SessionsOff, Code::FailedPrecondition),
+            (ServiceError::Unauthenticated, Code::Unauthenticated),
             (ServiceError::SessionHeld { id: "a".into() }, Code::FailedPrecondition),
             (ServiceError::SessionExists { id: "a".into() }, Code::AlreadyExists),
             (ServiceError::SessionNotFound { id: "a".into() }, Code::NotFound),

@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
+    auth::Principal,
     config::Config,
     conversation::{Conversation, ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
     engine::Engine,
@@ -286,6 +287,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             })?;
         let stream_id = next_stream_id();
         let peer = request.remote_addr();
+        let principal = request.extensions().get::<Principal>().cloned();
         let conversation =
             Conversation::new(engine.model(), self.shared.limits.default_options()).map_err(ServiceError::Defaults)?;
         let slot = engine.budget().slot(conversation);
@@ -300,6 +302,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             cancel: self.shared.root.child_token(),
             slot,
             session_id: None,
+            principal,
             _permit: permit,
         };
         let span = tracing::info_span!("converse", stream_id, peer = ?peer);
@@ -411,6 +414,8 @@ struct ConverseTask {
     slot: Arc<Slot>,
     /// The resumable session this stream holds, if any.
     session_id: Option<String>,
+    /// The token the stream came with (`--auth-token-file`).
+    principal: Option<Principal>,
     /// Holds one of the server's stream slots for the task's lifetime.
     _permit: OwnedSemaphorePermit,
 }
@@ -543,7 +548,9 @@ impl ConverseTask {
                 if *o != bare {
                     return Err(ServiceError::ResumeWithOptions);
                 }
-                let slot = self.sessions.resume(&o.session_id, self.stream_id)?;
+                let slot = self
+                    .sessions
+                    .resume(&o.session_id, self.stream_id, self.principal.as_ref())?;
                 self.session_id = Some(o.session_id.clone());
                 // The lost stream's last turn may still be in the engine.
                 slot.rested().await;
@@ -554,7 +561,9 @@ impl ConverseTask {
                 let options = self.limits.session_options(o)?;
                 let conversation = Conversation::new(self.engine.model(), options)?;
                 let slot = self.engine.budget().slot(conversation);
-                let id = self.sessions.create(&o.session_id, slot.clone(), self.stream_id)?;
+                let id = self
+                    .sessions
+                    .create(&o.session_id, slot.clone(), self.stream_id, self.principal.clone())?;
                 self.slot = slot;
                 self.session_id = Some(id.clone());
                 id

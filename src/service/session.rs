@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::memory::Slot;
+use crate::{auth::Principal, memory::Slot};
 
 use super::ServiceError;
 
@@ -39,6 +39,8 @@ struct Entry {
     holder: Option<u64>,
     /// Bumped at every detach, so that a stale expiry leaves a newer one alone.
     generation: u64,
+    /// The token that created it (with `--auth-token-file`): only it may resume.
+    owner: Option<Principal>,
 }
 
 impl Sessions {
@@ -67,7 +69,13 @@ impl Sessions {
     /// # Errors
     /// [`ServiceError::SessionsOff`], [`ServiceError::BadSessionId`],
     /// [`ServiceError::SessionExists`].
-    pub fn create(&self, id: &str, slot: Arc<Slot>, stream: u64) -> Result<String, ServiceError> {
+    pub fn create(
+        &self,
+        id: &str,
+        slot: Arc<Slot>,
+        stream: u64,
+        owner: Option<Principal>,
+    ) -> Result<String, ServiceError> {
         if self.ttl.is_none() {
             return Err(ServiceError::SessionsOff);
         }
@@ -87,21 +95,24 @@ impl Sessions {
                 slot,
                 holder: Some(stream),
                 generation: 0,
+                owner,
             },
         );
         Ok(id)
     }
 
-    /// Hands the detached session `id` to `stream`.
+    /// Hands the detached session `id` to `stream`, if `who` created it.
     ///
     /// # Errors
-    /// [`ServiceError::BadSessionId`], [`ServiceError::SessionNotFound`],
+    /// [`ServiceError::BadSessionId`], [`ServiceError::SessionNotFound`]
+    /// (also for another principal's session: its existence is not told),
     /// [`ServiceError::SessionHeld`].
-    pub fn resume(&self, id: &str, stream: u64) -> Result<Arc<Slot>, ServiceError> {
+    pub fn resume(&self, id: &str, stream: u64, who: Option<&Principal>) -> Result<Arc<Slot>, ServiceError> {
         check_id(id)?;
         let mut table = self.table();
         let entry = table
             .get_mut(id)
+            .filter(|e| e.owner.as_ref() == who)
             .ok_or_else(|| ServiceError::SessionNotFound { id: id.to_string() })?;
         if entry.holder.is_some() {
             return Err(ServiceError::SessionHeld { id: id.to_string() });

@@ -11,3 +11,4 @@ mod memory;
 mod operations;
 mod oracle;
 mod runtime;
+mod security;

@@ -245,14 +245,19 @@ fn resume(id: &str) -> pb::SessionOptions {
 
 /// A TCP proxy to the server whose connections can be cut, as a network
 /// (or a client host) that goes away would: no half-close of any stream.
-struct CutProxy {
-    addr: String,
+pub(crate) struct CutProxy {
+    pub(crate) addr: String,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CutProxy {
     async fn to(server: &TestServer) -> CutProxy {
-        let target = server.addr.trim_start_matches("http://").to_string();
+        Self::to_addr(server.addr.trim_start_matches("http://")).await
+    }
+
+    /// A proxy to `target` (host:port).
+    pub(crate) async fn to_addr(target: &str) -> CutProxy {
+        let target = target.to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -279,7 +284,7 @@ impl CutProxy {
     }
 
     /// Cuts every connection through the proxy (their sockets close).
-    fn cut(self) {
+    pub(crate) fn cut(self) {
         self.task.abort();
     }
 }

@@ -49,9 +49,11 @@ def pb():
 
 
 class Server:
-    """A stateful-embedder process on 127.0.0.1:0 serving the tiny model."""
+    """A stateful-embedder process on 127.0.0.1:0 serving the tiny model
+    (over TLS when `credentials`, grpcio channel credentials, are given)."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, credentials=None):
+        self.credentials = credentials
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: build it first (make test runs cargo test, which builds it)")
         require(TINY / "model.onnx")
@@ -68,11 +70,18 @@ class Server:
         import grpc  # noqa: PLC0415
         from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
-        with grpc.insecure_channel(self.addr) as ch:
+        with self.channel() as ch:
             for resp in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60):
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         raise AssertionError("the server never became SERVING")
+
+    def channel(self):
+        import grpc  # noqa: PLC0415
+
+        if self.credentials is None:
+            return grpc.insecure_channel(self.addr)
+        return grpc.secure_channel(self.addr, self.credentials)
 
     def stop(self):
         self.proc.kill()
