@@ -24,8 +24,8 @@ serve: setup
 	./target/release/stateful-embedder serve --model $(REAL)/$(SERVE_FILE) --addr $(ADDR)
 
 test: setup models
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
+	$(CARGO) test --all-targets --features faults
+	$(CARGO) test --doc --features faults
 	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
 
 # The tests whose numbers depend on ONNX Runtime's kernel choice (the oracle

@@ -171,7 +171,23 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     model: Arc<Model>,
     budget: Arc<KvBudget>,
+    /// Becomes true when the worker thread exits (for good: a panic, or
+    /// every handle dropped).
+    stopped: tokio::sync::watch::Receiver<bool>,
     worker: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Marks the engine stopped when the worker thread exits, by return or by
+/// unwinding from a panic.
+struct ExitGuard(tokio::sync::watch::Sender<bool>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked: the inference engine has stopped");
+        }
+        self.0.send_replace(true);
+    }
 }
 
 impl Engine {
@@ -187,17 +203,34 @@ impl Engine {
         let worker_stats = stats.clone();
         let worker_model = model.clone();
         let worker_budget = budget.clone();
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let worker = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || engine_worker(worker_model, jobs_rx, worker_stats, limits, worker_budget))
+            .spawn(move || {
+                let _exit = ExitGuard(stopped_tx);
+                engine_worker(worker_model, jobs_rx, worker_stats, limits, worker_budget);
+            })
             .expect("the OS can spawn the engine thread");
         Engine {
             jobs_tx: Some(jobs_tx),
             stats,
             model,
             budget,
+            stopped,
             worker: Some(worker),
         }
+    }
+
+    /// Whether the worker thread has exited (while handles remain, that
+    /// means it died: see [`EngineStopped`]).
+    pub fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    /// Resolves once the worker thread has exited.
+    pub async fn stopped(&self) {
+        let mut stopped = self.stopped.clone();
+        let _ = stopped.wait_for(|s| *s).await;
     }
 
     /// The KV budget the engine keeps; conversations rest in its slots.

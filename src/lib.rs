@@ -75,6 +75,8 @@ pub mod config;
 pub mod conversation;
 pub mod cpu;
 pub mod engine;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod memory;
 pub mod metrics;
 pub mod model;

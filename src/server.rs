@@ -5,7 +5,10 @@
 //! health to SERVING. On the `shutdown` future: health NOT_SERVING, new
 //! streams are refused with UNAVAILABLE, open streams may go on until they end
 //! or the drain deadline passes, then every stream still open ends with
-//! UNAVAILABLE "server shutting down" and the server stops.
+//! UNAVAILABLE "server shutting down" and the server stops. If the engine
+//! thread dies, health goes NOT_SERVING, every stream ends with UNAVAILABLE
+//! "the inference engine has stopped…", and `run` returns that error (the
+//! binary exits non-zero, for a supervisor to restart it).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -127,8 +130,25 @@ pub async fn run(
     tokio::pin!(serve);
 
     let mut loaded = false;
+    let engine_died = async {
+        match shared.engine.get() {
+            Some(engine) => engine.stopped().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(engine_died);
     loop {
         tokio::select! {
+            () = &mut engine_died, if loaded => {
+                // Nothing can be embedded any more: say so, end every stream
+                // with the engine's UNAVAILABLE, and exit non-zero for a
+                // supervisor to restart the process.
+                set_health(&health, ServingStatus::NotServing).await;
+                shared.draining.cancel();
+                shared.root.cancel();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                anyhow::bail!(crate::engine::EngineStopped);
+            }
             result = &mut serve => {
                 result.context("the gRPC transport failed")?;
                 break;

@@ -397,7 +397,9 @@ impl Model {
         read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
         let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        let _call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        #[cfg(feature = "faults")]
+        crate::faults::before_call(_call).map_err(ort_err("run the model"))?;
         let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
         read(&mut outputs)
     }

@@ -521,8 +521,14 @@ impl ConverseTask {
         );
     }
 
-    /// Ends the stream with the drain deadline's UNAVAILABLE.
+    /// Ends the stream with the drain deadline's UNAVAILABLE, or the dead
+    /// engine's when that is why the server is stopping.
     async fn shutting_down(&self) -> Ending {
+        if self.engine.is_stopped() {
+            self.end_with(ServiceError::EngineStopped(crate::engine::EngineStopped))
+                .await;
+            return Ending::EngineStopped;
+        }
         self.end_with(ServiceError::ShuttingDown).await;
         Ending::ShuttingDown
     }

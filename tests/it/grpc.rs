@@ -77,10 +77,16 @@ impl TestServer {
 
     /// [`TestServer::process`] logging at `level` (its stderr is the test's).
     pub async fn process_logging(extra: &[&str], level: &str) -> TestServer {
+        Self::process_with(extra, level, &[]).await
+    }
+
+    /// [`TestServer::process_logging`] with extra environment variables.
+    pub async fn process_with(extra: &[&str], level: &str, env: &[(&str, &str)]) -> TestServer {
         let mut child = tokio::process::Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--model"])
             .arg(common::tiny_dir())
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

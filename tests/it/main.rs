@@ -6,6 +6,9 @@
 //! missing model fails its tests (with "run `make models`"), never skips them.
 
 mod common;
+// Needs the server built with the `faults` feature (`make test` turns it on).
+#[cfg(feature = "faults")]
+mod faults;
 mod grpc;
 mod memory;
 mod operations;
