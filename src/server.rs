@@ -32,7 +32,7 @@ use crate::{
     metrics,
     model::{Model, ModelOptions},
     pb::{self, embedder_server::EmbedderServer},
-    service::{EmbedderService, Limits, Shared, oversize_is_resource_exhausted, saturating_u32},
+    service::{EmbedderService, Limits, Shared, rewrite_decode_statuses, saturating_u32},
 };
 
 /// Time the server gives connections to close after every stream has ended.
@@ -121,7 +121,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(config.keepalive_timeout()))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .http2_max_header_list_size(Some(config.max_header_list_bytes))
-        .layer(MapResponseLayer::new(oversize_is_resource_exhausted))
+        .layer(MapResponseLayer::new(rewrite_decode_statuses))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -81,6 +81,10 @@ pub enum ServiceError {
         /// The cap.
         cap: usize,
     },
+    /// A message that is not valid protobuf for its type (bad bytes, a
+    /// string field that is not UTF-8); tonic's own message kept.
+    #[error("the message is not a valid request: {0}")]
+    Undecodable(String),
     /// No accepted bearer token (`--auth-token-file`).
     #[error("missing or invalid bearer token: send `authorization: Bearer <token>` metadata")]
     Unauthenticated,
@@ -128,7 +132,8 @@ impl ServiceError {
             | ServiceError::NoTexts
             | ServiceError::WindowOverCap { .. }
             | ServiceError::BadSessionId
-            | ServiceError::ResumeWithOptions => Code::InvalidArgument,
+            | ServiceError::ResumeWithOptions
+            | ServiceError::Undecodable(_) => Code::InvalidArgument,
             ServiceError::SessionsOff | ServiceError::SessionHeld { .. } => Code::FailedPrecondition,
             ServiceError::SessionExists { .. } => Code::AlreadyExists,
             ServiceError::Unauthenticated => Code::Unauthenticated,
@@ -188,6 +193,7 @@ impl ServiceError {
             ServiceError::ResumeWithOptions => "resume_with_options",
             ServiceError::Defaults(_) => "defaults",
             ServiceError::Unauthenticated => "unauthenticated",
+            ServiceError::Undecodable(_) => "undecodable",
         }
     }
 
@@ -301,24 +307,41 @@ fn is_oversize(code: Code, message: &str) -> bool {
 pub(super) fn inbound_failure(status: Status) -> Status {
     if is_oversize(status.code(), status.message()) {
         ServiceError::MessageTooLarge(status.message().to_string()).to_status()
+    } else if is_undecodable(status.code(), status.message()) {
+        ServiceError::Undecodable(status.message().to_string()).to_status()
     } else {
         status
     }
 }
 
-/// tonic answers an over-size unary request with OUT_OF_RANGE before any
-/// handler runs; this response layer rewrites that one status (on
-/// trailers-only responses, where it sits in the headers) to
-/// RESOURCE_EXHAUSTED, as `inbound_failure` does for streams.
-pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// What tonic says of a message prost cannot decode (INTERNAL, per gRPC's
+/// status guide; for a request the client sent, INVALID_ARGUMENT says more).
+fn is_undecodable(code: Code, message: &str) -> bool {
+    code == Code::Internal && message.starts_with("failed to decode Protobuf message")
+}
+
+/// tonic answers an over-size unary request with OUT_OF_RANGE, and an
+/// undecodable one with INTERNAL, before any handler runs; this response
+/// layer rewrites those statuses (on trailers-only responses, where they sit
+/// in the headers) to RESOURCE_EXHAUSTED and INVALID_ARGUMENT, as
+/// `inbound_failure` does for streams.
+pub fn rewrite_decode_statuses<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| is_oversize(Code::OutOfRange, m));
-    if oversize {
-        headers.insert("grpc-status", http::HeaderValue::from(Code::ResourceExhausted as i32));
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(|m| m.replace("%20", " "));
+    let status = headers
+        .get("grpc-status")
+        .and_then(|s| s.to_str().ok())
+        .map(str::to_string);
+    let rewrite = match (status.as_deref(), message.as_deref()) {
+        (Some("11"), Some(m)) if is_oversize(Code::OutOfRange, m) => Some(Code::ResourceExhausted),
+        (Some("13"), Some(m)) if is_undecodable(Code::Internal, m) => Some(Code::InvalidArgument),
+        _ => None,
+    };
+    if let Some(code) = rewrite {
+        headers.insert("grpc-status", http::HeaderValue::from(code as i32));
     }
     response
 }
@@ -422,7 +445,7 @@ mod tests {
             .header("grpc-message", "decoded%20message%20length%20too%20large")
             .body(())
             .unwrap();
-        let rewritten = oversize_is_resource_exhausted(response);
+        let rewritten = rewrite_decode_statuses(response);
         assert_eq!(rewritten.headers()["grpc-status"], "8");
     }
 }

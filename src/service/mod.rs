@@ -15,7 +15,7 @@ mod error;
 mod session;
 
 use error::inbound_failure;
-pub use error::{ErrorChain, ServiceError, oversize_is_resource_exhausted};
+pub use error::{ErrorChain, ServiceError, rewrite_decode_statuses};
 pub use session::{MAX_SESSION_ID_LEN, Sessions};
 
 use std::{

@@ -5,6 +5,7 @@
 //! `make test` prepares both, and every test runs in every `cargo test`: a
 //! missing model fails its tests (with "run `make models`"), never skips them.
 
+mod bad_input;
 mod common;
 // Needs the server built with the `faults` feature (`make test` turns it on).
 #[cfg(feature = "faults")]
