@@ -134,7 +134,7 @@ impl Limits {
     }
 
     /// Session options from the wire, over the server's defaults.
-    fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, ServiceError> {
+    pub fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, ServiceError> {
         let base = self.default_options();
         if o.max_context_tokens as usize > self.max_context_tokens {
             return Err(ServiceError::WindowOverCap {

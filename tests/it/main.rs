@@ -14,5 +14,6 @@ mod grpc;
 mod memory;
 mod operations;
 mod oracle;
+mod properties;
 mod runtime;
 mod security;
