@@ -16,7 +16,7 @@ SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIA
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory quality lint clean-models
+.PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory soak quality lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
@@ -71,6 +71,23 @@ bench-memory: setup tiny-model
 	$(PY) models/prepare.py real --variants f32
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/memory.py
+
+# Load and faults for a while (RELIABILITY.md; not part of `make test`): 200
+# streams x 200 turns on the tiny model with cancels and SIGKILLed clients,
+# RSS sampled every second, nothing left behind; then each cargo-fuzz target
+# for a minute when a nightly toolchain is present (skipped, saying so, when not).
+FUZZ_SECONDS ?= 60
+soak: setup tiny-model
+	$(CARGO) build --release --bins --features bench
+	$(PY) bench/soak.py
+	@if $(CARGO) +nightly --version >/dev/null 2>&1; then \
+	  command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked; \
+	  for t in requests turn_assembly; do \
+	    $(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	  done; \
+	else \
+	  echo "cargo fuzz skipped: no nightly toolchain here (rustup toolchain install nightly); the proptest properties ran in make test"; \
+	fi
 
 # Retrieval quality per configuration against all-MiniLM-L6-v2 (QUALITY.md;
 # not part of `make test`: ~40 min on 2 cores, its model outputs cached in

@@ -19,6 +19,9 @@
 //!   turns' latency, health checked throughout, the KV bytes sampled.
 //! * `se-bench rebuild` — a short turn on a ~1,000-token context with its
 //!   cache kept, and again after the server evicted it (`--idle-evict-seconds`).
+//! * `se-bench soak` — N streams × M short turns, a share of them cancelled
+//!   mid-turn (the stream dropped with the turn in flight, then reopened):
+//!   latency, and every error that was not one of its own cancels.
 //!
 //! Each prints one JSON object on stdout.
 
@@ -59,6 +62,30 @@ enum Cmd {
     Sessions(SessionsArgs),
     /// The cost of rebuilding an evicted cache vs keeping it.
     Rebuild(RebuildArgs),
+    /// Soak: many streams × many short turns, some streams cancelled mid-turn.
+    Soak(SoakArgs),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 200)]
+    streams: usize,
+    /// Turns per stream.
+    #[arg(long, default_value_t = 200)]
+    turns: usize,
+    /// Per-mille of turns whose stream is cancelled mid-turn (then reopened).
+    #[arg(long, default_value_t = 10)]
+    cancel_per_mille: u64,
+    /// HTTP/2 connections the streams share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Seed of the cancel draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -797,6 +824,76 @@ async fn rebuild(args: &RebuildArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// A small deterministic generator (xorshift64*) for the soak's draws.
+struct Draws(u64);
+
+impl Draws {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+async fn soak(args: &SoakArgs) -> anyhow::Result<serde_json::Value> {
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(EmbedderClient::connect(args.addr.clone()).await?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..args.streams {
+        let mut client = clients[s % clients.len()].clone();
+        let (turns, per_mille) = (args.turns, args.cancel_per_mille);
+        let mut draws = Draws(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (s as u64 + 1));
+        tasks.push(tokio::spawn(async move {
+            let (mut ms, mut cancels, mut errors) = (Vec::with_capacity(turns), 0u64, Vec::new());
+            let mut open = Open::start(&mut client, format!("soak stream {s}: hello")).await?;
+            for t in 0..turns {
+                let text = format!("stream {s} turn {t}: fn f(x: u32) -> u32 {{ x + {t} }}");
+                if draws.next() % 1000 < per_mille {
+                    // Cancel mid-turn: send it, drop the stream at once, reopen.
+                    open.tx.send(turn_request(text)).await?;
+                    drop(open);
+                    cancels += 1;
+                    open = Open::start(&mut client, format!("soak stream {s}: again")).await?;
+                    continue;
+                }
+                let asked = Instant::now();
+                match open.turn(text).await {
+                    Ok(_) => ms.push(asked.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            drop(open);
+            anyhow::Ok((ms, cancels, errors))
+        }));
+    }
+    let (mut ms, mut cancels, mut errors) = (Vec::new(), 0, Vec::new());
+    for t in tasks {
+        let (m, c, e) = t.await??;
+        ms.extend(m);
+        cancels += c;
+        errors.extend(e);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    let error_count = errors.len();
+    errors.truncate(20);
+    Ok(json!({
+        "error_count": error_count,
+        "streams": args.streams,
+        "turns_per_stream": args.turns,
+        "turns_ok": ms.len(),
+        "cancels": cancels,
+        "errors": errors,
+        "seconds": seconds,
+        "p50_ms": percentile(&ms, 50.0),
+        "p99_ms": percentile(&ms, 99.0),
+    }))
+}
+
 /// The short turn of `se-bench rebuild`.
 const SHORT_TEXT: &str = "Yes, and add unit tests too.";
 
@@ -820,6 +917,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(rebuild(a))?,
+        Cmd::Soak(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(soak(a))?,
     };
     println!("{out}");
     Ok(())
