@@ -226,3 +226,19 @@ async fn streams_per_connection_are_capped() {
         .unwrap();
     embedding(&r);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A header list over `--max-header-list-bytes` is refused by HTTP/2 before
+/// any handler runs; a normal call on the same server works.
+async fn oversized_header_lists_are_refused() {
+    let server = TestServer::start(&["--max-header-list-bytes", "4096"]).await;
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(pb::GetStatsRequest {});
+    request
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(8192).parse().unwrap());
+    let refused = client.get_stats(request).await;
+    assert!(refused.is_err(), "an 8 KiB header over a 4 KiB limit: {refused:?}");
+    let mut client = server.client().await;
+    assert!(client.get_stats(pb::GetStatsRequest {}).await.is_ok());
+}
