@@ -899,28 +899,14 @@ const SHORT_TEXT: &str = "Yes, and add unit tests too.";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     let out = match &cli.command {
         Cmd::Engine(a) => engine(a)?,
-        Cmd::Load(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(load(a))?,
-        Cmd::Mixed(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(mixed(a))?,
-        Cmd::Sessions(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(sessions(a))?,
-        Cmd::Rebuild(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(rebuild(a))?,
-        Cmd::Soak(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(soak(a))?,
+        Cmd::Load(a) => rt()?.block_on(load(a))?,
+        Cmd::Mixed(a) => rt()?.block_on(mixed(a))?,
+        Cmd::Sessions(a) => rt()?.block_on(sessions(a))?,
+        Cmd::Rebuild(a) => rt()?.block_on(rebuild(a))?,
+        Cmd::Soak(a) => rt()?.block_on(soak(a))?,
     };
     println!("{out}");
     Ok(())

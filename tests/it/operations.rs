@@ -229,15 +229,22 @@ async fn streams_per_connection_are_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A header list over `--max-header-list-bytes` is refused by HTTP/2 before
-/// any handler runs; a normal call on the same server works.
+/// any handler runs, the same header under the default 16 KiB passes, and a
+/// normal call on the limited server still works.
 async fn oversized_header_lists_are_refused() {
+    let padded = || {
+        let mut request = tonic::Request::new(pb::GetStatsRequest {});
+        request
+            .metadata_mut()
+            .insert("x-padding", "p".repeat(8192).parse().unwrap());
+        request
+    };
+    let default = TestServer::start(&[]).await;
+    let passed = default.client().await.get_stats(padded()).await;
+    assert!(passed.is_ok(), "8 KiB of headers under the default 16 KiB: {passed:?}");
+
     let server = TestServer::start(&["--max-header-list-bytes", "4096"]).await;
-    let mut client = server.client().await;
-    let mut request = tonic::Request::new(pb::GetStatsRequest {});
-    request
-        .metadata_mut()
-        .insert("x-padding", "p".repeat(8192).parse().unwrap());
-    let refused = client.get_stats(request).await;
+    let refused = server.client().await.get_stats(padded()).await;
     assert!(refused.is_err(), "an 8 KiB header over a 4 KiB limit: {refused:?}");
     let mut client = server.client().await;
     assert!(client.get_stats(pb::GetStatsRequest {}).await.is_ok());
