@@ -26,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 BACKGROUND = HERE / "background.jsonl"
 TEMPLATES = HERE / "templates.json"
-STATS_FORMAT = 2
+STATS_FORMAT = 3
 MAX_TOKENS = 512
 
 
@@ -95,25 +95,49 @@ def write_background(sets: dict, n_docs: int = 400, n_queries: int = 400, n_conv
 
 
 HEAD_PAIRS = HERE / "head_pairs.jsonl"
+# Where prepared heads are shipped, by model name (see write_head).
+HEADS = HERE / "heads"
+
+# The head pairs: per set, how many fit-part pairs or conversations.
+HEAD_PAIR_COUNTS = {"python": 1800, "rust": 6000, "conv_two_turn": 600, "conv_multi_turn": 600, "conv_long": 200}
 
 
-def write_head_pairs(sets: dict, n: int = 800) -> None:
-    """models/head_pairs.jsonl: docstring -> code pairs from the fit part of
-    the Python standard library, for the learned head (and its validation:
-    a fifth of the files, by path hash)."""
-    import datasets
+def write_head_pairs(sets: dict) -> None:
+    """models/head_pairs.jsonl: the pairs the learned head is fitted on, all
+    from the fit part (bench/quality/datasets.py's split by file; the quality
+    harness scores only the other part): docstring -> code pairs of the
+    Python standard library and of the cargo registry's crates, and
+    docstring -> conversation pairs (the harness's conversation kinds over
+    fit-part functions). A fifth of each set's files (by path hash)
+    validates the fit."""
+    import datasets  # bench/quality, on sys.path when called from the harness
 
-    fit = sorted((p for p in sets["python"] if p.part == "fit"), key=lambda p: (p.file, p.query))
-    random_ = random.Random(datasets.SEED + 11)
-    random_.shuffle(fit)
+    rows = []
+    for name, n in HEAD_PAIR_COUNTS.items():
+        if name.startswith("conv_"):
+            for c in datasets.conversations(sets["python"], name[5:], n, part="fit"):
+                rows.append({"set": name, "query": c.query, "turns": [list(t) for t in c.turns], "file": c.file})
+        else:
+            for p in datasets.sample(sets[name], "fit", n):
+                rows.append({"set": name, "query": p.query, "doc": p.doc, "file": p.file})
     with open(HEAD_PAIRS, "w") as f:
-        for p in fit[:n]:
-            f.write(json.dumps({"query": p.query, "doc": p.doc, "file": p.file}, ensure_ascii=False) + "\n")
-    print(f"wrote {HEAD_PAIRS}: {min(n, len(fit))} pairs")
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {HEAD_PAIRS}: {len(rows)} pairs")
 
 
-def head_pairs() -> list[dict]:
-    return [json.loads(line) for line in HEAD_PAIRS.read_text().splitlines() if line.strip()]
+def head_pairs(limit: int | None = None) -> list[dict]:
+    """The head pairs, the first `limit` of each set if given."""
+    rows = [json.loads(line) for line in HEAD_PAIRS.read_text().splitlines() if line.strip()]
+    if limit is None:
+        return rows
+    taken: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        if taken.get(r["set"], 0) < limit:
+            taken[r["set"]] = taken.get(r["set"], 0) + 1
+            kept.append(r)
+    return kept
 
 
 def background_rows() -> list[dict]:
@@ -176,9 +200,16 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
             f.write(blob)
 
 
-STATS_TOOL_VERSION = "1"
-HEAD_RANK = 128
-HEAD_STEPS = 300
+STATS_TOOL_VERSION = "2"
+HEAD_FORMAT = 1
+HEAD_TOOL_VERSION = "1"
+# Whitened components of each of the head's two input vectors.
+HEAD_COMPONENTS = 384
+# The fit (fit_head): Adam steps, learning rate, batch, temperature.
+HEAD_STEPS = 6000
+HEAD_LR = 2e-5
+HEAD_BATCH = 256
+HEAD_TAU = 0.05
 
 
 def read_safetensors_metadata(path: Path) -> dict:
@@ -187,70 +218,188 @@ def read_safetensors_metadata(path: Path) -> dict:
         return json.loads(f.read(n)).get("__metadata__", {})
 
 
+def probe_text() -> str:
+    return load_templates()["probe"]
+
+
 def stats_metadata(name: str, hidden: int) -> dict[str, str]:
-    probe = load_templates()["probe"]
     return {
         "format": str(STATS_FORMAT),
         "model": name,
         "hidden_size": str(hidden),
         "corpus_sha256": corpus_hash(),
-        "head_pairs_sha256": head_pairs_hash(),
-        "probe_sha256": hashlib.sha256(probe.encode()).hexdigest(),
+        "probe_sha256": hashlib.sha256(probe_text().encode()).hexdigest(),
         "tool_version": STATS_TOOL_VERSION,
         "layer": "final",
-        "transform": "zscore,whiten,head",
+        "transform": "zscore,whiten",
     }
 
 
-def write_stats(model_dir: Path, name: str, out: Path) -> dict[str, np.ndarray]:
-    """Runs the background corpus through model_dir's model.onnx (f32) and
-    writes the per-dimension mean and 1/std of each pooling to `out`:
-    tensors {mean,last_token,probe}.{mean,inv_std}."""
-    from pooled import Qwen
+def background_vectors(q) -> dict[str, np.ndarray]:
+    """The background corpus's pooled vectors through the model `q` (a
+    pooled.Qwen): {"mean:final", "last:final", "probe:final"} -> [n, hidden]."""
+    return q.embed(background_items(q.encode, q.chatml), q.encode(probe_text()))
 
-    q = Qwen(model_dir)
-    items = background_items(q.encode, q.chatml)
-    probe = q.encode(load_templates()["probe"])
-    res = q.embed(items, probe)
+
+def write_stats(model_dir: Path, name: str, out: Path, background: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Writes the background statistics of model_dir's model.onnx (f32) to
+    `out`: per pooling {mean,last_token,probe}, the per-dimension mean and
+    1/std and the full PCA whitening (896 x 896, largest variance first; the
+    server keeps 384 components unless asked)."""
+    if background is None:
+        from pooled import Qwen
+
+        background = background_vectors(Qwen(model_dir))
     tensors = {}
     for pooling, key in (("mean", "mean:final"), ("last_token", "last:final"), ("probe", "probe:final")):
-        t = Transform.zscore(res[key])
+        t = Transform.zscore(background[key])
         tensors[f"{pooling}.mean"] = t.mean
         tensors[f"{pooling}.inv_std"] = t.scale
-        # PCA whitening with every component, largest variance first (the
-        # server keeps the first DEFAULT_WHITEN_COMPONENTS unless asked).
-        w = Transform.pca_whiten(res[key], res[key].shape[1])
-        tensors[f"{pooling}.whiten"] = w.proj
-    tensors["mean.head"] = fit_head_on_pairs(q, Transform(tensors["mean.mean"], tensors["mean.inv_std"]))
-    hidden = res["mean:final"].shape[1]
+        tensors[f"{pooling}.whiten"] = Transform.pca_whiten(background[key], background[key].shape[1]).proj
+    hidden = background["mean:final"].shape[1]
     write_safetensors(out, tensors, stats_metadata(name, hidden))
     return tensors
 
 
-def head_vectors(q, z: Transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The head pairs' standardised MEAN vectors (queries, documents) and
-    which pairs validate (a fifth of the files)."""
-    pairs = head_pairs()
-    qs = [(ids, 0, len(ids)) for ids in (q.encode(p["query"])[:MAX_TOKENS] for p in pairs)]
-    ds = [(ids, 0, len(ids)) for ids in (q.encode(p["doc"])[:MAX_TOKENS] for p in pairs)]
-    res = q.embed(qs + ds)["mean:final"]
-    val = np.array([int(hashlib.sha256(p["file"].encode()).hexdigest(), 16) % 5 == 0 for p in pairs])
-    return z.apply(res[: len(pairs)]), z.apply(res[len(pairs) :]), val
+# ---------------------------------------------------------------- the head
+#
+# The learned head of POOLING_PROBE_MEAN: x = [unit(whiten_p(probe)),
+# unit(whiten_m(mean))] (each vector PCA-whitened with the background's
+# statistics, HEAD_COMPONENTS kept, L2-normalised), y = x @ H. H starts at
+# the identity (the training-free side-by-side vector) and is fitted with a
+# symmetric InfoNCE loss (in-batch negatives, one set per batch) on the head
+# pairs' training files; the step with the best MRR@10 on their validation
+# files (a fifth, by path hash) is kept; then its output is rotated onto its
+# principal axes over the background (largest variance first), which leaves
+# every cosine as it is and makes truncation keep the most telling
+# components. The file carries the whitening it was fitted with, so it is
+# self-contained: the server applies exactly what was fitted.
 
 
-def fit_head_on_pairs(q, z: Transform, log=print) -> np.ndarray:
-    """The learned head for MEAN z-scored vectors: fitted on the head pairs'
-    training files, the step kept by the validation files' MRR@10."""
-    qv, dv, val = head_vectors(q, z)
-    w, score = fit_head(qv[~val], dv[~val], (qv[val], dv[val]), rank=HEAD_RANK, steps=HEAD_STEPS, log=log)
-    log(f"learned head: validation MRR@10 {score:.4f} ({int(val.sum())} validation pairs)")
-    return w
+def head_metadata(name: str, hidden: int) -> dict[str, str]:
+    return {
+        "format": str(HEAD_FORMAT),
+        "model": name,
+        "hidden_size": str(hidden),
+        "probe": probe_text(),
+        "pairs_sha256": head_pairs_hash(),
+        "tool_version": HEAD_TOOL_VERSION,
+        "components": str(HEAD_COMPONENTS),
+    }
 
 
-def ensure_profile(model_dir: Path, name: str, log=print) -> None:
-    """templates.json and embedding_stats.safetensors in model_dir, the
-    statistics recomputed when missing or made from another corpus, probe,
-    format or model."""
+def head_matches(path: Path, name: str) -> bool:
+    """Whether the head file at `path` was fitted for this model, probe,
+    pairs and tool version (its hidden size is checked by the server)."""
+    if not path.exists():
+        return False
+    have = read_safetensors_metadata(path)
+    want = head_metadata(name, int(have.get("hidden_size", "0") or 0))
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def head_items(encode, chatml, rows: list[dict]) -> dict[str, tuple[list, list]]:
+    """Per set, the (query items, document items) of the head pairs, as the
+    server tokenises them (raw texts; conversations as ChatML, the last
+    turn's text pooled); documents cut at MAX_TOKENS like the background."""
+    out: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        qs, ds = out.setdefault(r["set"], ([], []))
+        ids = encode(r["query"])[:MAX_TOKENS]
+        qs.append((ids, 0, len(ids)))
+        if "turns" in r:
+            ds.append(chatml([tuple(t) for t in r["turns"]]))
+        else:
+            ids = encode(r["doc"])[:MAX_TOKENS]
+            ds.append((ids, 0, len(ids)))
+    return out
+
+
+def validation_files(files: list[str]) -> np.ndarray:
+    return np.array([int(hashlib.sha256(f.encode()).hexdigest(), 16) % 5 == 0 for f in files])
+
+
+class HeadInput:
+    """The head's input from pooled vectors: each part whitened (from the
+    background vectors), HEAD_COMPONENTS kept, L2-normalised, side by side."""
+
+    def __init__(self, background: dict[str, np.ndarray], k: int = HEAD_COMPONENTS):
+        self.parts = {key: Transform.pca_whiten(background[f"{key}:final"], k) for key in ("probe", "mean")}
+
+    def __call__(self, v: dict[str, np.ndarray]) -> np.ndarray:
+        out = []
+        for key, t in self.parts.items():
+            x = t.apply(v[f"{key}:final"]).astype(np.float64)
+            out.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+        return np.concatenate(out, 1)
+
+
+def write_head(name: str, out: Path, background: dict[str, np.ndarray], embed, limit: int | None = None, log=print) -> dict:
+    """Fits the head on models/head_pairs.jsonl and writes it to `out`.
+    `embed(set_name, items)` gives the pooled vectors of items (as
+    pooled.Qwen.embed with the probe); `limit` caps the pairs per set (the
+    tiny test model's quick fit). Returns the fit's summary."""
+    rows = head_pairs(limit)
+    x = HeadInput(background)
+    groups, val = [], []
+    files_by_set: dict[str, list[str]] = {}
+    for r in rows:
+        files_by_set.setdefault(r["set"], []).append(r["file"])
+    sizes = {}
+    for set_name, (qs, ds) in embed_sets(embed, rows).items():
+        xq, xd = x(qs), x(ds)
+        v = validation_files(files_by_set[set_name])
+        groups.append((xq[~v], xd[~v]))
+        val.append((xq[v], xd[v]))
+        sizes[set_name] = (int((~v).sum()), int(v.sum()))
+    w, score, step = fit_head(groups, val, log=log)
+    # Rotate the output onto its principal axes over the background.
+    y = x(background) @ w
+    y = y - y.mean(0)
+    s, u = np.linalg.eigh(y.T @ y)
+    u = u[:, np.argsort(s)[::-1]]
+    u *= np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])
+    head = w @ u
+    hidden = background["mean:final"].shape[1]
+    tensors = {"head": head.astype(np.float32)}
+    for key, t in x.parts.items():
+        tensors[f"{key}.mean"] = t.mean
+        tensors[f"{key}.proj"] = t.proj
+    meta = head_metadata(name, hidden)
+    meta["fit"] = json.dumps({"validation_mrr10": round(score, 4), "step": step, "pairs": sizes}, sort_keys=True)
+    write_safetensors(out, tensors, meta)
+    log(f"learned head: validation MRR@10 {score:.4f} at step {step} ({sum(a + b for a, b in sizes.values())} pairs)")
+    return {"validation_mrr10": score, "step": step, "pairs": sizes}
+
+
+def embed_sets(embed, rows: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """Per set, the pooled vectors of its queries and its documents."""
+    out = {}
+    for set_name, (qs, ds) in embed.items_by_set(rows).items():
+        out[set_name] = (embed(f"head-{set_name}-q", qs), embed(f"head-{set_name}-d", ds))
+    return out
+
+
+class QwenEmbed:
+    """embed(name, items) for write_head over a pooled.Qwen (no cache)."""
+
+    def __init__(self, q):
+        self.q, self.probe = q, q.encode(probe_text())
+
+    def items_by_set(self, rows):
+        return head_items(self.q.encode, self.q.chatml, rows)
+
+    def __call__(self, name, items):
+        return self.q.embed(items, self.probe)
+
+
+def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None = None) -> None:
+    """templates.json, embedding_stats.safetensors and
+    embedding_head.safetensors in model_dir. The statistics are recomputed
+    when missing or made from another corpus, probe, format or model; the
+    head is taken from models/heads/<name>.safetensors when one is shipped
+    for this model, probe, pairs and tool version, and fitted here otherwise
+    (head_limit caps the pairs per set)."""
     import shutil
 
     tpl = model_dir / "templates.json"
@@ -259,59 +408,77 @@ def ensure_profile(model_dir: Path, name: str, log=print) -> None:
     stats = model_dir / "embedding_stats.safetensors"
     if stats.exists():
         have = read_safetensors_metadata(stats)
-        want = stats_metadata(name, int(have.get("hidden_size", "0") or 0))
-        if have == want:
-            return
-        stats.unlink()
-    log(f"computing the embedding statistics over {len(background_rows())} background texts ({name})")
-    tmp = stats.with_suffix(".tmp")
-    write_stats(model_dir, name, tmp)
-    tmp.replace(stats)
+        if have != stats_metadata(name, int(have.get("hidden_size", "0") or 0)):
+            stats.unlink()
+    head = model_dir / "embedding_head.safetensors"
+    shipped = HEADS / f"{name}.safetensors"
+    if head_matches(shipped, name):
+        if not head.exists() or head.read_bytes() != shipped.read_bytes():
+            log(f"installing the learned head shipped in {shipped.relative_to(HERE.parent)}")
+            shutil.copyfile(shipped, head)
+    elif head.exists() and not head_matches(head, name):
+        head.unlink()
+    if stats.exists() and head.exists():
+        return
+    from pooled import Qwen
+
+    q = Qwen(model_dir)
+    log(f"computing the background vectors: {len(background_rows())} texts ({name})")
+    background = background_vectors(q)
+    if not stats.exists():
+        tmp = stats.with_suffix(".tmp")
+        write_stats(model_dir, name, tmp, background)
+        tmp.replace(stats)
+    if not head.exists():
+        n = len(head_pairs()) if head_limit is None else head_limit * len(HEAD_PAIR_COUNTS)
+        log(f"fitting the learned head on up to {n} pairs ({name}; no head is shipped for it)")
+        tmp = head.with_suffix(".tmp")
+        write_head(name, tmp, background, QwenEmbed(q), head_limit, log)
+        tmp.replace(head)
 
 
-def fit_head(q: np.ndarray, d: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None = None, rank: int = 128,
-             steps: int = 300, lr: float = 1e-3, tau: float = 0.05, decay: float = 1e-3, seed: int = 0, log=None):
-    """A learned linear head on standardised vectors: y = x + x @ A @ B
-    (A: [h, rank], B: [rank, h], so W = I + AB starts at the identity), fitted
-    with a symmetric InfoNCE loss over in-batch negatives (query i's positive
-    is document i, every other document a negative) on L2-normalised y,
-    full batch, Adam, L2 decay on A and B. Returns W [h, h] (the step with the
-    best validation MRR@10 when `val` is given, else the last)."""
+def unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12), n
+
+
+def mrr10(q: np.ndarray, d: np.ndarray) -> float:
+    """MRR@10 of queries q against documents d (row i's answer is row i),
+    ties counted against the answer."""
+    uq, _ = unit(q)
+    ud, _ = unit(d)
+    s = uq @ ud.T
+    rank = (s >= np.diag(s)[:, None]).sum(1)
+    return float(np.where(rank <= 10, 1.0 / rank, 0).mean())
+
+
+def fit_head(groups: list[tuple[np.ndarray, np.ndarray]], val: list[tuple[np.ndarray, np.ndarray]], steps: int = HEAD_STEPS,
+             lr: float = HEAD_LR, batch: int = HEAD_BATCH, tau: float = HEAD_TAU, seed: int = 0, every: int = 50, log=None):
+    """A linear map W [d, d] from the identity, fitted with a symmetric
+    InfoNCE loss (query i's positive is document i, the batch's other
+    documents its negatives, and the other way round) on L2-normalised
+    outputs, Adam, mini-batches drawn from one group at a time (in
+    proportion to the groups' sizes). Returns (W, validation MRR@10, step)
+    of the step with the best mean validation MRR@10 over `val` (checked
+    every `every` steps; step 0 is the identity)."""
     rng = np.random.default_rng(seed)
-    h = q.shape[1]
-    a = (rng.standard_normal((h, rank)) * 0.01).astype(np.float64)
-    b = np.zeros((rank, h))
-    q, d = q.astype(np.float64), d.astype(np.float64)
-    m = [np.zeros_like(a), np.zeros_like(b)]
-    v = [np.zeros_like(a), np.zeros_like(b)]
-    best = (-1.0, np.eye(h))
+    d = groups[0][0].shape[1]
+    w = np.eye(d)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    sizes = np.array([len(g[0]) for g in groups], float)
 
-    def unit(x):
-        n = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / n, n
+    def score(w):
+        return float(np.mean([mrr10(a @ w, b @ w) for a, b in val if len(a)]))
 
-    def mrr(w, qq, dd):
-        uq, _ = unit(qq @ w)
-        ud, _ = unit(dd @ w)
-        s = uq @ ud.T
-        rank_ = (s > np.diag(s)[:, None]).sum(1) + 1
-        return float(np.where(rank_ <= 10, 1.0 / rank_, 0).mean())
-
-    for step in range(steps + 1):
-        w = np.eye(h) + a @ b
-        if val is not None and step % 10 == 0:
-            score = mrr(w, *val)
-            if score > best[0]:
-                best = (score, w.copy())
-            if log and step % 50 == 0:
-                log(f"head step {step}: validation MRR@10 {score:.4f}")
-        if step == steps:
-            break
-        yq, yd = q @ w, d @ w
-        uq, nq = unit(yq)
-        ud, nd = unit(yd)
+    best = (score(w), w.copy(), 0)
+    for step in range(1, steps + 1):
+        xq, xd = groups[rng.choice(len(groups), p=sizes / sizes.sum())]
+        idx = rng.choice(len(xq), size=min(batch, len(xq)), replace=False)
+        q, dd = xq[idx], xd[idx]
+        uq, nq = unit(q @ w)
+        ud, nd = unit(dd @ w)
         s = uq @ ud.T / tau
-        n = s.shape[0]
+        n = len(idx)
         p_row = np.exp(s - s.max(1, keepdims=True))
         p_row /= p_row.sum(1, keepdims=True)
         p_col = np.exp(s - s.max(0, keepdims=True))
@@ -321,14 +488,14 @@ def fit_head(q: np.ndarray, d: np.ndarray, val: tuple[np.ndarray, np.ndarray] | 
         dud = ds.T @ uq / tau
         dyq = (duq - uq * (uq * duq).sum(1, keepdims=True)) / nq
         dyd = (dud - ud * (ud * dud).sum(1, keepdims=True)) / nd
-        dw = q.T @ dyq + d.T @ dyd
-        grads = [dw @ b.T + decay * a, a.T @ dw + decay * b]
-        for i, (p, g) in enumerate(zip((a, b), grads)):
-            m[i] = 0.9 * m[i] + 0.1 * g
-            v[i] = 0.999 * v[i] + 0.001 * g * g
-            mh = m[i] / (1 - 0.9 ** (step + 1))
-            vh = v[i] / (1 - 0.999 ** (step + 1))
-            p -= lr * mh / (np.sqrt(vh) + 1e-8)
-    if val is None:
-        return (np.eye(h) + a @ b).astype(np.float32), None
-    return best[1].astype(np.float32), best[0]
+        g = q.T @ dyq + dd.T @ dyd
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w -= lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+        if step % every == 0:
+            sc = score(w)
+            if sc > best[0]:
+                best = (sc, w.copy(), step)
+            if log and step % (every * 20) == 0:
+                log(f"head step {step}: validation MRR@10 {sc:.4f} (best {best[0]:.4f} at {best[2]})")
+    return best[1], best[0], best[2]

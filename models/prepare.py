@@ -13,9 +13,11 @@ and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
 tokenizer.json and config.json. `tiny` writes a 2-layer random-weight model
 with the same contract and the real tokenizer: the fast test fixture.
 `import` adopts an existing optimum export. `check` verifies the contract.
-Beside every model go templates.json (the input types and the probe) and
+Beside every model go templates.json (the input types and the probe),
 embedding_stats.safetensors (the background statistics the server
-standardises with; see embedding_stats.py), which the server requires.
+standardises with) and embedding_head.safetensors (the learned head of
+POOLING_PROBE_MEAN: shipped in models/heads/ for the real model, fitted here
+for any other); see embedding_stats.py. The server requires all three.
 
 Everything prepared is cached under $SE_CACHE_DIR (default
 ~/.cache/stateful-embedder), keyed by the source's sha256 and TOOL_VERSION, and
@@ -63,8 +65,11 @@ VARIANT_FILES = {
 }
 # f32 weights are just under protobuf's 2 GiB; keep them beside the graph.
 EXTERNAL_DATA_OVER = 1 << 30
-# Beside every model: the embedding statistics and templates (embedding_stats.py).
-PROFILE_FILES = ["embedding_stats.safetensors", "templates.json"]
+# Beside every model: the embedding profile (embedding_stats.py).
+PROFILE_FILES = ["embedding_stats.safetensors", "embedding_head.safetensors", "templates.json"]
+# Pairs per set the tiny test model's head is fitted on (its head only has to
+# work, not to be good: the weights are random).
+TINY_HEAD_PAIRS = 64
 
 
 def log(msg: str) -> None:
@@ -330,7 +335,7 @@ def prepare_real(args) -> None:
     # The embedding statistics are computed on the f32 graph (and serve every variant).
     build_variants(src, arch, cached, sorted(set(variants) | {"f32"}))
     write_config(cached, arch, REAL_NAME, {"gguf_sha256": GGUF_SHA256, "gguf_name": src.field("general.name")})
-    with Step("checking the embedding statistics and templates"):
+    with Step("checking the embedding statistics, head and templates"):
         ensure_profile(cached, REAL_NAME, log)
     out = Path(args.out)
     with Step(f"installing into {out}"):
@@ -365,7 +370,7 @@ def prepare_tiny(args) -> None:
         with Step("building the tiny model with an lm_head (for the import test)"):
             save_model(build(arch, random_weights(arch, TINY_SEED), np.float32, lm_head=True), path)
     write_config(cached, arch, "tiny-random-qwen2", {"seed": TINY_SEED, "gguf_sha256": GGUF_SHA256})
-    ensure_profile(cached, "tiny-random-qwen2", log)
+    ensure_profile(cached, "tiny-random-qwen2", log, head_limit=TINY_HEAD_PAIRS)
     out = Path(args.out)
     install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, "model.onnx", "model_fp16.onnx", "model_logits.onnx"])
     report(out)

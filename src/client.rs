@@ -24,8 +24,9 @@ pub struct ClientConfig {
     /// Server address, e.g. http://127.0.0.1:50051.
     #[arg(long, env = "SE_CLIENT_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
-    /// Pooling: mean or last-token.
-    #[arg(long, default_value = "mean")]
+    /// Pooling: probe-mean (the server's default), probe, mean or last-token;
+    /// each with its default standardisation.
+    #[arg(long, default_value = "probe-mean")]
     pub pooling: String,
     /// Truncate embeddings to this many dimensions (0: full).
     #[arg(long, default_value_t = 0)]
@@ -53,9 +54,11 @@ pub async fn run(config: ClientConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {}", config.addr))?;
     let pooling = match config.pooling.as_str() {
+        "probe-mean" | "probe_mean" => pb::Pooling::ProbeMean,
+        "probe" => pb::Pooling::Probe,
         "mean" => pb::Pooling::Mean,
         "last-token" | "last_token" => pb::Pooling::LastToken,
-        other => anyhow::bail!("unknown pooling {other:?}: use mean or last-token"),
+        other => anyhow::bail!("unknown pooling {other:?}: use probe-mean, probe, mean or last-token"),
     };
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(64);
     requests_tx

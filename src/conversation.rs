@@ -19,9 +19,11 @@
 //! are pooled (mean or last token), or the model's probe runs on top of the
 //! turn's new cache and its last row is taken ([`Pooling::Probe`]; the
 //! probe's own cache is dropped, so the conversation's cache is exactly what
-//! it would be without it). The vector is then standardised with the model's
-//! background statistics of that pooling (and, for [`Standardize::Head`],
-//! multiplied by the learned head), truncated and normalised.
+//! it would be without it), or both the probe's row and the mean are taken
+//! ([`Pooling::ProbeMean`]). The vector is then standardised with the model's
+//! background statistics of that pooling (for [`Pooling::ProbeMean`]: each
+//! part on its own, each L2-normalised, side by side; or through the learned
+//! head, [`Standardize::Head`]), truncated and normalised.
 //!
 //! # The oracle
 //! The embedding after turn k equals the embedding computed in one call with
@@ -47,7 +49,7 @@
 use std::sync::Arc;
 
 use crate::{
-    model::{Hidden, KvCache, Model, ModelError},
+    model::{Hidden, KvCache, Model, ModelError, unit},
     tokenizer::{ROLES, TokenizerError},
 };
 
@@ -63,7 +65,6 @@ pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pooling {
     /// Mean over the turn's text tokens (each has attended to the whole context).
-    #[default]
     Mean,
     /// The hidden state of the turn's last text token.
     LastToken,
@@ -73,17 +74,33 @@ pub enum Pooling {
     /// conversation. The probe's tokens never join the context: a second
     /// model call per turn reads the turn's cache and its result is dropped.
     Probe,
+    /// [`Pooling::Probe`] and [`Pooling::Mean`] of the same turn together:
+    /// with [`Standardize::Head`] (the default for `Embed` and `Converse`),
+    /// the model's learned head over both; otherwise each standardised,
+    /// L2-normalised and side by side, the probe's first (each takes half of
+    /// `dimensions`). The best vector for retrieval and for the state of a
+    /// conversation (QUALITY.md). Costs what [`Pooling::Probe`] costs.
+    #[default]
+    ProbeMean,
 }
 
 impl Pooling {
-    /// The name of this pooling's background statistics.
-    pub fn stats_key(self) -> &'static str {
+    /// Whether the model's probe runs for this pooling.
+    pub fn probes(self) -> bool {
         match self {
-            Pooling::Mean => "mean",
-            Pooling::LastToken => "last_token",
-            Pooling::Probe => "probe",
+            Pooling::Probe | Pooling::ProbeMean => true,
+            Pooling::Mean | Pooling::LastToken => false,
         }
     }
+}
+
+/// The pooled vectors of one turn, before standardisation.
+#[derive(Debug, Clone, PartialEq)]
+enum Pooled {
+    /// One vector, with the name of its background statistics.
+    One(&'static str, Vec<f32>),
+    /// [`Pooling::ProbeMean`]'s two.
+    ProbeMean { probe: Vec<f32>, mean: Vec<f32> },
 }
 
 /// What is done to a pooled vector before truncation and normalisation.
@@ -91,7 +108,6 @@ impl Pooling {
 pub enum Standardize {
     /// Per-dimension z-score with the model's background statistics
     /// (`embedding_stats.safetensors`): `(x - mean) / std`.
-    #[default]
     Zscore,
     /// Nothing: the raw hidden state.
     None,
@@ -101,10 +117,24 @@ pub enum Standardize {
     /// number of components kept: `dimensions`, by default
     /// [`DEFAULT_WHITEN_COMPONENTS`].
     Whiten,
-    /// [`Standardize::Zscore`], then the model's learned linear head
-    /// (`mean.head` in the statistics: fitted with a contrastive loss on
-    /// docstring → code pairs). MEAN pooling only.
+    /// The model's learned head (`embedding_head.safetensors`: fitted with
+    /// a contrastive loss on docstring → code pairs and conversations) over
+    /// [`Pooling::ProbeMean`]'s two vectors. That pooling only; it is
+    /// [`ConversationOptions::default`]'s.
+    #[default]
     Head,
+}
+
+impl Standardize {
+    /// The standardisation a pooling gets when none is asked for: the best
+    /// measured for it (QUALITY.md).
+    pub fn default_for(pooling: Pooling) -> Standardize {
+        match pooling {
+            Pooling::ProbeMean => Standardize::Head,
+            Pooling::Probe => Standardize::Whiten,
+            Pooling::Mean | Pooling::LastToken => Standardize::Zscore,
+        }
+    }
 }
 
 /// What kind of text a turn is, for the model's input-type templates.
@@ -164,12 +194,11 @@ pub struct ConversationOptions {
     pub standardize: Standardize,
     /// The template around every turn's text.
     pub input_type: InputType,
-    /// With [`Pooling::Probe`]: run the probe in the turn's own model call,
-    /// its tokens joining the context, instead of a second call that leaves
-    /// the cache untouched. For one-turn conversations (`Embed`'s texts),
-    /// whose cache is dropped after the turn: the same vector, one call.
-    /// The pooled span is then the probe's last row, so `include_turn_mean`
-    /// would return that row too: leave it off.
+    /// With a pooling that probes ([`Pooling::probes`]): run the probe in
+    /// the turn's own model call, its tokens joining the context, instead of
+    /// a second call that leaves the cache untouched. For one-turn
+    /// conversations (`Embed`'s texts), whose cache is dropped after the
+    /// turn: the same vector, one call.
     pub probe_inline: bool,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
@@ -180,14 +209,14 @@ pub struct ConversationOptions {
 impl Default for ConversationOptions {
     fn default() -> Self {
         Self {
-            pooling: Pooling::Mean,
+            pooling: Pooling::ProbeMean,
             dimensions: None,
             normalize: true,
             max_context_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
             overflow: Overflow::Slide,
             keep_tokens: 0,
             include_turn_mean: false,
-            standardize: Standardize::Zscore,
+            standardize: Standardize::Head,
             input_type: InputType::Raw,
             probe_inline: false,
             max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
@@ -199,13 +228,13 @@ impl Default for ConversationOptions {
 /// Options that cannot work with this model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionsError {
-    /// More dimensions than the hidden size.
-    #[error("dimensions {asked} exceeds the model's hidden size {hidden}")]
+    /// No dimensions, or more than the pooling and standardisation give.
+    #[error("dimensions {asked} must be between 1 and {max}, the components this pooling and standardisation give")]
     Dimensions {
         /// Asked for.
         asked: usize,
-        /// The model's.
-        hidden: usize,
+        /// The most there are.
+        max: usize,
     },
     /// A window of zero or above the model's maximum.
     #[error("max_context_tokens {asked} must be between 2 and the model's maximum {max}")]
@@ -226,9 +255,11 @@ pub enum OptionsError {
     /// A zero prefill chunk.
     #[error("prefill_chunk_tokens must be at least 1")]
     Chunk,
-    /// The learned head was asked for with another pooling than MEAN.
-    #[error("standardize HEAD needs pooling MEAN (the head is fitted on mean-pooled vectors)")]
-    HeadNeedsMean,
+    /// The learned head was asked for with another pooling than PROBE_MEAN.
+    #[error(
+        "standardize HEAD needs pooling PROBE_MEAN (the head is fitted on the probe's and the mean's vectors together)"
+    )]
+    HeadNeedsProbeMean,
 }
 
 impl ConversationOptions {
@@ -238,13 +269,14 @@ impl ConversationOptions {
     /// The first [`OptionsError`] found.
     pub fn validate(&self, model: &Model) -> Result<(), OptionsError> {
         let spec = model.spec();
+        if self.standardize == Standardize::Head && self.pooling != Pooling::ProbeMean {
+            return Err(OptionsError::HeadNeedsProbeMean);
+        }
+        let max = self.max_dimensions(model);
         if let Some(d) = self.dimensions
-            && (d == 0 || d > spec.hidden_size)
+            && (d == 0 || d > max)
         {
-            return Err(OptionsError::Dimensions {
-                asked: d,
-                hidden: spec.hidden_size,
-            });
+            return Err(OptionsError::Dimensions { asked: d, max });
         }
         if self.max_context_tokens < 2 || self.max_context_tokens > spec.max_positions {
             return Err(OptionsError::Window {
@@ -261,14 +293,39 @@ impl ConversationOptions {
         if self.prefill_chunk_tokens == 0 {
             return Err(OptionsError::Chunk);
         }
-        if self.standardize == Standardize::Head && self.pooling != Pooling::Mean {
-            return Err(OptionsError::HeadNeedsMean);
-        }
         Ok(())
     }
 
-    /// The embedding's length for a model of `hidden` width.
-    pub fn output_dimensions(&self, hidden: usize) -> usize {
+    /// The most components the pooling and standardisation give on `model`:
+    /// its hidden size, twice that for [`Pooling::ProbeMean`] (two vectors
+    /// side by side), the head's output for [`Standardize::Head`].
+    pub fn max_dimensions(&self, model: &Model) -> usize {
+        let hidden = model.spec().hidden_size;
+        match (self.pooling, self.standardize) {
+            (_, Standardize::Head) => model.embedding_head().dimensions,
+            (Pooling::ProbeMean, _) => 2 * hidden,
+            _ => hidden,
+        }
+    }
+
+    /// The embedding's length on `model`: `dimensions` if set; otherwise
+    /// every component, but for [`Standardize::Whiten`]'s
+    /// [`DEFAULT_WHITEN_COMPONENTS`] (per vector: twice that for
+    /// [`Pooling::ProbeMean`]).
+    pub fn output_dimensions(&self, model: &Model) -> usize {
+        let max = self.max_dimensions(model);
+        let default = match (self.pooling, self.standardize) {
+            (Pooling::ProbeMean, Standardize::Whiten) => 2 * DEFAULT_WHITEN_COMPONENTS,
+            (_, Standardize::Whiten) => DEFAULT_WHITEN_COMPONENTS,
+            _ => max,
+        };
+        self.dimensions.unwrap_or(default).min(max)
+    }
+
+    /// The length of `include_turn_mean`'s vector: as a [`Pooling::Mean`]
+    /// embedding's (z-scored under [`Standardize::Head`]).
+    pub fn turn_mean_dimensions(&self, model: &Model) -> usize {
+        let hidden = model.spec().hidden_size;
         let default = if self.standardize == Standardize::Whiten {
             DEFAULT_WHITEN_COMPONENTS
         } else {
@@ -373,35 +430,48 @@ pub struct Conversation {
     turns: u64,
 }
 
-/// Pools a turn's text rows as they stream out of the prefill calls.
+/// Pools a turn's rows as they stream out of the prefill calls: the mean
+/// and the last of its text rows, and an inline probe's last row.
 #[derive(Debug)]
 pub(crate) struct Pooler {
+    /// Rows of the plan's sequence that are the turn's text.
+    text: std::ops::Range<usize>,
+    /// The row of an inline probe's last token.
+    probe_row: Option<usize>,
     sum: Vec<f64>,
     rows: usize,
     last: Vec<f32>,
+    probe: Option<Vec<f32>>,
 }
 
 impl Pooler {
-    pub(crate) fn new(width: usize) -> Self {
+    pub(crate) fn new(width: usize, plan: &TurnPlan) -> Self {
         Self {
+            text: plan.span.clone(),
+            probe_row: plan.probe_row,
             sum: vec![0.0; width],
             rows: 0,
             last: Vec::new(),
+            probe: None,
         }
     }
 
-    fn add(&mut self, row: &[f32]) {
-        for (s, v) in self.sum.iter_mut().zip(row) {
-            *s += f64::from(*v);
-        }
-        self.rows += 1;
-        self.last.clear();
-        self.last.extend_from_slice(row);
-    }
-
-    pub(crate) fn add_all(&mut self, hidden: &Hidden) {
+    /// Takes the rows of `hidden`, the first of which is row `first` of the
+    /// plan's sequence.
+    pub(crate) fn add_rows(&mut self, hidden: &Hidden, first: usize) {
         for r in 0..hidden.rows() {
-            self.add(hidden.row(r));
+            let (index, row) = (first + r, hidden.row(r));
+            if self.text.contains(&index) {
+                for (s, v) in self.sum.iter_mut().zip(row) {
+                    *s += f64::from(*v);
+                }
+                self.rows += 1;
+                self.last.clear();
+                self.last.extend_from_slice(row);
+            }
+            if self.probe_row == Some(index) {
+                self.probe = Some(row.to_vec());
+            }
         }
     }
 
@@ -434,12 +504,23 @@ pub(crate) struct TurnPlan {
     pub(crate) rebuild: bool,
     /// Rows of `sequence` that are pooled (the turn's text).
     pub(crate) span: std::ops::Range<usize>,
+    /// The row of the inline probe's last token, when the probe rides in
+    /// the turn's call ([`ConversationOptions::probe_inline`]).
+    pub(crate) probe_row: Option<usize>,
     /// The turn's tokens.
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
     evicted: usize,
     /// Context tokens recomputed because the cache had been evicted.
     restored: usize,
+}
+
+impl TurnPlan {
+    /// The rows of `sequence` the pooling reads: the text's, and on to the
+    /// inline probe's last row.
+    pub(crate) fn rows(&self) -> std::ops::Range<usize> {
+        self.span.start..self.probe_row.map_or(self.span.end, |r| r + 1)
+    }
 }
 
 /// A turn too long for one call, part-way through its prefill on the
@@ -465,8 +546,8 @@ impl PendingTurn {
 
     pub(crate) fn new(plan: TurnPlan, width: usize) -> Self {
         Self {
+            pooler: Pooler::new(width, &plan),
             plan,
-            pooler: Pooler::new(width),
             cache: None,
             done: 0,
         }
@@ -588,9 +669,10 @@ impl Conversation {
         let mut sequence = rebuild.unwrap_or_default();
         let offset = sequence.len();
         sequence.extend_from_slice(&turn.ids);
-        let mut span = (offset + turn.text.start)..(offset + turn.text.end);
-        if o.pooling == Pooling::Probe && o.probe_inline {
-            // The probe rides in the turn's call; its last row is the vector.
+        let span = (offset + turn.text.start)..(offset + turn.text.end);
+        let mut probe_row = None;
+        if o.pooling.probes() && o.probe_inline {
+            // The probe rides in the turn's call; its last row is the probe's vector.
             let probe = self.model.probe_ids();
             let context_after = if rebuilt { sequence.len() } else { ctx + sequence.len() };
             if context_after + probe.len() > window {
@@ -601,12 +683,13 @@ impl Conversation {
                 });
             }
             sequence.extend_from_slice(probe);
-            span = sequence.len() - 1..sequence.len();
+            probe_row = Some(sequence.len() - 1);
         }
         Ok(TurnPlan {
             sequence,
             rebuild: rebuilt,
             span,
+            probe_row,
             turn_tokens: n,
             evicted,
             restored,
@@ -622,10 +705,15 @@ impl Conversation {
         self.model.call_bytes(base, len) + self.probe_bytes(base + len)
     }
 
+    /// Whether a turn ends with a second call, the probe on the turn's cache.
+    pub(crate) fn probes_after(&self) -> bool {
+        self.options.pooling.probes() && !self.options.probe_inline
+    }
+
     /// Bytes the second-call probe on a cache of `len` tokens adds (0 when
     /// the pooling needs no such call).
     pub(crate) fn probe_bytes(&self, len: usize) -> u64 {
-        if self.options.pooling == Pooling::Probe && !self.options.probe_inline {
+        if self.probes_after() {
             self.model.call_bytes(len, self.model.probe_ids().len())
         } else {
             0
@@ -685,8 +773,8 @@ impl Conversation {
         let chunk = self.options.prefill_chunk_tokens.max(1);
         let (start, len) = (pending.done, pending.plan.sequence.len());
         let end = (start + chunk).min(len);
-        let span = &pending.plan.span;
-        let keep = span.start.max(start).min(end) - start..span.end.max(start).min(end) - start;
+        let rows = pending.plan.rows();
+        let keep = rows.start.max(start).min(end) - start..rows.end.max(start).min(end) - start;
         let (hidden, next) = {
             let fresh;
             let past = match &pending.cache {
@@ -697,9 +785,10 @@ impl Conversation {
                 }
                 None => &self.cache,
             };
-            self.model.forward(&pending.plan.sequence[start..end], past, keep)?
+            self.model
+                .forward(&pending.plan.sequence[start..end], past, keep.clone())?
         };
-        pending.pooler.add_all(&hidden);
+        pending.pooler.add_rows(&hidden, start + keep.start);
         pending.cache = Some(next);
         pending.done = end;
         if end < len {
@@ -721,35 +810,61 @@ impl Conversation {
         Ok(hidden.row(0).to_vec())
     }
 
-    /// Standardises (if asked), truncates and normalises a pooled vector.
-    fn finish_pooled(&self, mut v: Vec<f32>, pooling: Pooling) -> Vec<f32> {
-        let stats = self.model.embedding_stats();
-        let dims = self.options.output_dimensions(self.model.spec().hidden_size);
+    /// Standardises one pooled vector with the statistics named `key`,
+    /// keeping `dims` components. (The head has no single-vector form: a
+    /// lone vector under [`Standardize::Head`], `include_turn_mean`'s, is
+    /// z-scored.)
+    fn standardized(&self, key: &str, mut v: Vec<f32>, dims: usize) -> Vec<f32> {
+        let stats = self.model.embedding_stats().get(key);
         match self.options.standardize {
             Standardize::None => {}
-            Standardize::Zscore => stats.get(pooling.stats_key()).apply(&mut v),
-            Standardize::Whiten => v = stats.get(pooling.stats_key()).whiten(&v, dims),
-            Standardize::Head => {
-                stats.get(pooling.stats_key()).apply(&mut v);
-                v = stats.apply_head(&v);
-            }
+            Standardize::Zscore | Standardize::Head => stats.apply(&mut v),
+            Standardize::Whiten => v = stats.whiten(&v, dims),
         }
+        v.truncate(dims);
+        v
+    }
+
+    /// Standardises (as the options say), truncates to `dims` and normalises
+    /// a turn's pooled vectors.
+    fn finish_pooled(&self, pooled: Pooled, dims: usize) -> Vec<f32> {
+        let v = match pooled {
+            Pooled::One(key, v) => self.standardized(key, v, dims),
+            Pooled::ProbeMean { probe, mean } if self.options.standardize == Standardize::Head => {
+                self.model.embedding_head().apply(&probe, &mean)
+            }
+            Pooled::ProbeMean { probe, mean } => {
+                // Each part takes half the dimensions (the probe the odd one),
+                // each normalised: side by side, neither outweighs the other.
+                let mut v = unit(self.standardized("probe", probe, dims.div_ceil(2)));
+                v.extend(unit(self.standardized("mean", mean, dims / 2)));
+                v
+            }
+        };
         finish_vector(v, dims, self.options.normalize)
     }
 
     /// Success of the turn's calls: runs the probe if the pooling needs it
     /// (a failure there leaves the conversation as it was), then takes the
     /// new state and builds the output.
-    pub(crate) fn adopt(
+    pub(crate) fn adopt(&mut self, plan: TurnPlan, pooler: Pooler, cache: KvCache) -> Result<TurnOutput, TurnError> {
+        self.adopt_probed(plan, pooler, cache, None)
+    }
+
+    /// [`Conversation::adopt`] with the second-call probe's row already
+    /// computed (`probed`: the probes of a batch, run in one call).
+    pub(crate) fn adopt_probed(
         &mut self,
         plan: TurnPlan,
         mut pooler: Pooler,
         cache: KvCache,
+        probed: Option<Vec<f32>>,
     ) -> Result<TurnOutput, TurnError> {
-        let probed = match self.options.pooling {
-            // Inline, the probe's last row is the pooled span itself.
-            Pooling::Probe if !self.options.probe_inline => Some(self.probe(&cache)?),
-            Pooling::Probe | Pooling::Mean | Pooling::LastToken => None,
+        let probed = match (self.options.pooling.probes(), probed) {
+            (false, _) => None,
+            (true, _) if self.options.probe_inline => pooler.probe.take(),
+            (true, Some(row)) => Some(row),
+            (true, None) => Some(self.probe(&cache)?),
         };
         if plan.rebuild {
             self.tokens = plan.sequence;
@@ -762,17 +877,23 @@ impl Conversation {
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
         self.turns += 1;
 
-        let turn_mean = self
-            .options
-            .include_turn_mean
-            .then(|| self.finish_pooled(pooler.mean(), Pooling::Mean));
-        let pooling = self.options.pooling;
-        let pooled = match (pooling, probed) {
-            (Pooling::Probe, Some(v)) => v,
-            (Pooling::LastToken, _) => std::mem::take(&mut pooler.last),
-            _ => pooler.mean(),
+        let turn_mean = self.options.include_turn_mean.then(|| {
+            self.finish_pooled(
+                Pooled::One("mean", pooler.mean()),
+                self.options.turn_mean_dimensions(&self.model),
+            )
+        });
+        let probe = || probed.expect("a pooling that probes has run its probe (inline or after the turn)");
+        let pooled = match self.options.pooling {
+            Pooling::Mean => Pooled::One("mean", pooler.mean()),
+            Pooling::LastToken => Pooled::One("last_token", std::mem::take(&mut pooler.last)),
+            Pooling::Probe => Pooled::One("probe", probe()),
+            Pooling::ProbeMean => Pooled::ProbeMean {
+                mean: pooler.mean(),
+                probe: probe(),
+            },
         };
-        let embedding = self.finish_pooled(pooled, pooling);
+        let embedding = self.finish_pooled(pooled, self.options.output_dimensions(&self.model));
         Ok(TurnOutput {
             embedding,
             turn_mean,

@@ -18,11 +18,12 @@
 //!   [`model::KvCache`] (a conversation's cache, with its byte ledger) and the
 //!   packing of caches into a batch; `model::profile` reads what ships beside
 //!   the model for embedding quality ([`model::EmbeddingStats`]: background
-//!   statistics and the learned head; [`model::Templates`]: input types and
-//!   the probe).
+//!   statistics; [`model::EmbeddingHead`]: the learned head;
+//!   [`model::Templates`]: input types and the probe).
 //! * [`conversation`] is one conversation's state machine
 //!   ([`conversation::Conversation::new`], `turn`, `reset`): templates,
-//!   pooling (mean, last token, probe), standardisation, truncation, context
+//!   pooling (mean, last token, probe, probe and mean), standardisation and
+//!   the learned head, truncation, context
 //!   window and overflow policies, all-or-nothing turns.
 //! * [`schedule`] decides what runs together: it groups turns of several
 //!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
@@ -60,7 +61,8 @@
 //! let mut conv = Conversation::new(&model, ConversationOptions::default())?;
 //! let first: Vec<f32> = conv.embed("def add(a, b):\n    return a + b")?;
 //! let second = conv.embed("Now make it subtract.")?; // sees the first turn too
-//! assert_eq!(first.len(), model.spec().hidden_size);
+//! // The defaults: the probe's and the mean's vectors through the learned head.
+//! assert_eq!(first.len(), model.embedding_head().dimensions);
 //! assert!(conv.context_len() > 0);
 //! conv.reset();
 //! assert_eq!(conv.embed("def add(a, b):\n    return a + b")?, first);

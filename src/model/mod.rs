@@ -19,8 +19,9 @@
 //! * `contract`: [`ModelSpec`] and [`KvDtype`], discovered from the session;
 //! * `kv`: [`KvCache`] and its byte ledger, and the packing of several
 //!   caches into one batched call;
-//! * `profile`: the embedding statistics and templates shipped beside the
-//!   model ([`EmbeddingStats`], [`Templates`]).
+//! * `profile`: the embedding statistics, learned head and templates
+//!   shipped beside the model ([`EmbeddingStats`], [`EmbeddingHead`],
+//!   [`Templates`]).
 
 mod contract;
 mod kv;
@@ -29,7 +30,10 @@ mod profile;
 pub use contract::{KvDtype, ModelSpec};
 use contract::{discover, read_config};
 pub use kv::KvCache;
-pub use profile::{EmbeddingStats, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template, Templates};
+pub use profile::{
+    EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template,
+    Templates, Whitening, unit,
+};
 
 use std::{
     path::{Path, PathBuf},
@@ -138,6 +142,7 @@ pub struct Model {
     /// Model calls (`Session::run`) so far.
     calls: AtomicU64,
     stats: EmbeddingStats,
+    head: EmbeddingHead,
     templates: Templates,
     probe_ids: Vec<u32>,
 }
@@ -225,6 +230,7 @@ impl Model {
         let templates = Templates::read(&dir.join(TEMPLATES_FILE))?;
         let probe_ids = tokenizer.encode(&templates.probe)?;
         let stats = EmbeddingStats::read(&dir.join(STATS_FILE), spec.hidden_size, &name)?;
+        let head = EmbeddingHead::read(&dir.join(HEAD_FILE), spec.hidden_size, &name, &templates.probe)?;
         let io = IoNames {
             past: (0..spec.layers)
                 .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
@@ -251,6 +257,7 @@ impl Model {
             kv_ledger: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
             stats,
+            head,
             templates,
             probe_ids,
         }))
@@ -269,6 +276,11 @@ impl Model {
     /// The background statistics of its pooled vectors.
     pub fn embedding_stats(&self) -> &EmbeddingStats {
         &self.stats
+    }
+
+    /// The learned head of [`crate::conversation::Pooling::ProbeMean`].
+    pub fn embedding_head(&self) -> &EmbeddingHead {
+        &self.head
     }
 
     /// Its input-type templates and probe.
@@ -506,8 +518,27 @@ impl Model {
     /// # Errors
     /// [`ModelError::Ort`] when ONNX Runtime fails; no cache has changed then.
     pub fn forward_batch(&self, rows: &[BatchRow<'_>]) -> Result<Vec<(Hidden, KvCache)>, ModelError> {
+        let out = self.batch(rows, true)?;
+        Ok(out
+            .into_iter()
+            .map(|(hidden, cache)| (hidden, cache.expect("caches were asked for")))
+            .collect())
+    }
+
+    /// [`Model::forward_batch`] for rows whose caches are not kept (the
+    /// probes of several turns): only the hidden states come back, the
+    /// `present.*` outputs are dropped without being copied out.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when ONNX Runtime fails.
+    pub fn forward_batch_hidden(&self, rows: &[BatchRow<'_>]) -> Result<Vec<Hidden>, ModelError> {
+        Ok(self.batch(rows, false)?.into_iter().map(|(hidden, _)| hidden).collect())
+    }
+
+    fn batch(&self, rows: &[BatchRow<'_>], caches: bool) -> Result<Vec<(Hidden, Option<KvCache>)>, ModelError> {
         if let [row] = rows {
-            return Ok(vec![self.forward(row.ids, row.past, row.keep.clone())?]);
+            let (hidden, cache) = self.forward(row.ids, row.past, row.keep.clone())?;
+            return Ok(vec![(hidden, caches.then_some(cache))]);
         }
         let b = rows.len();
         let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
@@ -560,6 +591,9 @@ impl Model {
             )?;
             let mut tensors: Vec<Vec<DynValue>> =
                 rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
+            if !caches {
+                return Ok((hidden, tensors));
+            }
             // Layer by layer, each batched tensor freed once split: the copies
             // never hold more than one layer twice.
             for name in &self.io.present {
@@ -584,7 +618,10 @@ impl Model {
             .iter()
             .zip(hidden)
             .zip(tensors)
-            .map(|((r, hidden), tensors)| (hidden, reserved.cache(tensors, r.past.len + r.ids.len())))
+            .map(|((r, hidden), tensors)| {
+                let cache = caches.then(|| reserved.cache(tensors, r.past.len + r.ids.len()));
+                (hidden, cache)
+            })
             .collect())
     }
 }

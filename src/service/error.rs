@@ -246,7 +246,7 @@ fn options_code(e: &OptionsError) -> Code {
         | OptionsError::Window { .. }
         | OptionsError::Keep { .. }
         | OptionsError::Chunk
-        | OptionsError::HeadNeedsMean => Code::InvalidArgument,
+        | OptionsError::HeadNeedsProbeMean => Code::InvalidArgument,
     }
 }
 

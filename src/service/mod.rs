@@ -42,9 +42,11 @@ use crate::{
 
 fn pooling(value: i32) -> Result<Pooling, ServiceError> {
     match pb::Pooling::try_from(value) {
-        Ok(pb::Pooling::Unspecified | pb::Pooling::Mean) => Ok(Pooling::Mean),
+        Ok(pb::Pooling::Unspecified) => Ok(Pooling::default()),
+        Ok(pb::Pooling::Mean) => Ok(Pooling::Mean),
         Ok(pb::Pooling::LastToken) => Ok(Pooling::LastToken),
         Ok(pb::Pooling::Probe) => Ok(Pooling::Probe),
+        Ok(pb::Pooling::ProbeMean) => Ok(Pooling::ProbeMean),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "pooling",
             value,
@@ -52,9 +54,11 @@ fn pooling(value: i32) -> Result<Pooling, ServiceError> {
     }
 }
 
-fn standardize(value: i32) -> Result<Standardize, ServiceError> {
+/// The standardisation asked for; unset, the pooling's default.
+fn standardize(value: i32, pooling: Pooling) -> Result<Standardize, ServiceError> {
     match pb::Standardize::try_from(value) {
-        Ok(pb::Standardize::Unspecified | pb::Standardize::Zscore) => Ok(Standardize::Zscore),
+        Ok(pb::Standardize::Unspecified) => Ok(Standardize::default_for(pooling)),
+        Ok(pb::Standardize::Zscore) => Ok(Standardize::Zscore),
         Ok(pb::Standardize::None) => Ok(Standardize::None),
         Ok(pb::Standardize::Head) => Ok(Standardize::Head),
         Ok(pb::Standardize::Whiten) => Ok(Standardize::Whiten),
@@ -89,28 +93,16 @@ fn overflow(value: i32) -> Result<Overflow, ServiceError> {
     }
 }
 
-/// `Embed`'s pooling when unset: the probe, which for a lone text rides in
-/// the text's own model call (QUALITY.md: the best vector for retrieval).
-pub const EMBED_DEFAULT_POOLING: Pooling = Pooling::Probe;
-/// `Embed`'s standardisation when unset (QUALITY.md).
-pub const EMBED_DEFAULT_STANDARDIZE: Standardize = Standardize::Whiten;
-
-/// An `Embed` request's options over the server's defaults. Its texts are
-/// one-turn conversations, so the probe runs inline.
+/// An `Embed` request's options over the server's defaults (a stream's:
+/// the same pooling and standardisation). Its texts are one-turn
+/// conversations, so the probe runs inline.
 pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Result<ConversationOptions, ServiceError> {
+    let pooling = pooling(req.pooling)?;
     Ok(ConversationOptions {
-        pooling: if req.pooling == pb::Pooling::Unspecified as i32 {
-            EMBED_DEFAULT_POOLING
-        } else {
-            pooling(req.pooling)?
-        },
+        pooling,
         dimensions: dimensions(req.dimensions),
         normalize: req.normalize.unwrap_or(true),
-        standardize: if req.standardize == pb::Standardize::Unspecified as i32 {
-            EMBED_DEFAULT_STANDARDIZE
-        } else {
-            standardize(req.standardize)?
-        },
+        standardize: standardize(req.standardize, pooling)?,
         input_type: input_type(req.input_type)?,
         probe_inline: true,
         ..base
@@ -142,8 +134,9 @@ impl Limits {
                 cap: self.max_context_tokens,
             });
         }
+        let pooling = pooling(o.pooling)?;
         Ok(ConversationOptions {
-            pooling: pooling(o.pooling)?,
+            pooling,
             dimensions: dimensions(o.dimensions),
             normalize: o.normalize.unwrap_or(true),
             max_context_tokens: if o.max_context_tokens == 0 {
@@ -154,7 +147,7 @@ impl Limits {
             overflow: overflow(o.overflow)?,
             keep_tokens: o.keep_tokens as usize,
             include_turn_mean: o.include_turn_mean,
-            standardize: standardize(o.standardize)?,
+            standardize: standardize(o.standardize, pooling)?,
             input_type: input_type(o.input_type)?,
             ..base
         })
@@ -351,6 +344,8 @@ impl pb::embedder_server::Embedder for EmbedderService {
                 .collect(),
             probe: model.templates().probe.clone(),
             stats_corpus_sha256: model.embedding_stats().corpus_sha256.clone(),
+            head_dimensions: saturating_u32(model.embedding_head().dimensions),
+            head_pairs_sha256: model.embedding_head().pairs_sha256.clone(),
             kv_budget_bytes: engine.budget().limit(),
             max_sessions: n(self.shared.limits.max_sessions),
             detached_ttl_seconds: self.shared.limits.detached_ttl.map_or(0.0, |d| d.as_secs_f64()),
@@ -579,11 +574,10 @@ impl ConverseTask {
             let options = self.limits.session_options(o)?;
             self.slot.replace(Conversation::new(self.engine.model(), options)?);
         }
-        let hidden = self.engine.model().spec().hidden_size;
         let ready = self
             .slot
             .with(|c| pb::SessionReady {
-                dimensions: saturating_u32(c.options().output_dimensions(hidden)),
+                dimensions: saturating_u32(c.options().output_dimensions(c.model())),
                 max_context_tokens: saturating_u32(c.options().max_context_tokens),
                 session_id,
                 context_tokens: saturating_u32(c.context_len()),

@@ -115,7 +115,7 @@ fn turn_with_text_bytes(text: &[u8]) -> Vec<u8> {
 async fn still_fine(server: &TestServer) {
     let mut client = server.client().await;
     let ok = converse_all(&mut client, vec![turn("ok", "still fine", "")]).await;
-    assert_eq!(embedding(&ok[0]).values.len(), 64);
+    assert_eq!(embedding(&ok[0]).values.len(), common::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,9 +222,17 @@ async fn session_level_bad_input_is_in_band() {
     assert_eq!(error(&r[1]).code, Code::InvalidArgument as i32, "options after a turn");
 
     for (o, want) in [
-        (pb::SessionOptions::default(), Ok(64)),
+        (pb::SessionOptions::default(), Ok(common::tiny_dims() as u32)),
         (
             pb::SessionOptions {
+                dimensions: common::tiny_dims() as u32 + 1,
+                ..Default::default()
+            },
+            Err(Code::InvalidArgument),
+        ),
+        (
+            pb::SessionOptions {
+                pooling: pb::Pooling::Mean as i32,
                 dimensions: 65,
                 ..Default::default()
             },

@@ -46,6 +46,12 @@ pub fn tiny() -> Arc<Model> {
     load(&CELL, tiny_dir(), "model.onnx")
 }
 
+/// The length of the tiny model's default vectors (PROBE_MEAN through its
+/// learned head: each of the two 64-wide vectors whitened in full, side by side).
+pub fn tiny_dims() -> usize {
+    tiny().embedding_head().dimensions
+}
+
 pub fn tiny_fp16() -> Arc<Model> {
     static CELL: OnceLock<Arc<Model>> = OnceLock::new();
     load(&CELL, tiny_dir(), "model_fp16.onnx")
@@ -58,11 +64,12 @@ pub fn real() -> Arc<Model> {
 }
 
 /// The oracle: one call with an empty cache over `ids`, pooled over `span`
-/// (for the probe pooling: one call over `ids` followed by the probe's
-/// tokens, the last row), standardised with the model's statistics if the
-/// options say so, truncated and normalised.
+/// (for a pooling that probes, also one call over `ids` followed by the
+/// probe's tokens, its last row), standardised with the model's statistics
+/// or head as the options say, truncated and normalised. Written from the
+/// documented rules, not with the code under test.
 pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &ConversationOptions) -> Vec<f32> {
-    let mut pooled = if options.pooling == Pooling::Probe {
+    let probe = || {
         let mut all = ids.to_vec();
         all.extend_from_slice(model.probe_ids());
         let n = all.len();
@@ -70,56 +77,94 @@ pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &Conversa
             .forward(&all, &model.empty_cache(), n - 1..n)
             .expect("the oracle's forward pass runs");
         hidden.row(0).to_vec()
-    } else {
-        pool(model, ids, span, options.pooling)
     };
-    let hidden = pooled.len();
-    let dims = options
-        .dimensions
-        .unwrap_or(if options.standardize == Standardize::Whiten {
-            DEFAULT_WHITEN_COMPONENTS
-        } else {
-            hidden
-        })
-        .min(hidden);
-    if options.standardize == Standardize::Whiten {
-        // y_j = sum_i (x_i - mean_i) W[i, j], W row-major [h, h], j < dims.
-        let stats = model.embedding_stats().get(stats_key(options.pooling));
-        let centred: Vec<f64> = pooled.iter().zip(&stats.mean).map(|(x, m)| f64::from(x - m)).collect();
-        pooled = (0..dims)
-            .map(|j| {
-                (0..hidden)
-                    .map(|i| centred[i] * f64::from(stats.whiten[i * hidden + j]))
-                    .sum::<f64>() as f32
-            })
-            .collect();
-    } else if options.standardize != Standardize::None {
-        let stats = model.embedding_stats().get(stats_key(options.pooling));
-        for (i, x) in pooled.iter_mut().enumerate() {
-            *x = (*x - stats.mean[i]) * stats.inv_std[i];
+    let hidden = model.spec().hidden_size;
+    let whiten = options.standardize == Standardize::Whiten;
+    let (v, dims) = match options.pooling {
+        Pooling::ProbeMean => {
+            let (p, m) = (probe(), pool(model, ids, span, Pooling::Mean));
+            if options.standardize == Standardize::Head {
+                // y = [unit((p - mu_p) P_p), unit((m - mu_m) P_m)] H.
+                let head = model.embedding_head();
+                let mut x = unit(affine(
+                    &p,
+                    &head.probe.mean,
+                    &head.probe.proj,
+                    head.probe.k,
+                    head.probe.k,
+                ));
+                x.extend(unit(affine(
+                    &m,
+                    &head.mean.mean,
+                    &head.mean.proj,
+                    head.mean.k,
+                    head.mean.k,
+                )));
+                let zero = vec![0.0; x.len()];
+                let y = affine(&x, &zero, &head.matrix, head.dimensions, head.dimensions);
+                (y, options.dimensions.unwrap_or(head.dimensions).min(head.dimensions))
+            } else {
+                // Each part standardised, cut to its half, normalised; side by side.
+                let max = 2 * hidden;
+                let dims = options
+                    .dimensions
+                    .unwrap_or(if whiten { 2 * DEFAULT_WHITEN_COMPONENTS } else { max })
+                    .min(max);
+                let mut v = unit(standardized(model, "probe", p, options.standardize, dims.div_ceil(2)));
+                v.extend(unit(standardized(model, "mean", m, options.standardize, dims / 2)));
+                (v, dims)
+            }
         }
-    }
-    if options.standardize == Standardize::Head {
-        // y = z · W, W row-major [h, h].
-        let w = model.embedding_stats().head();
-        let h = pooled.len();
-        pooled = (0..h)
-            .map(|j| {
-                (0..h)
-                    .map(|i| f64::from(pooled[i]) * f64::from(w[i * h + j]))
-                    .sum::<f64>() as f32
-            })
-            .collect();
-    }
-    truncate_and_normalize(pooled, dims, options.normalize)
+        single => {
+            let (key, v) = match single {
+                Pooling::Probe => ("probe", probe()),
+                Pooling::Mean => ("mean", pool(model, ids, span, Pooling::Mean)),
+                _ => ("last_token", pool(model, ids, span, Pooling::LastToken)),
+            };
+            let dims = options
+                .dimensions
+                .unwrap_or(if whiten { DEFAULT_WHITEN_COMPONENTS } else { hidden })
+                .min(hidden);
+            (standardized(model, key, v, options.standardize, dims), dims)
+        }
+    };
+    truncate_and_normalize(v, dims, options.normalize)
 }
 
-fn stats_key(pooling: Pooling) -> &'static str {
-    match pooling {
-        Pooling::Mean => "mean",
-        Pooling::LastToken => "last_token",
-        Pooling::Probe => "probe",
+/// One vector standardised with the statistics `key` (z-scored under
+/// HEAD, whitened to `k` components under WHITEN), cut to `k` components.
+fn standardized(model: &Model, key: &str, mut v: Vec<f32>, standardize: Standardize, k: usize) -> Vec<f32> {
+    let stats = model.embedding_stats().get(key);
+    let hidden = v.len();
+    match standardize {
+        Standardize::None => {}
+        Standardize::Zscore | Standardize::Head => {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = (*x - stats.mean[i]) * stats.inv_std[i];
+            }
+        }
+        Standardize::Whiten => v = affine(&v, &stats.mean, &stats.whiten, hidden, k),
     }
+    v.truncate(k);
+    v
+}
+
+/// y_j = sum_i (x_i - mean_i) W[i, j] for j < keep, W row-major with `cols` columns.
+fn affine(x: &[f32], mean: &[f32], w: &[f32], cols: usize, keep: usize) -> Vec<f32> {
+    (0..keep.min(cols))
+        .map(|j| {
+            x.iter()
+                .zip(mean)
+                .enumerate()
+                .map(|(i, (x, m))| f64::from(x - m) * f64::from(w[i * cols + j]))
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+fn unit(v: Vec<f32>) -> Vec<f32> {
+    let n = v.len();
+    truncate_and_normalize(v, n, true)
 }
 
 /// Mean or last-token pooling of one empty-cache call over `ids`.
@@ -129,18 +174,16 @@ fn pool(model: &Model, ids: &[u32], span: Range<usize>, pooling: Pooling) -> Vec
         .expect("the oracle's forward pass runs");
     assert_eq!(hidden.rows(), span.len());
     let width = hidden.width;
-    match pooling {
-        Pooling::Mean => {
-            let mut sum = vec![0f64; width];
-            for r in 0..hidden.rows() {
-                for (s, v) in sum.iter_mut().zip(hidden.row(r)) {
-                    *s += f64::from(*v);
-                }
-            }
-            sum.iter().map(|s| (s / hidden.rows() as f64) as f32).collect()
-        }
-        Pooling::LastToken | Pooling::Probe => hidden.row(hidden.rows() - 1).to_vec(),
+    if pooling == Pooling::LastToken {
+        return hidden.row(hidden.rows() - 1).to_vec();
     }
+    let mut sum = vec![0f64; width];
+    for r in 0..hidden.rows() {
+        for (s, v) in sum.iter_mut().zip(hidden.row(r)) {
+            *s += f64::from(*v);
+        }
+    }
+    sum.iter().map(|s| (s / hidden.rows() as f64) as f32).collect()
 }
 
 /// The documented post-processing, written here rather than borrowed from the

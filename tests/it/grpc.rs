@@ -10,7 +10,7 @@ use std::{
 
 use stateful_embedder::{
     config::Config,
-    conversation::{Conversation, ConversationOptions},
+    conversation::{Conversation, ConversationOptions, Pooling, Standardize},
     pb::{
         self, ConverseRequest, ConverseResponse, converse_request::Action, converse_response::Result as Reply,
         embedder_client::EmbedderClient,
@@ -438,7 +438,7 @@ async fn in_band_errors_keep_the_session() {
     )
     .await;
     assert_eq!(error(&responses[0]).code, ia);
-    assert_eq!(embedding(&responses[1]).values.len(), 64);
+    assert_eq!(embedding(&responses[1]).values.len(), common::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,8 +474,23 @@ async fn quality_options_over_the_wire() {
     for (pooling, standardize, input_type) in [
         (pb::Pooling::Mean, pb::Standardize::Unspecified, pb::InputType::Query),
         (pb::Pooling::Probe, pb::Standardize::Zscore, pb::InputType::Unspecified),
+        (
+            pb::Pooling::Probe,
+            pb::Standardize::Unspecified,
+            pb::InputType::Unspecified,
+        ),
         (pb::Pooling::LastToken, pb::Standardize::None, pb::InputType::Document),
-        (pb::Pooling::Mean, pb::Standardize::Head, pb::InputType::Query),
+        (pb::Pooling::ProbeMean, pb::Standardize::Head, pb::InputType::Query),
+        (
+            pb::Pooling::ProbeMean,
+            pb::Standardize::Whiten,
+            pb::InputType::Unspecified,
+        ),
+        (
+            pb::Pooling::Unspecified,
+            pb::Standardize::Unspecified,
+            pb::InputType::Query,
+        ),
     ] {
         let got = client
             .embed(pb::EmbedRequest {
@@ -488,18 +503,21 @@ async fn quality_options_over_the_wire() {
             .await
             .unwrap()
             .into_inner();
+        // Unset is the defaults: PROBE_MEAN, and the pooling's standardisation.
+        let pooling_ = match pooling {
+            pb::Pooling::Probe => Pooling::Probe,
+            pb::Pooling::LastToken => Pooling::LastToken,
+            pb::Pooling::Mean => Pooling::Mean,
+            pb::Pooling::ProbeMean | pb::Pooling::Unspecified => Pooling::ProbeMean,
+        };
         let o = ConversationOptions {
-            pooling: match pooling {
-                pb::Pooling::Probe => Pooling::Probe,
-                pb::Pooling::LastToken => Pooling::LastToken,
-                _ => Pooling::Mean,
-            },
-            // Unset is Embed's default, whitening.
+            pooling: pooling_,
             standardize: match standardize {
                 pb::Standardize::None => Standardize::None,
                 pb::Standardize::Head => Standardize::Head,
                 pb::Standardize::Zscore => Standardize::Zscore,
-                _ => Standardize::Whiten,
+                pb::Standardize::Whiten => Standardize::Whiten,
+                pb::Standardize::Unspecified => Standardize::default_for(pooling_),
             },
             input_type: match input_type {
                 pb::InputType::Query => InputType::Query,
@@ -588,7 +606,7 @@ async fn quality_options_over_the_wire() {
             },
         ),
         (
-            "needs pooling MEAN",
+            "needs pooling PROBE_MEAN",
             pb::SessionOptions {
                 standardize: pb::Standardize::Head as i32,
                 pooling: pb::Pooling::Probe as i32,
@@ -612,7 +630,7 @@ async fn quality_options_over_the_wire() {
         );
         assert_eq!(
             embedding(&responses[1]).values.len(),
-            64,
+            model.embedding_head().dimensions,
             "the session goes on with the defaults"
         );
     }
@@ -636,6 +654,7 @@ async fn quality_options_over_the_wire() {
         &model,
         ConversationOptions {
             pooling: Pooling::Probe,
+            standardize: Standardize::Whiten,
             include_turn_mean: true,
             ..Default::default()
         },
@@ -740,7 +759,7 @@ async fn oversize_messages_are_resource_exhausted() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     let ok = converse_all(&mut client, vec![turn("small", "small text", "")]).await;
-    assert_eq!(embedding(&ok[0]).values.len(), 64);
+    assert_eq!(embedding(&ok[0]).values.len(), common::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,6 +819,7 @@ async fn embed_and_model_info() {
     let model = common::tiny();
     let o = ConversationOptions {
         pooling: stateful_embedder::conversation::Pooling::LastToken,
+        standardize: stateful_embedder::conversation::Standardize::Zscore,
         dimensions: Some(32),
         normalize: false,
         ..Default::default()
@@ -828,14 +848,10 @@ async fn embed_and_model_info() {
         .unwrap()
         .into_inner();
     assert_eq!(got.embeddings.len(), 40);
-    // Embed's defaults: the probe (inline, one call per text) and whitening,
-    // equal to a library conversation with those options (whose probe runs
-    // as a second call on the turn's cache).
-    let embed_defaults = ConversationOptions {
-        pooling: stateful_embedder::conversation::Pooling::Probe,
-        standardize: stateful_embedder::conversation::Standardize::Whiten,
-        ..Default::default()
-    };
+    // Embed's defaults: PROBE_MEAN (the probe inline, one call per text)
+    // through the learned head, equal to a library conversation with the
+    // defaults (whose probe runs as a second call on the turn's cache).
+    let embed_defaults = ConversationOptions::default();
     for (text, e) in many.iter().zip(&got.embeddings) {
         let want = Conversation::new(&model, embed_defaults.clone())
             .unwrap()
@@ -1037,8 +1053,8 @@ async fn queued_turns_of_many_streams_share_a_call() {
     // Wait until the long call has started, not only until the turn is
     // queued: a round takes every job already waiting, so a turn sent before
     // the long one is taken would share its round but not the batch (a model
-    // call counts as it starts; "hello" was the first).
-    let long_call = base.model_calls_total + 2;
+    // call counts as it starts; "hello" and its probe were the first two).
+    let long_call = base.model_calls_total + 3;
     server
         .wait_stats("the long call running", |s| s.model_calls_total >= long_call)
         .await;
@@ -1055,8 +1071,9 @@ async fn queued_turns_of_many_streams_share_a_call() {
     assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
     check_short_turns(&mut streams, &texts).await;
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
-    // "hello", the long turn, and the eight turns in one call.
-    assert_eq!(after.model_calls_total - base.model_calls_total, 3, "{after:?}");
+    // "hello" and the long turn, each with its probe, then the eight turns in
+    // one call and their eight probes in another.
+    assert_eq!(after.model_calls_total - base.model_calls_total, 6, "{after:?}");
     assert_eq!(after.turns_total - base.turns_total, 10);
 }
 
@@ -1088,7 +1105,7 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
     long_tx.send(turn("long", &long_text, "")).await.unwrap();
     server
         .wait_stats("the long turn running", |s| {
-            s.model_calls_total >= base.model_calls_total + 2
+            s.model_calls_total >= base.model_calls_total + 3
         })
         .await;
 
@@ -1137,10 +1154,12 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
     for (text, e) in texts.iter().zip(&got.embeddings) {
         let tokens = model.tokenizer().turn(text, "").unwrap().ids.len();
         want_calls += tokens.div_ceil(16) as u64;
-        let want = Conversation::new(&model, ConversationOptions::default())
-            .unwrap()
-            .turn(text, "")
-            .unwrap();
+        let mean = ConversationOptions {
+            pooling: Pooling::Mean,
+            standardize: Standardize::Zscore,
+            ..ConversationOptions::default()
+        };
+        let want = Conversation::new(&model, mean).unwrap().turn(text, "").unwrap();
         assert_close(&format!("{tokens} tokens"), &e.values, &want.embedding, F32);
     }
     assert!(want_calls > 2, "one text needs several calls");

@@ -178,8 +178,25 @@ struct Expected {
     evicted: usize,
 }
 
+/// The suite's base: MEAN, z-scored (each case sets what it tests; the
+/// defaults, PROBE_MEAN through the learned head, have cases of their own).
 fn opts() -> ConversationOptions {
-    ConversationOptions::default()
+    ConversationOptions {
+        pooling: Pooling::Mean,
+        standardize: Standardize::Zscore,
+        ..ConversationOptions::default()
+    }
+}
+
+/// The defaults: PROBE_MEAN through the learned head.
+fn defaults() -> ConversationOptions {
+    let d = ConversationOptions::default();
+    assert_eq!((d.pooling, d.standardize), (Pooling::ProbeMean, Standardize::Head));
+    ConversationOptions {
+        pooling: Pooling::ProbeMean,
+        standardize: Standardize::Head,
+        ..opts()
+    }
 }
 
 /// Evicts the cache before every other turn; the next turn rebuilds it (in
@@ -218,12 +235,18 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         (8192, 7, Pooling::Mean),
         (64, 512, Pooling::Mean),
         (8192, 7, Pooling::Probe),
+        (8192, 7, Pooling::ProbeMean),
     ] {
+        let base = if pooling == Pooling::ProbeMean {
+            defaults()
+        } else {
+            opts()
+        };
         let o = ConversationOptions {
             max_context_tokens: window,
             prefill_chunk_tokens: chunk,
             pooling,
-            ..opts()
+            ..base
         };
         evicting_script(
             model,
@@ -232,13 +255,15 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
             &format!("{label} window {window} chunk {chunk} {pooling:?}"),
         );
     }
-    // 1, 2 and 10 raw turns, MEAN.
-    for turns in [1, 2, 10] {
-        let mut s = Script::new(model, opts(), tol);
-        for text in TEXTS.iter().take(turns) {
-            s.turn(text, "");
+    // 1, 2 and 10 raw turns, MEAN and the defaults.
+    for (o, name) in [(opts(), "MEAN"), (defaults(), "defaults")] {
+        for turns in [1, 2, 10] {
+            let mut s = Script::new(model, o.clone(), tol);
+            for text in TEXTS.iter().take(turns) {
+                s.turn(text, "");
+            }
+            s.report(&format!("{label} {name} {turns} turns"));
         }
-        s.report(&format!("{label} {turns} turns"));
     }
     // ChatML roles: markers join the context, only the text is pooled; LAST_TOKEN and MEAN both.
     for pooling in [Pooling::Mean, Pooling::LastToken] {
@@ -309,7 +334,7 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     }
     assert!(resets > 0, "a window of 40 tokens must have overflowed");
     // Raw vectors (no standardisation), every pooling.
-    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe] {
+    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe, Pooling::ProbeMean] {
         let o = ConversationOptions {
             pooling,
             standardize: Standardize::None,
@@ -320,11 +345,14 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         s.turn(TEXTS[1], "");
         s.report(&format!("{label} raw {pooling:?}"));
     }
-    // PCA whitening, every pooling, default and truncated widths.
-    for (pooling, dims) in [
-        (Pooling::Mean, None),
-        (Pooling::Probe, Some(16)),
-        (Pooling::LastToken, Some(hidden)),
+    // PCA whitening, every pooling, default and truncated widths (PROBE_MEAN:
+    // each vector whitened to half the width, an odd width too).
+    for (pooling, dims, want) in [
+        (Pooling::Mean, None, hidden.min(384)),
+        (Pooling::Probe, Some(16), 16),
+        (Pooling::LastToken, Some(hidden), hidden),
+        (Pooling::ProbeMean, None, 2 * hidden.min(384)),
+        (Pooling::ProbeMean, Some(15), 15),
     ] {
         let o = ConversationOptions {
             pooling,
@@ -334,20 +362,35 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         };
         let mut s = Script::new(model, o, tol);
         let out = s.turn(TEXTS[0], "user");
-        assert_eq!(out.embedding.len(), dims.unwrap_or(hidden.min(384)));
+        assert_eq!(out.embedding.len(), want);
         s.turn(TEXTS[1], "");
         s.report(&format!("{label} whiten {pooling:?} {dims:?}"));
     }
-    // The learned head (MEAN only), with the turn mean beside it.
+    // PROBE_MEAN z-scored: both vectors side by side.
     let o = ConversationOptions {
-        standardize: Standardize::Head,
-        include_turn_mean: true,
+        pooling: Pooling::ProbeMean,
         ..opts()
     };
     let mut s = Script::new(model, o, tol);
-    s.turn(TEXTS[0], "user");
-    s.turn(TEXTS[2], "assistant");
-    s.report(&format!("{label} head"));
+    assert_eq!(s.turn(TEXTS[0], "user").embedding.len(), 2 * hidden);
+    s.turn(TEXTS[1], "");
+    s.report(&format!("{label} probe_mean zscore"));
+    // The learned head (the defaults), full and truncated, with the turn mean
+    // (z-scored) beside it.
+    let head_dims = model.embedding_head().dimensions;
+    for dims in [None, Some(5)] {
+        let o = ConversationOptions {
+            dimensions: dims,
+            include_turn_mean: true,
+            ..defaults()
+        };
+        let mut s = Script::new(model, o, tol);
+        let out = s.turn(TEXTS[0], "user");
+        assert_eq!(out.embedding.len(), dims.unwrap_or(head_dims));
+        assert_eq!(out.turn_mean.as_ref().map(Vec::len), Some(dims.unwrap_or(hidden)));
+        s.turn(TEXTS[2], "assistant");
+        s.report(&format!("{label} head {dims:?}"));
+    }
     // Input types: the template's tokens join the context, only the text is pooled.
     for input_type in [InputType::Query, InputType::Document] {
         let o = ConversationOptions { input_type, ..opts() };
@@ -359,20 +402,31 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     // The probe: its vector meets the oracle (one call over the context and
     // the probe), and after every turn the cache is bit-identical to the one
     // a conversation without the probe holds (also with chunked prefill and
-    // a slide).
-    for (chunk, window) in [(512, 8192), (7, 64)] {
+    // a slide), for PROBE and for the defaults (PROBE_MEAN).
+    for (chunk, window, base) in [
+        (512, 8192, opts()),
+        (7, 64, opts()),
+        (512, 8192, defaults()),
+        (7, 64, defaults()),
+    ] {
         let o = ConversationOptions {
-            pooling: Pooling::Probe,
+            pooling: if base.pooling == Pooling::Mean {
+                Pooling::Probe
+            } else {
+                base.pooling
+            },
             include_turn_mean: true,
             prefill_chunk_tokens: chunk,
             max_context_tokens: window,
-            ..opts()
+            ..base
         };
+        let pooling = o.pooling;
         let mut s = Script::new(model, o.clone(), tol);
         let mut plain = Conversation::new(
             model,
             ConversationOptions {
                 pooling: Pooling::Mean,
+                standardize: Standardize::Zscore,
                 ..o
             },
         )
@@ -391,7 +445,7 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
                 "the probe left the cache bit-identical (turn {i})"
             );
         }
-        s.report(&format!("{label} probe chunk={chunk} window={window}"));
+        s.report(&format!("{label} {pooling:?} chunk={chunk} window={window}"));
     }
 }
 
@@ -436,10 +490,12 @@ fn real_f32_oracle() {
         s.turn(TEXTS[2], "assistant");
         s.report(&format!("real f32 chatml {pooling:?} dims {dims:?}"));
     }
-    // Embed's defaults (the probe, whitened) and the learned head, over a conversation.
-    for (pooling, standardize) in [
-        (Pooling::Probe, Standardize::Whiten),
-        (Pooling::Mean, Standardize::Head),
+    // The defaults (PROBE_MEAN through the learned head), the probe whitened
+    // and PROBE_MEAN whitened, over a conversation.
+    for (pooling, standardize, want_len) in [
+        (Pooling::ProbeMean, Standardize::Head, model.embedding_head().dimensions),
+        (Pooling::Probe, Standardize::Whiten, 384),
+        (Pooling::ProbeMean, Standardize::Whiten, 768),
     ] {
         let o = ConversationOptions {
             pooling,
@@ -449,18 +505,15 @@ fn real_f32_oracle() {
         let mut s = Script::new(&model, o, F32);
         s.turn(TEXTS[0], "user");
         let out = s.turn(TEXTS[2], "assistant");
-        let want_len = if standardize == Standardize::Whiten { 384 } else { 896 };
         assert_eq!(out.embedding.len(), want_len);
         s.report(&format!("real f32 {pooling:?} {standardize:?}"));
     }
-    // Eviction by recomputation with Embed's defaults, rebuilt in chunks of 16.
+    // Eviction by recomputation with the defaults, rebuilt in chunks of 16.
     let o = ConversationOptions {
-        pooling: Pooling::Probe,
-        standardize: Standardize::Whiten,
         prefill_chunk_tokens: 16,
-        ..opts()
+        ..defaults()
     };
-    evicting_script(&model, o, F32, "real f32 probe whiten chunk 16");
+    evicting_script(&model, o, F32, "real f32 defaults chunk 16");
     for keep in [0, 16] {
         let o = ConversationOptions {
             max_context_tokens: 96,
@@ -622,9 +675,38 @@ fn invalid_options_are_refused() {
         }),
         OptionsError::Dimensions {
             asked: hidden + 1,
-            hidden
+            max: hidden
         }
     );
+    let head_dims = model.embedding_head().dimensions;
+    assert_eq!(
+        bad(ConversationOptions {
+            dimensions: Some(head_dims + 1),
+            ..defaults()
+        }),
+        OptionsError::Dimensions {
+            asked: head_dims + 1,
+            max: head_dims
+        }
+    );
+    assert_eq!(
+        bad(ConversationOptions {
+            pooling: Pooling::ProbeMean,
+            dimensions: Some(2 * hidden + 1),
+            ..opts()
+        }),
+        OptionsError::Dimensions {
+            asked: 2 * hidden + 1,
+            max: 2 * hidden
+        }
+    );
+    assert!(matches!(
+        bad(ConversationOptions {
+            dimensions: Some(0),
+            ..opts()
+        }),
+        OptionsError::Dimensions { asked: 0, .. }
+    ));
     assert!(matches!(
         bad(ConversationOptions {
             max_context_tokens: model.spec().max_positions + 1,
@@ -640,14 +722,14 @@ fn invalid_options_are_refused() {
         }),
         OptionsError::Keep { .. }
     ));
-    for pooling in [Pooling::LastToken, Pooling::Probe] {
+    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe] {
         assert_eq!(
             bad(ConversationOptions {
                 pooling,
                 standardize: Standardize::Head,
                 ..opts()
             }),
-            OptionsError::HeadNeedsMean
+            OptionsError::HeadNeedsProbeMean
         );
     }
 }

@@ -99,7 +99,7 @@ proptest! {
                 prop_assert_eq!(options.max_turn_tokens, limits.max_turn_tokens);
                 match Conversation::new(&model, options.clone()) {
                     Ok(c) => {
-                        let dims = c.options().output_dimensions(model.spec().hidden_size);
+                        let dims = c.options().output_dimensions(&model);
                         prop_assert!(dims >= 1 && dims <= model.spec().hidden_size);
                         prop_assert!(options.keep_tokens <= options.max_context_tokens / 2);
                     }

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import BIN, VENV_BIN
+from conftest import BIN, TINY, VENV_BIN
+
+import embedding_stats as es
 
 TURNS = [
     ("You are a terse coding assistant.", "system"),
@@ -108,7 +110,9 @@ def test_grpcurl_three_turn_converse(server):
     assert [r["tag"] for r in responses] == ["t0", "t1", "t2"]
     contexts = [int(r["embedding"]["contextTokens"]) for r in responses]
     assert contexts == sorted(contexts) and contexts[0] > 0
-    assert all(len(r["embedding"]["values"]) == 64 for r in responses)
+    # The defaults: PROBE_MEAN through the tiny model's learned head.
+    _, head = es.read_safetensors(TINY / "embedding_head.safetensors")
+    assert all(len(r["embedding"]["values"]) == head["head"].shape[1] for r in responses)
 
 
 def test_readme_python_client_runs(pb, server):

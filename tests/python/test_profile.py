@@ -18,9 +18,9 @@ import embedding_stats as es
 
 def test_statistics_are_reproducible_and_what_they_say(tmp_path):
     """A fresh run of the tool over the tiny model writes the installed file
-    byte for byte; its metadata names the corpus, the head pairs and the
-    probe by sha256; the z-score it stores is the background vectors' own
-    mean and 1/std (recomputed here from the tool's pooled vectors)."""
+    byte for byte; its metadata names the corpus and the probe by sha256;
+    the z-score it stores is the background vectors' own mean and 1/std
+    (recomputed here from the tool's pooled vectors)."""
     installed = require(TINY / "embedding_stats.safetensors")
     fresh = tmp_path / "stats.safetensors"
     es.write_stats(TINY, "tiny-random-qwen2", fresh)
@@ -28,10 +28,9 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
 
     meta, t = es.read_safetensors(fresh)
     assert meta["corpus_sha256"] == hashlib.sha256((MODELS / "background.jsonl").read_bytes()).hexdigest()
-    assert meta["head_pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     probe = json.loads((MODELS / "templates.json").read_text())["probe"]
     assert meta["probe_sha256"] == hashlib.sha256(probe.encode()).hexdigest()
-    assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "2")
+    assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "3")
 
     from pooled import Qwen
 
@@ -39,29 +38,109 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
     vecs = q.embed(es.background_items(q.encode, q.chatml))["mean:final"].astype(np.float64)
     np.testing.assert_allclose(t["mean.mean"], vecs.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(t["mean.inv_std"], 1 / vecs.std(0), rtol=1e-4)
-    assert t["mean.head"].shape == (64, 64)
     for pooling in ("mean", "last_token", "probe"):
         assert t[f"{pooling}.mean"].shape == (64,) and np.all(t[f"{pooling}.inv_std"] > 0)
+        assert t[f"{pooling}.whiten"].shape == (64, 64)
 
 
-@pytest.mark.parametrize("damage", ["missing", "other_model", "truncated"])
-def test_server_refuses_a_bad_profile(tmp_path, damage):
-    """A model directory whose statistics are missing, of another model, or
-    cut short does not load: the server exits non-zero naming the file."""
+def test_head_is_reproducible_and_what_it_says(tmp_path):
+    """A fresh fit over the tiny model writes the installed head byte for
+    byte. Its metadata names the probe and the pairs (sha256); its whitening
+    is the background's PCA whitening; its matrix, applied as the server
+    applies it, ranks the validation pairs at least as well as the
+    identity it starts from (the fit keeps its best validation step), and
+    its outputs come ordered by their variance over the background."""
+    import prepare
+    from pooled import Qwen
+
+    installed = require(TINY / "embedding_head.safetensors")
+    q = Qwen(TINY)
+    background = es.background_vectors(q)
+    fresh = tmp_path / "head.safetensors"
+    summary = es.write_head("tiny-random-qwen2", fresh, background, es.QwenEmbed(q), prepare.TINY_HEAD_PAIRS, log=lambda _: None)
+    assert fresh.read_bytes() == installed.read_bytes(), "the head is not reproducible"
+
+    meta, t = es.read_safetensors(fresh)
+    probe = json.loads((MODELS / "templates.json").read_text())["probe"]
+    assert meta["probe"] == probe
+    assert meta["pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
+    assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "1")
+    for key in ("probe", "mean"):
+        want = es.Transform.pca_whiten(background[f"{key}:final"], es.HEAD_COMPONENTS)
+        np.testing.assert_allclose(t[f"{key}.mean"], want.mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(t[f"{key}.proj"], want.proj, rtol=1e-5, atol=1e-6)
+    assert t["head"].shape == (128, 128)
+    assert summary["validation_mrr10"] >= 0 and summary["step"] >= 0
+
+    def apply(v):
+        x = np.concatenate([es.unit((v[f"{k}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"])[0] for k in ("probe", "mean")], 1)
+        return x, x @ t["head"]
+
+    x, y = apply(background)
+    var = (y - y.mean(0)).var(0)
+    assert np.all(np.diff(var) <= 1e-6 * var[0]), "components ordered by background variance"
+    # The validation pairs, as the fit split them: the head does no worse than the identity.
+    rows = es.head_pairs(prepare.TINY_HEAD_PAIRS)
+    vecs = es.embed_sets(es.QwenEmbed(q), rows)
+    files = {}
+    for r in rows:
+        files.setdefault(r["set"], []).append(r["file"])
+    head_scores, identity_scores = [], []
+    for name, (qv, dv) in vecs.items():
+        val = es.validation_files(files[name])
+        (xq, yq), (xd, yd) = apply(qv), apply(dv)
+        head_scores.append(es.mrr10(yq[val], yd[val]))
+        identity_scores.append(es.mrr10(xq[val], xd[val]))
+    assert np.mean(head_scores) >= np.mean(identity_scores) - 1e-9, (head_scores, identity_scores)
+
+
+def test_the_shipped_head_is_current():
+    """The head shipped for the real model (models/heads/) was fitted on the
+    current head pairs, with the current probe and tool version: otherwise
+    `make models` would fit one here instead (about an hour on 2 cores)."""
+    import prepare
+
+    shipped = MODELS / "heads" / f"{prepare.REAL_NAME}.safetensors"
+    assert shipped.exists(), shipped
+    assert es.head_matches(shipped, prepare.REAL_NAME), es.read_safetensors_metadata(shipped)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage"),
+    [
+        ("embedding_stats.safetensors", "missing"),
+        ("embedding_stats.safetensors", "other_model"),
+        ("embedding_stats.safetensors", "truncated"),
+        ("embedding_head.safetensors", "missing"),
+        ("embedding_head.safetensors", "truncated"),
+        ("embedding_head.safetensors", "other_probe"),
+    ],
+)
+def test_server_refuses_a_bad_profile(tmp_path, file, damage):
+    """A model directory whose statistics or head are missing, of another
+    model, cut short, or (the head) fitted with another probe does not
+    load: the server exits non-zero naming the file, never serving raw or
+    wrongly transformed vectors."""
     require(BIN)
     d = tmp_path / "m"
     d.mkdir()
-    for f in ("model.onnx", "tokenizer.json", "config.json", "templates.json", "embedding_stats.safetensors"):
+    for f in ("model.onnx", "tokenizer.json", "config.json", "templates.json", "embedding_stats.safetensors", "embedding_head.safetensors"):
         shutil.copyfile(require(TINY / f), d / f)
-    stats = d / "embedding_stats.safetensors"
+    target = d / file
     if damage == "missing":
-        stats.unlink()
+        target.unlink()
     elif damage == "other_model":
         cfg = json.loads((d / "config.json").read_text())
         cfg["name"] = "another-model"
         (d / "config.json").write_text(json.dumps(cfg))
+    elif damage == "other_probe":
+        tpl = json.loads((d / "templates.json").read_text())
+        tpl["probe"] = "\nAnother probe: \""
+        (d / "templates.json").write_text(json.dumps(tpl))
     else:
-        stats.write_bytes(stats.read_bytes()[:100])
+        target.write_bytes(target.read_bytes()[:100])
     out = subprocess.run([str(BIN), "serve", "--model", str(d), "--addr", "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "embedding_stats.safetensors" in out.stderr, out.stderr[-2000:]
+    assert file in out.stderr, out.stderr[-2000:]
+    if damage == "other_probe":
+        assert "fitted with the probe" in out.stderr, out.stderr[-2000:]
