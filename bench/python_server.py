@@ -1,7 +1,9 @@
 """The quick alternative users write: a Python gRPC server (grpcio +
 onnxruntime + tokenizers) with the same stateful loop — one KV cache per
 Converse stream, each turn prefilled in one call, mean pooling, L2 norm.
-Turns only (no options/reset): enough for the load comparison.
+Turns, and an options request answered with `ready` (its settings
+ignored: this server always does MEAN, raw, L2; the benchmark asks ours for
+the same); no reset: enough for the load comparison.
 
     python bench/python_server.py MODEL_DIR PORT
 """
@@ -28,12 +30,16 @@ tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 layers = sum(1 for i in session.get_inputs() if i.name.endswith(".key"))
 kv_shape = next(i.shape for i in session.get_inputs() if i.name == "past_key_values.0.key")
 out_names = [o.name for o in session.get_outputs()]
+hidden = next(o.shape[2] for o in session.get_outputs() if o.name == "last_hidden_state")
 
 
 class Embedder(rpc.EmbedderServicer):
     def Converse(self, requests, context):
         past = [np.zeros((1, kv_shape[1], 0, kv_shape[3]), np.float32) for _ in range(2 * layers)]
         for index, request in enumerate(requests):
+            if request.WhichOneof("action") == "options":
+                yield pb.ConverseResponse(tag=request.tag, index=index, ready=pb.SessionReady(dimensions=hidden))
+                continue
             ids = tokenizer.encode(request.turn.text).ids
             p = past[0].shape[2]
             feed = {

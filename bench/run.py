@@ -295,7 +295,9 @@ def report(R, args):
         w(note + "\n")
     w("Everything above the \"Analysis\" section is generated from this run's measurements only; the analysis (what was")
     w("tried, profiles, earlier runs) is written by hand, dated, and carried over unchanged by each run.\n")
-    w(f"Turns are the ~{e['turn_tokens']}-token texts of `bench/turns.txt` (the prototype's 45-token turn), raw text, MEAN pooling, 2 threads.\n")
+    w(f"Turns are the ~{e['turn_tokens']}-token texts of `bench/turns.txt` (the prototype's 45-token turn), raw text, MEAN pooling, 2 threads "
+      "(over gRPC too: the `load` and `mixed` streams ask for `POOLING_MEAN`, `STANDARDIZE_NONE`, the Python server's work; "
+      "the server's default adds the probe's second model call per turn, QUALITY.md).\n")
 
     w("## Targets\n")
     w("| # | comparison | target | measured | |")

@@ -35,7 +35,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use stateful_embedder::{
-    conversation::{Conversation, ConversationOptions, Pooling},
+    conversation::{Conversation, ConversationOptions, Pooling, Standardize},
     model::{Model, ModelOptions},
     pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
     schedule::{BatchLimits, TurnRequest, run_turns},
@@ -266,7 +266,7 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     let rss_loaded = rss_bytes();
     let tok = model.tokenizer();
     let ids45 = tok.encode(turn_text(0))?;
-    let opts = ConversationOptions::default();
+    let opts = mean_options();
     // Warm-up.
     Conversation::new(&model, opts.clone())?.turn(turn_text(0), "")?;
 
@@ -325,12 +325,24 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     Ok(out)
 }
 
+/// The options of the in-process figures: MEAN pooling, z-scored, one model
+/// call per turn (the figures BENCHMARKS.md has tracked since the start; the
+/// defaults add the probe's second call per turn, whose cost QUALITY.md
+/// measures).
+fn mean_options() -> ConversationOptions {
+    ConversationOptions {
+        pooling: Pooling::Mean,
+        standardize: Standardize::Zscore,
+        ..ConversationOptions::default()
+    }
+}
+
 /// Comparisons 1, 2 and 7 (in process): one call vs token by token, turn
 /// latency by context, stateless vs stateful, memory.
 fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) -> anyhow::Result<()> {
     let tok = model.tokenizer();
     let ids45 = tok.encode(turn_text(0))?;
-    let opts = ConversationOptions::default();
+    let opts = mean_options();
 
     // 1. The prototype's way (one token per call) vs one call, 45 tokens, empty context.
     let (mut one_call, mut token_by_token) = (Vec::new(), Vec::new());
@@ -437,7 +449,7 @@ fn figures_one_conversation(args: &EngineArgs, model: &Arc<Model>, out: &mut ser
 /// memory figures (the heap it frees would hide their RSS growth).
 fn batching(args: &EngineArgs, model: &Arc<Model>, out: &mut serde_json::Value) -> anyhow::Result<()> {
     let tok = model.tokenizer();
-    let opts = ConversationOptions::default();
+    let opts = mean_options();
     // Batching: 8 conversations with ~270 tokens of context;
     //    a round of one turn each, one by one vs in one `run_turns` call
     //    (alternating which goes first), for 45-token and for short turns.
@@ -518,6 +530,15 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                 let mut rx = Some(rx);
                 let mut responses = None;
                 for i in 0..turns {
+                    if let Some(rx) = rx.take() {
+                        // Open the stream with the options already queued: some
+                        // servers (grpcio) send no headers before they have an answer.
+                        tx.send(comparable_options()).await.context("the stream closed")?;
+                        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+                        let mut opened = client.converse(stream).await?.into_inner();
+                        ready_of(opened.next().await.context("the stream ended")??)?;
+                        responses = Some(opened);
+                    }
                     let request = pb::ConverseRequest {
                         tag: String::new(),
                         action: Some(Action::Turn(pb::Turn {
@@ -527,13 +548,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                     };
                     let t = Instant::now();
                     tx.send(request).await.context("the stream closed")?;
-                    // Open the stream with the first request already queued: some
-                    // servers (grpcio) send no headers before they have an answer.
-                    if let Some(rx) = rx.take() {
-                        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                        responses = Some(client.converse(stream).await?.into_inner());
-                    }
-                    let responses = responses.as_mut().expect("opened on the first turn");
+                    let responses = responses.as_mut().expect("opened before the first turn");
                     let r = responses.next().await.context("the stream ended")??;
                     latencies.push(t.elapsed());
                     match r.result {
@@ -590,7 +605,9 @@ async fn one_turn(addr: String, text: String) -> anyhow::Result<(Duration, u32)>
         })),
     };
     let t = Instant::now();
-    let mut responses = client.converse(tokio_stream::iter(vec![request])).await?.into_inner();
+    let requests = vec![comparable_options(), request];
+    let mut responses = client.converse(tokio_stream::iter(requests)).await?.into_inner();
+    ready_of(responses.next().await.context("the stream ended")??)?;
     let r = responses.next().await.context("the stream ended")??;
     let elapsed = t.elapsed();
     match r.result {
@@ -652,6 +669,28 @@ impl Open {
     async fn turn(&mut self, text: String) -> anyhow::Result<pb::Embedding> {
         self.tx.send(turn_request(text)).await?;
         embedding_of(self.rx.next().await.context("the stream ended")??)
+    }
+}
+
+/// The first request of the `load` and `mixed` streams: MEAN pooling of the
+/// raw states, one model call per turn, the work the Python server of the
+/// comparison does (the server's default adds the probe's second call per
+/// turn: QUALITY.md, "Cost on the server").
+fn comparable_options() -> pb::ConverseRequest {
+    pb::ConverseRequest {
+        tag: String::new(),
+        action: Some(Action::Options(pb::SessionOptions {
+            pooling: pb::Pooling::Mean as i32,
+            standardize: pb::Standardize::None as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+fn ready_of(r: pb::ConverseResponse) -> anyhow::Result<()> {
+    match r.result {
+        Some(Reply::Ready(_)) => Ok(()),
+        other => anyhow::bail!("expected the session's ready, got {other:?}"),
     }
 }
 
