@@ -16,14 +16,15 @@
 //!
 //! # From hidden states to a vector
 //! A turn's text tokens (its ChatML markers and input-type template excluded)
-//! are pooled (mean or last token), or the model's probe runs on top of the
-//! turn's new cache and its last row is taken ([`Pooling::Probe`]; the
-//! probe's own cache is dropped, so the conversation's cache is exactly what
-//! it would be without it), or both the probe's row and the mean are taken
-//! ([`Pooling::ProbeMean`]). The vector is then standardised with the model's
-//! background statistics of that pooling (for [`Pooling::ProbeMean`]: each
-//! part on its own, each L2-normalised, side by side; or through the learned
-//! head, [`Standardize::Head`]), truncated and normalised.
+//! are pooled (mean or last token), or the model's probe runs after the
+//! turn's tokens in the same call and its last row is taken
+//! ([`Pooling::Probe`]; the probe's rows are then cut from the new cache, so
+//! the conversation's cache is what it would be without it), or both the
+//! probe's row and the mean are taken ([`Pooling::ProbeMean`]). The vector
+//! is then standardised with the model's background statistics of that
+//! pooling (for [`Pooling::ProbeMean`]: each part on its own, each
+//! L2-normalised, side by side; or through the learned head,
+//! [`Standardize::Head`]), truncated and normalised.
 //!
 //! # The oracle
 //! The embedding after turn k equals the embedding computed in one call with
@@ -69,10 +70,12 @@ pub enum Pooling {
     /// The hidden state of the turn's last text token.
     LastToken,
     /// The model's probe (a fixed suffix from `templates.json`, e.g.
-    /// `In one sentence, the text above is about: "`) run on top of the
-    /// turn's cache, its last token's hidden state: a summary of the whole
-    /// conversation. The probe's tokens never join the context: a second
-    /// model call per turn reads the turn's cache and its result is dropped.
+    /// `In one sentence, the text above is about: "`) run after the turn's
+    /// tokens, its last token's hidden state: a summary of the whole
+    /// conversation. The probe's tokens never join the context: they ride at
+    /// the end of the turn's own model call and their rows are cut from the
+    /// new cache (no token of the turn attended to them: the cache is the
+    /// one the turn alone makes, bit for bit on f32 and fp16 graphs).
     Probe,
     /// [`Pooling::Probe`] and [`Pooling::Mean`] of the same turn together:
     /// with [`Standardize::Head`] (the default for `Embed` and `Converse`),
@@ -194,11 +197,10 @@ pub struct ConversationOptions {
     pub standardize: Standardize,
     /// The template around every turn's text.
     pub input_type: InputType,
-    /// With a pooling that probes ([`Pooling::probes`]): run the probe in
-    /// the turn's own model call, its tokens joining the context, instead of
-    /// a second call that leaves the cache untouched. For one-turn
-    /// conversations (`Embed`'s texts), whose cache is dropped after the
-    /// turn: the same vector, one call.
+    /// With a pooling that probes ([`Pooling::probes`]): the probe's tokens
+    /// join the context instead of being cut from the turn's cache. For
+    /// one-turn conversations (`Embed`'s texts), whose cache is dropped
+    /// after the turn: the same vector, without the copy the cut costs.
     pub probe_inline: bool,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
@@ -431,12 +433,12 @@ pub struct Conversation {
 }
 
 /// Pools a turn's rows as they stream out of the prefill calls: the mean
-/// and the last of its text rows, and an inline probe's last row.
+/// and the last of its text rows, and the probe's last row.
 #[derive(Debug)]
 pub(crate) struct Pooler {
     /// Rows of the plan's sequence that are the turn's text.
     text: std::ops::Range<usize>,
-    /// The row of an inline probe's last token.
+    /// The row of the probe's last token.
     probe_row: Option<usize>,
     sum: Vec<f64>,
     rows: usize,
@@ -504,9 +506,15 @@ pub(crate) struct TurnPlan {
     pub(crate) rebuild: bool,
     /// Rows of `sequence` that are pooled (the turn's text).
     pub(crate) span: std::ops::Range<usize>,
-    /// The row of the inline probe's last token, when the probe rides in
-    /// the turn's call ([`ConversationOptions::probe_inline`]).
+    /// The row of the probe's last token, when the pooling probes (the
+    /// probe rides at the end of the turn's call).
     pub(crate) probe_row: Option<usize>,
+    /// Tokens of the probe at the end of `sequence` (0 when the pooling
+    /// does not probe).
+    pub(crate) probe_tokens: usize,
+    /// Tokens at the end of `sequence` (the probe's, unless
+    /// [`ConversationOptions::probe_inline`]) cut from the turn's new cache.
+    pub(crate) cut: usize,
     /// The turn's tokens.
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
@@ -517,9 +525,19 @@ pub(crate) struct TurnPlan {
 
 impl TurnPlan {
     /// The rows of `sequence` the pooling reads: the text's, and on to the
-    /// inline probe's last row.
+    /// probe's last row.
     pub(crate) fn rows(&self) -> std::ops::Range<usize> {
         self.span.start..self.probe_row.map_or(self.span.end, |r| r + 1)
+    }
+
+    /// Bytes cutting the probe from a new cache of `total` tokens adds at
+    /// its peak: the copy without it, made while the call's cache is held.
+    pub(crate) fn cut_bytes(&self, model: &Model, total: usize) -> u64 {
+        if self.cut == 0 {
+            0
+        } else {
+            model.call_bytes(0, total - self.cut)
+        }
     }
 }
 
@@ -670,17 +688,25 @@ impl Conversation {
         let offset = sequence.len();
         sequence.extend_from_slice(&turn.ids);
         let span = (offset + turn.text.start)..(offset + turn.text.end);
-        let mut probe_row = None;
-        if o.pooling.probes() && o.probe_inline {
-            // The probe rides in the turn's call; its last row is the probe's vector.
+        let (mut probe_row, mut cut) = (None, 0);
+        if o.pooling.probes() {
+            // The probe rides at the end of the turn's call; its last row is
+            // the probe's vector.
             let probe = self.model.probe_ids();
-            let context_after = if rebuilt { sequence.len() } else { ctx + sequence.len() };
-            if context_after + probe.len() > window {
-                return Err(TurnError::OverWindow {
-                    tokens: n + probe.len(),
-                    kept: 0,
-                    window,
-                });
+            if o.probe_inline {
+                // Its tokens join the context.
+                let context_after = if rebuilt { sequence.len() } else { ctx + sequence.len() };
+                if context_after + probe.len() > window {
+                    return Err(TurnError::OverWindow {
+                        tokens: n + probe.len(),
+                        kept: 0,
+                        window,
+                    });
+                }
+            } else {
+                // Its rows are cut from the new cache: no row of the turn
+                // attended to them, so the cache is the turn's alone.
+                cut = probe.len();
             }
             sequence.extend_from_slice(probe);
             probe_row = Some(sequence.len() - 1);
@@ -690,6 +716,12 @@ impl Conversation {
             rebuild: rebuilt,
             span,
             probe_row,
+            probe_tokens: if probe_row.is_some() {
+                self.model.probe_ids().len()
+            } else {
+                0
+            },
+            cut,
             turn_tokens: n,
             evicted,
             restored,
@@ -697,50 +729,43 @@ impl Conversation {
     }
 
     /// Bytes a single-call plan adds to the model's ledger at its peak:
-    /// the call's outputs and, for a second-call probe, the probe's, while
-    /// the turn's new cache is held (see [`Model::call_bytes`]).
+    /// the call's outputs and, when the probe is cut from them, the copy
+    /// without it (see [`Model::call_bytes`], [`Model::truncate`]).
     pub(crate) fn plan_bytes(&self, plan: &TurnPlan) -> u64 {
-        let base = self.base_len(plan);
-        let len = plan.sequence.len();
-        self.model.call_bytes(base, len) + self.probe_bytes(base + len)
-    }
-
-    /// Whether a turn ends with a second call, the probe on the turn's cache.
-    pub(crate) fn probes_after(&self) -> bool {
-        self.options.pooling.probes() && !self.options.probe_inline
-    }
-
-    /// Bytes the second-call probe on a cache of `len` tokens adds (0 when
-    /// the pooling needs no such call).
-    pub(crate) fn probe_bytes(&self, len: usize) -> u64 {
-        if self.probes_after() {
-            self.model.call_bytes(len, self.model.probe_ids().len())
-        } else {
-            0
-        }
+        let total = self.base_len(plan) + plan.sequence.len();
+        self.model.call_bytes(0, total) + plan.cut_bytes(&self.model, total)
     }
 
     /// Bytes the next chunk of a pending turn adds at its peak (with the
-    /// probe after the last chunk).
+    /// probe's cut after the last chunk).
     pub(crate) fn chunk_bytes(&self, pending: &PendingTurn) -> u64 {
-        let chunk = self.options.prefill_chunk_tokens.max(1);
         let base = match &pending.cache {
             Some(cache) => cache.len(),
             None => self.base_len(&pending.plan),
         };
-        let end = (pending.done + chunk).min(pending.plan.sequence.len());
+        let end = self.chunk_end(&pending.plan, pending.done);
         let new = end - pending.done;
-        let probe = if end == pending.plan.sequence.len() {
-            self.probe_bytes(base + new)
+        let cut = if end == pending.plan.sequence.len() {
+            pending.plan.cut_bytes(&self.model, base + new)
         } else {
             0
         };
-        self.model.call_bytes(base, new) + probe
+        self.model.call_bytes(base, new) + cut
     }
 
     /// Whether the plan runs in a single model call (and so can share one).
     pub(crate) fn single_call(&self, plan: &TurnPlan) -> bool {
-        plan.sequence.len() <= self.options.prefill_chunk_tokens.max(1)
+        self.chunk_end(plan, 0) == plan.sequence.len()
+    }
+
+    /// Where the call that starts at row `start` of the plan's sequence
+    /// ends: `prefill_chunk_tokens` on, but the probe's tokens always ride
+    /// with the turn's last chunk (never split off, never a call of their
+    /// own), so a turn that fits in a chunk is one call with its probe.
+    fn chunk_end(&self, plan: &TurnPlan, start: usize) -> usize {
+        let len = plan.sequence.len();
+        let end = (start + self.options.prefill_chunk_tokens.max(1)).min(len);
+        if len - end <= plan.probe_tokens { len } else { end }
     }
 
     /// Tokens of cache the plan runs on top of.
@@ -770,9 +795,8 @@ impl Conversation {
     /// then, and after an error, the conversation is exactly as before the
     /// turn, and dropping the pending turn abandons it.
     pub(crate) fn advance(&mut self, mut pending: PendingTurn) -> Result<Advance, TurnError> {
-        let chunk = self.options.prefill_chunk_tokens.max(1);
         let (start, len) = (pending.done, pending.plan.sequence.len());
-        let end = (start + chunk).min(len);
+        let end = self.chunk_end(&pending.plan, start);
         let rows = pending.plan.rows();
         let keep = rows.start.max(start).min(end) - start..rows.end.max(start).min(end) - start;
         let (hidden, next) = {
@@ -799,15 +823,6 @@ impl Conversation {
         } = pending;
         let cache = cache.expect("a turn has at least one token, so at least one call ran");
         Ok(Advance::Done(self.adopt(plan, pooler, cache)?))
-    }
-
-    /// The probe's last hidden state on top of `cache` (the turn's new
-    /// cache). The probe's own cache is dropped: `cache` is only read.
-    fn probe(&self, cache: &KvCache) -> Result<Vec<f32>, ModelError> {
-        let ids = self.model.probe_ids();
-        let n = ids.len();
-        let (hidden, _dropped) = self.model.forward(ids, cache, n - 1..n)?;
-        Ok(hidden.row(0).to_vec())
     }
 
     /// Standardises one pooled vector with the statistics named `key`,
@@ -844,28 +859,22 @@ impl Conversation {
         finish_vector(v, dims, self.options.normalize)
     }
 
-    /// Success of the turn's calls: runs the probe if the pooling needs it
-    /// (a failure there leaves the conversation as it was), then takes the
-    /// new state and builds the output.
-    pub(crate) fn adopt(&mut self, plan: TurnPlan, pooler: Pooler, cache: KvCache) -> Result<TurnOutput, TurnError> {
-        self.adopt_probed(plan, pooler, cache, None)
-    }
-
-    /// [`Conversation::adopt`] with the second-call probe's row already
-    /// computed (`probed`: the probes of a batch, run in one call).
-    pub(crate) fn adopt_probed(
+    /// Success of the turn's calls: cuts the probe from the new cache if
+    /// the call has not (a failure there leaves the conversation as it
+    /// was), then takes the new state and builds the output.
+    pub(crate) fn adopt(
         &mut self,
-        plan: TurnPlan,
+        mut plan: TurnPlan,
         mut pooler: Pooler,
         cache: KvCache,
-        probed: Option<Vec<f32>>,
     ) -> Result<TurnOutput, TurnError> {
-        let probed = match (self.options.pooling.probes(), probed) {
-            (false, _) => None,
-            (true, _) if self.options.probe_inline => pooler.probe.take(),
-            (true, Some(row)) => Some(row),
-            (true, None) => Some(self.probe(&cache)?),
+        let cache = if plan.cut > 0 && cache.len() == self.base_len(&plan) + plan.sequence.len() {
+            self.model.truncate(&cache, cache.len() - plan.cut)?
+        } else {
+            cache
         };
+        plan.sequence.truncate(plan.sequence.len() - plan.cut);
+        let probed = pooler.probe.take();
         if plan.rebuild {
             self.tokens = plan.sequence;
         } else {
@@ -883,7 +892,7 @@ impl Conversation {
                 self.options.turn_mean_dimensions(&self.model),
             )
         });
-        let probe = || probed.expect("a pooling that probes has run its probe (inline or after the turn)");
+        let probe = || probed.expect("a pooling that probes has its probe row in the turn's call");
         let pooled = match self.options.pooling {
             Pooling::Mean => Pooled::One("mean", pooler.mean()),
             Pooling::LastToken => Pooled::One("last_token", std::mem::take(&mut pooler.last)),

@@ -32,14 +32,11 @@
 //! The scheduler decides what runs; where answers go (a stream's oneshot, a
 //! slot of an `Embed`) is the engine's, behind the `Replies` trait.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use crate::{
     conversation::{Advance, Conversation, PendingTurn, Pooler, TurnError, TurnOutput, TurnPlan},
-    model::{BatchRow, Hidden, KvCache, Model},
+    model::BatchRow,
 };
 
 /// How turns of different conversations are grouped into shared model calls.
@@ -204,56 +201,6 @@ pub fn run_turns_within(
         .collect()
 }
 
-/// The second-call probes of a batch's turns (those whose pooling probes
-/// after the turn), in one call on their new caches: each turn's probe row
-/// by request index. `None` (each turn then probes alone as it is adopted)
-/// when fewer than two turns probe, there is no room for the call, or it
-/// fails.
-fn batch_probes(
-    requests: &[TurnRequest<'_>],
-    members: &[usize],
-    outputs: &[(Hidden, KvCache)],
-    model: &Model,
-    room: &impl Room,
-) -> Option<HashMap<usize, Vec<f32>>> {
-    let probing: Vec<(usize, &KvCache)> = members
-        .iter()
-        .zip(outputs)
-        .filter(|&(&i, _)| requests[i].conversation.probes_after())
-        .map(|(&i, (_, cache))| (i, cache))
-        .collect();
-    if probing.len() < 2 {
-        return None;
-    }
-    let ids = model.probe_ids();
-    let n = ids.len();
-    let shape: Vec<(usize, usize)> = probing.iter().map(|(_, c)| (c.len(), n)).collect();
-    if !room.make_room(model.batch_call_bytes(&shape)) {
-        return None;
-    }
-    let rows: Vec<BatchRow<'_>> = probing
-        .iter()
-        .map(|(_, past)| BatchRow {
-            ids,
-            past,
-            keep: n - 1..n,
-        })
-        .collect();
-    match model.forward_batch_hidden(&rows) {
-        Ok(hidden) => Some(
-            probing
-                .iter()
-                .zip(hidden)
-                .map(|((i, _), h)| (*i, h.row(0).to_vec()))
-                .collect(),
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, turns = probing.len(), "a batched probe call failed; each turn probes alone");
-            None
-        }
-    }
-}
-
 /// Where [`start_turns`] leaves a turn.
 #[derive(Debug)]
 pub(crate) enum Started {
@@ -297,14 +244,8 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
                     (requests[i].conversation.base_len(plan), plan.sequence.len())
                 })
                 .collect();
-            let probe = group
-                .members
-                .iter()
-                .zip(&shape)
-                .map(|(&i, (p, n))| requests[i].conversation.probe_bytes(p + n))
-                .max()
-                .unwrap_or(0);
-            if !room.make_room(model.batch_call_bytes(&shape) + probe) {
+            // (Each row's cache is copied out of the batch without its probe.)
+            if !room.make_room(model.batch_call_bytes(&shape)) {
                 tracing::debug!(
                     turns = group.members.len(),
                     "no room for a batched call; its turns run alone"
@@ -326,6 +267,7 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
                                 requests[i].conversation.cache()
                             },
                             keep: plan.rows(),
+                            cut: plan.cut,
                         }
                     })
                     .collect();
@@ -333,13 +275,11 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
             };
             match batched {
                 Ok(outputs) => {
-                    let mut probed = batch_probes(requests, &group.members, &outputs, model, room);
                     for (&i, (hidden, cache)) in group.members.iter().zip(outputs) {
                         let plan = plans[i].take().expect("grouped turns have plans");
                         let mut pooler = Pooler::new(hidden.width, &plan);
                         pooler.add_rows(&hidden, plan.rows().start);
-                        let row = probed.as_mut().and_then(|rows| rows.remove(&i));
-                        let output = requests[i].conversation.adopt_probed(plan, pooler, cache, row);
+                        let output = requests[i].conversation.adopt(plan, pooler, cache);
                         results[i] = Some(Started::Done(output));
                     }
                 }

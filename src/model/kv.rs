@@ -108,7 +108,29 @@ where
         .map_err(ort_err("create a batched KV cache"))
 }
 
-/// Each row's own `[1, kv_heads, p_b + n_b, d]` cache out of a batched `present` tensor.
+/// The first `len` of the `old` positions of a `[1, heads, old, d]` cache tensor.
+pub(super) fn prefix<T>(
+    value: &DynValue,
+    old: usize,
+    len: usize,
+    heads: usize,
+    d: usize,
+) -> Result<DynValue, ModelError>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (_, data) = value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?;
+    let mut own = Vec::with_capacity(heads * len * d);
+    for h in 0..heads {
+        own.extend_from_slice(&data[h * old * d..(h * old + len) * d]);
+    }
+    Tensor::from_array(([1usize, heads, len, d], own))
+        .map(Tensor::into_dyn)
+        .map_err(ort_err("create a KV cache"))
+}
+
+/// Each row's own `[1, kv_heads, p_b + n_b - cut_b, d]` cache out of a
+/// batched `present` tensor (the row's last `cut_b` tokens left out).
 pub(super) fn unpack_present<T>(
     present: &DynValue,
     rows: &[BatchRow<'_>],
@@ -124,14 +146,14 @@ where
     rows.iter()
         .enumerate()
         .map(|(i, r)| {
-            let (pi, ni) = (r.past.len, r.ids.len());
-            let mut own = Vec::with_capacity(heads * (pi + ni) * d);
+            let (pi, ni, kept) = (r.past.len, r.ids.len(), r.ids.len() - r.cut);
+            let mut own = Vec::with_capacity(heads * (pi + kept) * d);
             for h in 0..heads {
                 let base = (i * heads + h) * total * d;
                 own.extend_from_slice(&data[base + (p - pi) * d..base + p * d]);
-                own.extend_from_slice(&data[base + (total - ni) * d..base + total * d]);
+                own.extend_from_slice(&data[base + (total - ni) * d..base + (total - ni + kept) * d]);
             }
-            Tensor::from_array(([1usize, heads, pi + ni, d], own))
+            Tensor::from_array(([1usize, heads, pi + kept, d], own))
                 .map(Tensor::into_dyn)
                 .map_err(ort_err("create a KV cache"))
         })

@@ -402,6 +402,36 @@ impl Model {
         Ok((hidden, reserved.cache(tensors, total)))
     }
 
+    /// The first `len` tokens of `cache`, copied into a cache of their own
+    /// (counted in the ledger like any other). For a turn's cache without
+    /// the probe that ran at its end: under causal attention no earlier
+    /// token attended to the probe, so the result is the cache the turn
+    /// alone would have made. `cache` is only read: on error nothing has
+    /// changed.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when a tensor cannot be read or made.
+    ///
+    /// # Panics
+    /// If `len` exceeds the cache's length.
+    pub fn truncate(&self, cache: &KvCache, len: usize) -> Result<KvCache, ModelError> {
+        assert!(len <= cache.len, "a cache of {} tokens cut to {len}", cache.len);
+        if len == 0 {
+            return Ok(self.empty_cache());
+        }
+        let mut reserved = self.reserve(self.call_bytes(0, len));
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let tensors = cache
+            .tensors
+            .iter()
+            .map(|t| match self.spec.kv_dtype {
+                KvDtype::F32 => kv::prefix::<f32>(t, cache.len, len, heads, d),
+                KvDtype::F16 => kv::prefix::<f16>(t, cache.len, len, heads, d),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(reserved.cache(tensors, len))
+    }
+
     /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
     fn run<R>(
         &self,
@@ -500,12 +530,17 @@ pub struct BatchRow<'a> {
     pub past: &'a KvCache,
     /// Rows of `ids` whose hidden states to return.
     pub keep: std::ops::Range<usize>,
+    /// Tokens at the end of `ids` left out of the row's new cache (a probe:
+    /// under causal attention no earlier token attended to them, so the
+    /// cache is what it would be had they never run).
+    pub cut: usize,
 }
 
 impl Model {
     /// Runs several rows in one call: each row's tokens on top of its own
     /// cache. Returns, per row, what [`Model::forward`] would (equal up to
-    /// float rounding: the GEMMs see other shapes).
+    /// float rounding: the GEMMs see other shapes), the row's cache without
+    /// its last [`BatchRow::cut`] tokens.
     ///
     /// # Layout
     /// With `P` the longest past and `N` the longest row, row `b` is laid out as
@@ -518,27 +553,12 @@ impl Model {
     /// # Errors
     /// [`ModelError::Ort`] when ONNX Runtime fails; no cache has changed then.
     pub fn forward_batch(&self, rows: &[BatchRow<'_>]) -> Result<Vec<(Hidden, KvCache)>, ModelError> {
-        let out = self.batch(rows, true)?;
-        Ok(out
-            .into_iter()
-            .map(|(hidden, cache)| (hidden, cache.expect("caches were asked for")))
-            .collect())
-    }
-
-    /// [`Model::forward_batch`] for rows whose caches are not kept (the
-    /// probes of several turns): only the hidden states come back, the
-    /// `present.*` outputs are dropped without being copied out.
-    ///
-    /// # Errors
-    /// [`ModelError::Ort`] when ONNX Runtime fails.
-    pub fn forward_batch_hidden(&self, rows: &[BatchRow<'_>]) -> Result<Vec<Hidden>, ModelError> {
-        Ok(self.batch(rows, false)?.into_iter().map(|(hidden, _)| hidden).collect())
-    }
-
-    fn batch(&self, rows: &[BatchRow<'_>], caches: bool) -> Result<Vec<(Hidden, Option<KvCache>)>, ModelError> {
         if let [row] = rows {
             let (hidden, cache) = self.forward(row.ids, row.past, row.keep.clone())?;
-            return Ok(vec![(hidden, caches.then_some(cache))]);
+            if row.cut == 0 {
+                return Ok(vec![(hidden, cache)]);
+            }
+            return Ok(vec![(hidden, self.truncate(&cache, cache.len() - row.cut)?)]);
         }
         let b = rows.len();
         let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
@@ -591,9 +611,6 @@ impl Model {
             )?;
             let mut tensors: Vec<Vec<DynValue>> =
                 rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
-            if !caches {
-                return Ok((hidden, tensors));
-            }
             // Layer by layer, each batched tensor freed once split: the copies
             // never hold more than one layer twice.
             for name in &self.io.present {
@@ -618,10 +635,7 @@ impl Model {
             .iter()
             .zip(hidden)
             .zip(tensors)
-            .map(|((r, hidden), tensors)| {
-                let cache = caches.then(|| reserved.cache(tensors, r.past.len + r.ids.len()));
-                (hidden, cache)
-            })
+            .map(|((r, hidden), tensors)| (hidden, reserved.cache(tensors, r.past.len + r.ids.len() - r.cut)))
             .collect())
     }
 }

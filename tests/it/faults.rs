@@ -3,7 +3,8 @@
 //! turn and mid-batch leaves every conversation as it was; a dead engine says
 //! so and the process exits non-zero. Model calls are counted from 1 (the
 //! warm-up), so each test knows which call it breaks. Streams take the
-//! defaults (PROBE_MEAN), so a turn is its own call(s) then the probe's.
+//! defaults (PROBE_MEAN): the probe's 12 tokens ride at the end of each
+//! turn's call(s).
 
 use std::time::Duration;
 
@@ -60,13 +61,13 @@ impl Checked {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// A model call that fails mid-turn, the turn's own or its probe's: INTERNAL
-/// in-band, the KV bytes and the context exactly as before (the next turn
-/// meets the oracle without it).
+/// A model call that fails mid-turn (the turn's tokens and its probe's):
+/// INTERNAL in-band, the KV bytes and the context exactly as before (the
+/// next turn meets the oracle without it), twice in one stream.
 async fn a_failed_call_mid_turn_changes_nothing() {
-    // 1-2 the warm-up and its probe, 3-4 the first turn, 5 the second's own
-    // call (fails), 6-7 the third, 8 the fourth's own call, 9 its probe (fails).
-    let server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "fail:5,fail:9")]).await;
+    // 1 the warm-up, 2 the first turn, 3 the second (fails), 4 the third,
+    // 5 the fourth (fails).
+    let server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "fail:3,fail:5")]).await;
     let mut s = Checked::open(&server).await;
     s.good("def add(a, b): return a + b").await;
     let before = server.wait_stats("after the first turn", |_| true).await;
@@ -75,27 +76,28 @@ async fn a_failed_call_mid_turn_changes_nothing() {
     assert_eq!(after.kv_cache_bytes, before.kv_cache_bytes, "no byte kept or lost");
     s.good("and this one succeeds on the old context").await;
     let before = server.wait_stats("after the third turn", |_| true).await;
-    s.fails("this turn's probe fails").await;
-    let after = server.wait_stats("after the failed probe", |_| true).await;
-    assert_eq!(after.model_calls_total, 9, "the turn ran, then its probe failed");
+    s.fails("this turn's call fails too").await;
+    let after = server.wait_stats("after the second failure", |_| true).await;
+    assert_eq!(after.model_calls_total, 5, "one call per turn, the probe in it");
     assert_eq!(
         after.kv_cache_bytes, before.kv_cache_bytes,
         "the turn's new cache was dropped"
     );
-    s.good("and the context is as before the failed probe").await;
+    s.good("and the context is as before the failed turn").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A chunk of a long turn that fails part-way: the part-built cache is
 /// dropped, the conversation is as before the turn.
 async fn a_failed_chunk_of_a_long_turn_changes_nothing() {
-    // Chunks of 16: 1-3 the warm-up (19 tokens: two chunks) and its probe,
-    // 4-5 "short" and its probe, the long turn calls 6 on (four or more);
-    // call 8, its third, fails.
-    let server = TestServer::process_with(&["--prefill-chunk-tokens", "16"], "warn", &[("SE_FAULTS", "fail:8")]).await;
+    // Chunks of 16, each turn's tokens followed by the probe's 12 (which
+    // ride with the last chunk): 1-2 the warm-up (19 + 12 tokens), 3 "short"
+    // (6 + 12), the long turn calls 4 on (five or more); call 6, its third,
+    // fails.
+    let server = TestServer::process_with(&["--prefill-chunk-tokens", "16"], "warn", &[("SE_FAULTS", "fail:6")]).await;
     let long = "alpha beta gamma delta ".repeat(15);
     let n = common::tiny().tokenizer().turn(&long, "user").unwrap().ids.len();
-    assert!(n > 48, "four chunks or more: {n} tokens");
+    assert!(n > 48, "five chunks or more: {n} tokens");
     let mut s = Checked::open(&server).await;
     s.good("short").await;
     let before = server.wait_stats("after the first turn", |_| true).await;
@@ -104,7 +106,7 @@ async fn a_failed_chunk_of_a_long_turn_changes_nothing() {
         .wait_stats("part-built cache gone", |s| s.kv_cache_bytes == before.kv_cache_bytes)
         .await;
     assert_eq!(
-        after.model_calls_total, 8,
+        after.model_calls_total, 6,
         "the rest of the prefill (and the probe) was not run"
     );
     s.good("after the failed long turn").await;
@@ -114,16 +116,16 @@ async fn a_failed_chunk_of_a_long_turn_changes_nothing() {
 /// A batched call that fails: every turn in it is answered (each run alone
 /// after the failure), each equal to its oracle.
 async fn a_failed_batch_still_answers_every_turn() {
-    // 1-2 the warm-up and its probe, 3-4 "hello", 5 the long turn (one
-    // call), 6 its probe, 7 the batch of four: fails.
+    // 1 the warm-up, 2 "hello", 3 the long turn (one call), 4 the batch of
+    // four: fails.
     let server =
-        TestServer::process_with(&["--prefill-chunk-tokens", "8192"], "warn", &[("SE_FAULTS", "fail:7")]).await;
+        TestServer::process_with(&["--prefill-chunk-tokens", "8192"], "warn", &[("SE_FAULTS", "fail:4")]).await;
     let mut long = Checked::open(&server).await;
     long.good("hello").await;
     let long_text = "alpha beta gamma delta ".repeat(1000);
     long.tx.send(turn("long", &long_text, "")).await.unwrap();
     server
-        .wait_stats("the long call running", |s| s.model_calls_total >= 5)
+        .wait_stats("the long call running", |s| s.model_calls_total >= 3)
         .await;
     let mut shorts = Vec::new();
     for i in 0..4 {
@@ -137,7 +139,7 @@ async fn a_failed_batch_still_answers_every_turn() {
         .wait_stats("four queued behind the long call", |s| s.queued_turns == 5)
         .await;
     assert_eq!(
-        queued.model_calls_total, 5,
+        queued.model_calls_total, 3,
         "the long call was still running: {queued:?}"
     );
     long.rx.next().await.unwrap().unwrap();
@@ -152,8 +154,8 @@ async fn a_failed_batch_still_answers_every_turn() {
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
     assert_eq!(
         after.model_calls_total,
-        7 + 4 * 2,
-        "the failed batch, then each turn alone, with its probe: {after:?}"
+        4 + 4,
+        "the failed batch, then each turn alone: {after:?}"
     );
 }
 
@@ -162,8 +164,8 @@ async fn a_failed_batch_still_answers_every_turn() {
 /// UNAVAILABLE "the inference engine has stopped", health is NOT_SERVING
 /// (or the port closed), and the process exits non-zero.
 async fn a_dead_engine_says_so_and_the_process_exits() {
-    // 1-2 the warm-up and its probe, 3-4 the idle stream's turn, 5 panics.
-    let mut server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "panic:5")]).await;
+    // 1 the warm-up, 2 the idle stream's turn, 3 panics.
+    let mut server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "panic:3")]).await;
     let mut idle = Checked::open(&server).await;
     idle.good("an idle stream's turn").await;
     let mut dying = Checked::open(&server).await;

@@ -848,9 +848,10 @@ async fn embed_and_model_info() {
         .unwrap()
         .into_inner();
     assert_eq!(got.embeddings.len(), 40);
-    // Embed's defaults: PROBE_MEAN (the probe inline, one call per text)
-    // through the learned head, equal to a library conversation with the
-    // defaults (whose probe runs as a second call on the turn's cache).
+    // Embed's defaults: PROBE_MEAN (the probe's tokens joining the text's
+    // context, one call per text) through the learned head, equal to a
+    // library conversation with the defaults (whose probe is cut from the
+    // turn's cache).
     let embed_defaults = ConversationOptions::default();
     for (text, e) in many.iter().zip(&got.embeddings) {
         let want = Conversation::new(&model, embed_defaults.clone())
@@ -1053,8 +1054,8 @@ async fn queued_turns_of_many_streams_share_a_call() {
     // Wait until the long call has started, not only until the turn is
     // queued: a round takes every job already waiting, so a turn sent before
     // the long one is taken would share its round but not the batch (a model
-    // call counts as it starts; "hello" and its probe were the first two).
-    let long_call = base.model_calls_total + 3;
+    // call counts as it starts; "hello" was the first).
+    let long_call = base.model_calls_total + 2;
     server
         .wait_stats("the long call running", |s| s.model_calls_total >= long_call)
         .await;
@@ -1071,9 +1072,9 @@ async fn queued_turns_of_many_streams_share_a_call() {
     assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
     check_short_turns(&mut streams, &texts).await;
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
-    // "hello" and the long turn, each with its probe, then the eight turns in
-    // one call and their eight probes in another.
-    assert_eq!(after.model_calls_total - base.model_calls_total, 6, "{after:?}");
+    // "hello", the long turn, then the eight turns in one call (each turn's
+    // probe in its own call).
+    assert_eq!(after.model_calls_total - base.model_calls_total, 3, "{after:?}");
     assert_eq!(after.turns_total - base.turns_total, 10);
 }
 
@@ -1105,7 +1106,7 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
     long_tx.send(turn("long", &long_text, "")).await.unwrap();
     server
         .wait_stats("the long turn running", |s| {
-            s.model_calls_total >= base.model_calls_total + 3
+            s.model_calls_total >= base.model_calls_total + 2
         })
         .await;
 

@@ -183,10 +183,11 @@ async fn caps_are_caps_and_an_over_budget_turn_fails_alone() {
         "ok".to_string(),
     );
     let (na, nbig, nsmall) = (tokens(&a), tokens(&big), tokens(&small));
-    // A turn's peak, its own cache evicted and rebuilt (the default pooling
-    // probes after the turn): the new cache of n tokens and the probe's
-    // output of n + probe tokens. The budget holds that for `a` and `small`,
-    // but not for `a` and `big`.
+    // A turn's peak, its own cache evicted and rebuilt (the default pooling's
+    // probe rides at the end of the call and is cut from its output): the
+    // call's output of n + probe tokens and the copy of n tokens without the
+    // probe. The budget holds that for `a` and `small`, but not for `a` and
+    // `big`.
     let probe = tiny.probe_ids().len();
     let peak = |n: usize| 2 * n + probe;
     let budget_tokens = (peak(na + nsmall) + 1) as u64;

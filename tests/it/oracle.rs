@@ -805,11 +805,34 @@ fn real_variants_load_and_embed() {
         let model = Model::open(&path, &Default::default()).unwrap();
         assert_eq!((model.spec().layers, model.spec().kv_dtype), (24, kv));
         let mut conv = Conversation::new(&model, opts()).unwrap();
+        // The same turns with the probe riding in each call (its rows cut
+        // from the cache after): the turns' own vectors against the plain
+        // conversation's on this variant. Exact on fp16 (kernels that do not
+        // depend on a call's rows); on the quantised ones, whose activation
+        // scales span a call's rows, within the bound tests/python/test_model.py
+        // holds for chunking (pooled cosine 0.999; int8 0.96).
+        let mut probing = Conversation::new(
+            &model,
+            ConversationOptions {
+                pooling: Pooling::ProbeMean,
+                include_turn_mean: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let same_bound = if file.contains("int8") { 0.96 } else { 0.999 };
         for (text, want) in TEXTS[..3].iter().zip(&want) {
             let got = conv.turn(text, "user").unwrap().embedding;
             let c = cosine(&got, want);
             println!("{file}: cosine to f32 {c:.5}");
             assert!(c >= min_cosine, "{file}: cosine {c} < {min_cosine}");
+            let beside = probing.turn(text, "user").unwrap().turn_mean.unwrap();
+            let c = cosine(&beside, &got);
+            println!("{file}: the turn's mean with the probe in its calls vs without: cosine {c:.7}");
+            if kv == stateful_embedder::model::KvDtype::F16 {
+                assert_eq!(beside, got, "{file}: the probe moved the turn's vector");
+            }
+            assert!(c >= same_bound, "{file}: cosine {c} < {same_bound}");
         }
     }
 }
