@@ -297,7 +297,7 @@ def report(R, args):
     w("tried, profiles, earlier runs) is written by hand, dated, and carried over unchanged by each run.\n")
     w(f"Turns are the ~{e['turn_tokens']}-token texts of `bench/turns.txt` (the prototype's 45-token turn), raw text, MEAN pooling, 2 threads "
       "(over gRPC too: the `load` and `mixed` streams ask for `POOLING_MEAN`, `STANDARDIZE_NONE`, the Python server's work; "
-      "the server's default adds the probe's second model call per turn, QUALITY.md).\n")
+      "the server's default adds the probe's tokens to each turn's call, QUALITY.md).\n")
 
     w("## Targets\n")
     w("| # | comparison | target | measured | |")

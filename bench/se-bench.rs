@@ -325,10 +325,9 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     Ok(out)
 }
 
-/// The options of the in-process figures: MEAN pooling, z-scored, one model
-/// call per turn (the figures BENCHMARKS.md has tracked since the start; the
-/// defaults add the probe's second call per turn, whose cost QUALITY.md
-/// measures).
+/// The options of the in-process figures: MEAN pooling, z-scored (the
+/// figures BENCHMARKS.md has tracked since the start; the defaults add the
+/// probe's tokens to each turn's call, whose cost QUALITY.md measures).
 fn mean_options() -> ConversationOptions {
     ConversationOptions {
         pooling: Pooling::Mean,
@@ -673,9 +672,9 @@ impl Open {
 }
 
 /// The first request of the `load` and `mixed` streams: MEAN pooling of the
-/// raw states, one model call per turn, the work the Python server of the
-/// comparison does (the server's default adds the probe's second call per
-/// turn: QUALITY.md, "Cost on the server").
+/// raw states, the work the Python server of the comparison does (the
+/// server's default adds the probe's 12 tokens to each turn's call:
+/// QUALITY.md, "Cost on the server").
 fn comparable_options() -> pb::ConverseRequest {
     pb::ConverseRequest {
         tag: String::new(),
