@@ -413,8 +413,9 @@ Best configurations found: {"; ".join(f"`{k}` {np.mean([sets[n]['rows'][k][0] fo
 One text per model call, as a lone stream's turn (the harness's onnxruntime
 session, same graph as the server), {tok['mean_doc']:.0f}-token documents on average:
 one pass (MEAN, LAST_TOKEN) {cost['pass']:.0f} ms; the pass with the probe's {tok['probe']} tokens in the same call
-(PROBE and PROBE_MEAN in `Embed`) {cost.get('pass+inline probe', float('nan')):.0f} ms; the pass then the probe as a
-second call (PROBE and PROBE_MEAN in `Converse`, where the probe must not join the context) {cost['pass+probe']:.0f} ms;
+(PROBE and PROBE_MEAN, in `Embed` and in `Converse`, where the probe's rows are then cut from the cache)
+{cost.get('pass+inline probe', float('nan')):.0f} ms; the pass then the probe as a second call (how `Converse` ran
+the probe before it rode in the turn's call) {cost['pass+probe']:.0f} ms;
 all-MiniLM-L6-v2 (numpy) {cost['minilm']:.0f} ms. The z-score is one subtract and
 multiply per dimension, the whitening one 896 x 384 matrix-vector product, the
 head two of those and a 768 x 768 one (no measurable time next to a model
