@@ -967,6 +967,36 @@ fn tiny_fp16_batched_oracle() {
 }
 
 #[test]
+/// Turns that probe (the defaults), batched: each row's cache is copied out
+/// of the batch without its probe (`BatchRow::cut`), so every cache holds
+/// exactly its context and the turns after, batched again and then one by
+/// one, meet the oracle (a probe left in a cache would move them far).
+fn batched_probes_are_cut() {
+    let model = common::tiny_private("model.onnx");
+    let mut scripts: Vec<Script> = (0..3).map(|_| Script::new(&model, defaults(), F32)).collect();
+    scripts[1].turn(TEXTS[0], "");
+    scripts[2].turn(TEXTS[4], "user");
+    for round in [&SIMILAR[..3], &SIMILAR[3..]] {
+        let turns: Vec<(&str, &str)> = round.iter().map(|t| (*t, "user")).collect();
+        let calls = batched_round(&model, &mut scripts, &turns);
+        assert!(calls < 3, "at least two of the turns shared a call ({calls} calls)");
+        for s in &scripts {
+            assert_eq!(
+                s.conv.cache().len(),
+                s.conv.context_len(),
+                "the cache is the context, no probe"
+            );
+        }
+    }
+    for s in &mut scripts {
+        s.turn(TEXTS[1], "user");
+    }
+    for (i, s) in scripts.iter().enumerate() {
+        s.report(&format!("tiny f32 batched probes, conversation {i}"));
+    }
+}
+
+#[test]
 /// Turns whose shapes differ too much are not padded together, a turn longer
 /// than a prefill chunk runs alone, a failed turn in a batch changes nothing
 /// and hurts no other, and batching can be turned off.
