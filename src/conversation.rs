@@ -688,7 +688,7 @@ impl Conversation {
         let offset = sequence.len();
         sequence.extend_from_slice(&turn.ids);
         let span = (offset + turn.text.start)..(offset + turn.text.end);
-        let (mut probe_row, mut cut) = (None, 0);
+        let (mut probe_row, mut probe_tokens, mut cut) = (None, 0, 0);
         if o.pooling.probes() {
             // The probe rides at the end of the turn's call; its last row is
             // the probe's vector.
@@ -710,17 +710,14 @@ impl Conversation {
             }
             sequence.extend_from_slice(probe);
             probe_row = Some(sequence.len() - 1);
+            probe_tokens = probe.len();
         }
         Ok(TurnPlan {
             sequence,
             rebuild: rebuilt,
             span,
             probe_row,
-            probe_tokens: if probe_row.is_some() {
-                self.model.probe_ids().len()
-            } else {
-                0
-            },
+            probe_tokens,
             cut,
             turn_tokens: n,
             evicted,
@@ -813,16 +810,21 @@ impl Conversation {
                 .forward(&pending.plan.sequence[start..end], past, keep.clone())?
         };
         pending.pooler.add_rows(&hidden, start + keep.start);
-        pending.cache = Some(next);
-        pending.done = end;
         if end < len {
+            pending.cache = Some(next);
+            pending.done = end;
             return Ok(Advance::More(pending));
         }
-        let PendingTurn {
-            plan, pooler, cache, ..
-        } = pending;
-        let cache = cache.expect("a turn has at least one token, so at least one call ran");
-        Ok(Advance::Done(self.adopt(plan, pooler, cache)?))
+        // The last call: the probe's rows leave the new cache (the batched
+        // path copies each row's cache out without them).
+        let cut = pending.plan.cut;
+        let cache = if cut > 0 {
+            self.model.truncate(&next, next.len() - cut)?
+        } else {
+            next
+        };
+        let PendingTurn { plan, pooler, .. } = pending;
+        Ok(Advance::Done(self.adopt(plan, pooler, cache)))
     }
 
     /// Standardises one pooled vector with the statistics named `key`,
@@ -859,20 +861,9 @@ impl Conversation {
         finish_vector(v, dims, self.options.normalize)
     }
 
-    /// Success of the turn's calls: cuts the probe from the new cache if
-    /// the call has not (a failure there leaves the conversation as it
-    /// was), then takes the new state and builds the output.
-    pub(crate) fn adopt(
-        &mut self,
-        mut plan: TurnPlan,
-        mut pooler: Pooler,
-        cache: KvCache,
-    ) -> Result<TurnOutput, TurnError> {
-        let cache = if plan.cut > 0 && cache.len() == self.base_len(&plan) + plan.sequence.len() {
-            self.model.truncate(&cache, cache.len() - plan.cut)?
-        } else {
-            cache
-        };
+    /// Success of the turn's calls: takes the new state (`cache`, the
+    /// probe's rows already cut from it) and builds the output.
+    pub(crate) fn adopt(&mut self, mut plan: TurnPlan, mut pooler: Pooler, cache: KvCache) -> TurnOutput {
         plan.sequence.truncate(plan.sequence.len() - plan.cut);
         let probed = pooler.probe.take();
         if plan.rebuild {
@@ -903,14 +894,14 @@ impl Conversation {
             },
         };
         let embedding = self.finish_pooled(pooled, self.options.output_dimensions(&self.model));
-        Ok(TurnOutput {
+        TurnOutput {
             embedding,
             turn_mean,
             turn_tokens: plan.turn_tokens,
             context_tokens,
             evicted_tokens: plan.evicted,
             rebuilt_tokens: plan.restored,
-        })
+        }
     }
 
     /// A raw-text turn's embedding (the prototype's `embed`).

@@ -280,7 +280,7 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
                         let mut pooler = Pooler::new(hidden.width, &plan);
                         pooler.add_rows(&hidden, plan.rows().start);
                         let output = requests[i].conversation.adopt(plan, pooler, cache);
-                        results[i] = Some(Started::Done(output));
+                        results[i] = Some(Started::Done(Ok(output)));
                     }
                 }
                 Err(e) => {

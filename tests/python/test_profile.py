@@ -70,7 +70,8 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
         np.testing.assert_allclose(t[f"{key}.mean"], want.mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(t[f"{key}.proj"], want.proj, rtol=1e-5, atol=1e-6)
     assert t["head"].shape == (128, 128)
-    assert summary["validation_mrr10"] >= 0 and summary["step"] >= 0
+    fit = json.loads(meta["fit"])
+    assert fit["step"] == summary["step"] and 0 <= fit["step"] <= es.HEAD_STEPS, fit
 
     def apply(v):
         x = np.concatenate([es.unit((v[f"{k}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"])[0] for k in ("probe", "mean")], 1)
@@ -81,6 +82,7 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
     assert np.all(np.diff(var) <= 1e-6 * var[0]), "components ordered by background variance"
     # The validation pairs, as the fit split them: the head does no worse than the identity.
     rows = es.head_pairs(prepare.TINY_HEAD_PAIRS)
+    assert sum(a + b for a, b in fit["pairs"].values()) == len(rows), "every pair fitted or validated"
     vecs = es.embed_sets(es.QwenEmbed(q), rows)
     files = {}
     for r in rows:
