@@ -197,11 +197,6 @@ pub struct ConversationOptions {
     pub standardize: Standardize,
     /// The template around every turn's text.
     pub input_type: InputType,
-    /// With a pooling that probes ([`Pooling::probes`]): the probe's tokens
-    /// join the context instead of being cut from the turn's cache. For
-    /// one-turn conversations (`Embed`'s texts), whose cache is dropped
-    /// after the turn: the same vector, without the copy the cut costs.
-    pub probe_inline: bool,
     /// Longest turn accepted, in tokens (a server limit).
     pub max_turn_tokens: usize,
     /// Tokens per model call when prefilling a long turn or a rebuilt context.
@@ -220,7 +215,6 @@ impl Default for ConversationOptions {
             include_turn_mean: false,
             standardize: Standardize::Head,
             input_type: InputType::Raw,
-            probe_inline: false,
             max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
@@ -510,11 +504,8 @@ pub(crate) struct TurnPlan {
     /// probe rides at the end of the turn's call).
     pub(crate) probe_row: Option<usize>,
     /// Tokens of the probe at the end of `sequence` (0 when the pooling
-    /// does not probe).
+    /// does not probe), cut from the turn's new cache.
     pub(crate) probe_tokens: usize,
-    /// Tokens at the end of `sequence` (the probe's, unless
-    /// [`ConversationOptions::probe_inline`]) cut from the turn's new cache.
-    pub(crate) cut: usize,
     /// The turn's tokens.
     turn_tokens: usize,
     /// Tokens the turn drops from the context.
@@ -533,10 +524,10 @@ impl TurnPlan {
     /// Bytes cutting the probe from a new cache of `total` tokens adds at
     /// its peak: the copy without it, made while the call's cache is held.
     pub(crate) fn cut_bytes(&self, model: &Model, total: usize) -> u64 {
-        if self.cut == 0 {
+        if self.probe_tokens == 0 {
             0
         } else {
-            model.call_bytes(0, total - self.cut)
+            model.call_bytes(0, total - self.probe_tokens)
         }
     }
 }
@@ -688,26 +679,12 @@ impl Conversation {
         let offset = sequence.len();
         sequence.extend_from_slice(&turn.ids);
         let span = (offset + turn.text.start)..(offset + turn.text.end);
-        let (mut probe_row, mut probe_tokens, mut cut) = (None, 0, 0);
+        let (mut probe_row, mut probe_tokens) = (None, 0);
         if o.pooling.probes() {
             // The probe rides at the end of the turn's call; its last row is
-            // the probe's vector.
+            // the probe's vector, and its rows are cut from the new cache (no
+            // row of the turn attended to them: the cache is the turn's alone).
             let probe = self.model.probe_ids();
-            if o.probe_inline {
-                // Its tokens join the context.
-                let context_after = if rebuilt { sequence.len() } else { ctx + sequence.len() };
-                if context_after + probe.len() > window {
-                    return Err(TurnError::OverWindow {
-                        tokens: n + probe.len(),
-                        kept: 0,
-                        window,
-                    });
-                }
-            } else {
-                // Its rows are cut from the new cache: no row of the turn
-                // attended to them, so the cache is the turn's alone.
-                cut = probe.len();
-            }
             sequence.extend_from_slice(probe);
             probe_row = Some(sequence.len() - 1);
             probe_tokens = probe.len();
@@ -718,7 +695,6 @@ impl Conversation {
             span,
             probe_row,
             probe_tokens,
-            cut,
             turn_tokens: n,
             evicted,
             restored,
@@ -817,7 +793,7 @@ impl Conversation {
         }
         // The last call: the probe's rows leave the new cache (the batched
         // path copies each row's cache out without them).
-        let cut = pending.plan.cut;
+        let cut = pending.plan.probe_tokens;
         let cache = if cut > 0 {
             self.model.truncate(&next, next.len() - cut)?
         } else {
@@ -864,7 +840,7 @@ impl Conversation {
     /// Success of the turn's calls: takes the new state (`cache`, the
     /// probe's rows already cut from it) and builds the output.
     pub(crate) fn adopt(&mut self, mut plan: TurnPlan, mut pooler: Pooler, cache: KvCache) -> TurnOutput {
-        plan.sequence.truncate(plan.sequence.len() - plan.cut);
+        plan.sequence.truncate(plan.sequence.len() - plan.probe_tokens);
         let probed = pooler.probe.take();
         if plan.rebuild {
             self.tokens = plan.sequence;

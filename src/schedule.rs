@@ -267,7 +267,7 @@ pub(crate) fn start_turns(requests: &mut [TurnRequest<'_>], limits: BatchLimits,
                                 requests[i].conversation.cache()
                             },
                             keep: plan.rows(),
-                            cut: plan.cut,
+                            cut: plan.probe_tokens,
                         }
                     })
                     .collect();

@@ -94,8 +94,8 @@ fn overflow(value: i32) -> Result<Overflow, ServiceError> {
 }
 
 /// An `Embed` request's options over the server's defaults (a stream's:
-/// the same pooling and standardisation). Its texts are one-turn
-/// conversations, so the probe runs inline.
+/// the same pooling and standardisation; each text is a one-turn
+/// conversation).
 pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Result<ConversationOptions, ServiceError> {
     let pooling = pooling(req.pooling)?;
     Ok(ConversationOptions {
@@ -104,7 +104,6 @@ pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Resul
         normalize: req.normalize.unwrap_or(true),
         standardize: standardize(req.standardize, pooling)?,
         input_type: input_type(req.input_type)?,
-        probe_inline: true,
         ..base
     })
 }

@@ -848,10 +848,8 @@ async fn embed_and_model_info() {
         .unwrap()
         .into_inner();
     assert_eq!(got.embeddings.len(), 40);
-    // Embed's defaults: PROBE_MEAN (the probe's tokens joining the text's
-    // context, one call per text) through the learned head, equal to a
-    // library conversation with the defaults (whose probe is cut from the
-    // turn's cache).
+    // Embed's defaults: PROBE_MEAN (the probe in each text's call) through
+    // the learned head, equal to a library conversation with the defaults.
     let embed_defaults = ConversationOptions::default();
     for (text, e) in many.iter().zip(&got.embeddings) {
         let want = Conversation::new(&model, embed_defaults.clone())
@@ -859,8 +857,9 @@ async fn embed_and_model_info() {
             .turn(text, "")
             .unwrap();
         assert_close(text, &e.values, &want.embedding, F32);
+        assert_eq!(e.context_tokens, e.turn_tokens, "the probe never joins the context");
     }
-    // Each text's row is its tokens and the inline probe's: a chunk of 4
+    // Each text's row is its tokens and the probe's: a chunk of 4
     // runs in as many calls as rows of that length fit in 64 padded slots.
     let row = model.tokenizer().encode(&many[0]).unwrap().len() + model.probe_ids().len();
     assert!(

@@ -123,7 +123,6 @@ proptest! {
         let req = pb::EmbedRequest { texts: vec!["x".into()], pooling, standardize, input_type, dimensions, normalize: None };
         match embed_options(&req, limits().default_options()) {
             Ok(o) => {
-                prop_assert!(o.probe_inline);
                 if let Err(e) = o.validate(&model) {
                     prop_assert!(!e.to_string().is_empty());
                 }
