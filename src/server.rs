@@ -84,18 +84,34 @@ pub async fn run(
     let mut loader = tokio::task::spawn_blocking(move || load(&loader_config));
 
     let drained = tokio_util::sync::CancellationToken::new();
+    // Cancelled when the engine thread dies: the drain below then ends every
+    // stream at once, with the engine's UNAVAILABLE.
+    let engine_dead = tokio_util::sync::CancellationToken::new();
     let drain = {
-        let (shared, health, drained) = (shared.clone(), health.clone(), drained.clone());
+        let (shared, health, drained, engine_dead) =
+            (shared.clone(), health.clone(), drained.clone(), engine_dead.clone());
         let deadline = config.drain_timeout();
         async move {
-            shutdown.await;
-            tracing::info!(open_streams = shared.active_sessions(), "shutting down: draining");
-            set_health(&health, ServingStatus::NotServing).await;
+            let died = tokio::select! {
+                () = shutdown => false,
+                () = engine_dead.cancelled() => true,
+            };
+            if !died {
+                tracing::info!(open_streams = shared.active_sessions(), "shutting down: draining");
+            }
+            // Refuse new work first, then say so: a client that sees
+            // NOT_SERVING must never get a new stream accepted after it.
             shared.draining.cancel();
+            set_health(&health, ServingStatus::NotServing).await;
+            if died {
+                // Nothing can be embedded any more: every stream ends now.
+                shared.root.cancel();
+            }
             let all = saturating_u32(shared.limits.max_sessions);
             let every_stream_ended = shared.sessions.acquire_many(all);
-            let ended = match deadline {
-                Some(deadline) => tokio::time::timeout(deadline, every_stream_ended).await.is_ok(),
+            let limit = if died { Some(CLOSE_GRACE) } else { deadline };
+            let ended = match limit {
+                Some(limit) => tokio::time::timeout(limit, every_stream_ended).await.is_ok(),
                 None => {
                     let _ = every_stream_ended.await;
                     true
@@ -129,7 +145,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
     tokio::pin!(serve);
 
-    let mut loaded = false;
+    let (mut loaded, mut dead) = (false, false);
     let engine_died = async {
         match shared.engine.get() {
             Some(engine) => engine.stopped().await,
@@ -139,15 +155,14 @@ pub async fn run(
     tokio::pin!(engine_died);
     loop {
         tokio::select! {
-            () = &mut engine_died, if loaded => {
-                // Nothing can be embedded any more: say so, end every stream
-                // with the engine's UNAVAILABLE, and exit non-zero for a
-                // supervisor to restart the process.
-                set_health(&health, ServingStatus::NotServing).await;
-                shared.draining.cancel();
-                shared.root.cancel();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                anyhow::bail!(crate::engine::EngineStopped);
+            () = &mut engine_died, if loaded && !dead => {
+                // Nothing can be embedded any more: the drain says so (health
+                // NOT_SERVING, every stream ended with the engine's
+                // UNAVAILABLE, the transport closed gracefully so that those
+                // reach the clients), then `run` fails for a supervisor to
+                // restart the process.
+                dead = true;
+                engine_dead.cancel();
             }
             result = &mut serve => {
                 result.context("the gRPC transport failed")?;
@@ -183,6 +198,9 @@ pub async fn run(
                 break;
             }
         }
+    }
+    if dead {
+        anyhow::bail!(crate::engine::EngineStopped);
     }
     tracing::info!("stopped");
     Ok(())
