@@ -170,6 +170,84 @@ impl Sessions {
     }
 }
 
+/// What a half-close does to a resumable session, decided when the stream's
+/// responses end: [`OnHalfClose::delivered`] ends it (every response went
+/// out), dropping it first detaches it (the responses were cut short).
+/// Unarmed (no half-close, or no session), it does nothing.
+#[derive(Debug)]
+pub struct OnHalfClose {
+    sessions: Arc<Sessions>,
+    stream: u64,
+    state: Arc<Mutex<HalfClose>>,
+}
+
+#[derive(Debug, Default)]
+struct HalfClose {
+    /// The session to end once the responses are out (set on a half-close).
+    armed: Option<String>,
+    /// The responses were dropped (sent or not): too late to arm.
+    gone: bool,
+}
+
+/// The stream task's side of an [`OnHalfClose`]: arms it on a half-close.
+#[derive(Debug, Clone)]
+pub struct HalfCloseArm(Arc<Mutex<HalfClose>>);
+
+impl HalfCloseArm {
+    /// The session `id` ends when the stream's responses have all gone out.
+    /// Returns false when the responses were dropped already (a reset that
+    /// came with the half-close): then the caller detaches the session.
+    pub fn arm(&self, id: &str) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if state.gone {
+            return false;
+        }
+        state.armed = Some(id.to_string());
+        true
+    }
+}
+
+impl OnHalfClose {
+    /// An unarmed guard for `stream`'s sessions, and its arm.
+    pub fn new(sessions: Arc<Sessions>, stream: u64) -> (OnHalfClose, HalfCloseArm) {
+        let state = Arc::new(Mutex::new(HalfClose::default()));
+        (
+            OnHalfClose {
+                sessions,
+                stream,
+                state: state.clone(),
+            },
+            HalfCloseArm(state),
+        )
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HalfClose> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every response went out: an armed session ends for good.
+    pub fn delivered(&self) {
+        let armed = self.state().armed.take();
+        if let Some(id) = armed {
+            self.sessions.end(&id, self.stream);
+        }
+    }
+}
+
+impl Drop for OnHalfClose {
+    fn drop(&mut self) {
+        let armed = {
+            let mut state = self.state();
+            state.gone = true;
+            state.armed.take()
+        };
+        if let Some(id) = armed {
+            tracing::debug!("a half-closed stream's responses were cut short: its session is kept");
+            self.sessions.detach(&id, self.stream);
+        }
+    }
+}
+
 /// 128 random bits from the OS, as 32 hex digits.
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
@@ -189,6 +267,62 @@ fn check_id(id: &str) -> Result<(), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{conversation::Conversation, memory::KvBudget, model::Model};
+
+    /// A session table with one session `id` held by stream 1.
+    fn held(id: &str) -> Arc<Sessions> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny");
+        let model = Model::open(dir, &Default::default()).expect("the tiny model (make models)");
+        let conversation = Conversation::new(&model, Default::default()).unwrap();
+        let sessions = Sessions::new(Some(Duration::from_secs(60)), 8);
+        let slot = KvBudget::new(model, u64::MAX).slot(conversation);
+        sessions.create(id, slot, 1, None).unwrap();
+        sessions
+    }
+
+    /// A half-close ends the session only once every response went out; a
+    /// stream whose responses are dropped first (a reset with the
+    /// half-close, as grpcio sends them) keeps it, detached, whichever of
+    /// the two the server sees first.
+    #[tokio::test]
+    async fn a_half_close_ends_a_session_only_once_its_responses_are_out() {
+        // Armed, then every response out: ended.
+        let sessions = held("a");
+        let (guard, arm) = OnHalfClose::new(sessions.clone(), 1);
+        assert!(arm.arm("a"));
+        guard.delivered();
+        drop(guard);
+        assert!(matches!(
+            sessions.resume("a", 2, None),
+            Err(ServiceError::SessionNotFound { .. })
+        ));
+
+        // Armed, then the responses dropped unsent: detached, resumable.
+        let sessions = held("b");
+        let (guard, arm) = OnHalfClose::new(sessions.clone(), 1);
+        assert!(arm.arm("b"));
+        drop(guard);
+        assert_eq!(sessions.detached(), 1);
+        assert!(sessions.resume("b", 2, None).is_ok());
+
+        // The responses dropped before the half-close is seen: too late to
+        // arm; the stream's task detaches it itself.
+        let sessions = held("c");
+        let (guard, arm) = OnHalfClose::new(sessions.clone(), 1);
+        drop(guard);
+        assert!(!arm.arm("c"), "the responses were gone already");
+        assert_eq!(sessions.detached(), 0, "nothing done until the task decides");
+
+        // Unarmed (no half-close): the responses ending changes nothing.
+        let sessions = held("d");
+        let (guard, _arm) = OnHalfClose::new(sessions.clone(), 1);
+        guard.delivered();
+        drop(guard);
+        assert!(matches!(
+            sessions.resume("d", 2, None),
+            Err(ServiceError::SessionHeld { .. })
+        ));
+    }
 
     #[test]
     fn drawn_ids_are_unguessable_and_valid() {
