@@ -129,11 +129,9 @@ mod tests {
     use super::*;
 
     fn tokens(lines: &str) -> Arc<Tokens> {
-        let path = std::env::temp_dir().join(format!("se-auth-{}-{}", std::process::id(), lines.len()));
-        std::fs::write(&path, lines).unwrap();
-        let t = Tokens::load(&path).unwrap();
-        std::fs::remove_file(path).unwrap();
-        t
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), lines).unwrap();
+        Tokens::load(file.path()).unwrap()
     }
 
     #[test]
@@ -156,10 +154,9 @@ mod tests {
 
     #[test]
     fn an_empty_token_file_is_refused() {
-        let path = std::env::temp_dir().join(format!("se-auth-empty-{}", std::process::id()));
-        std::fs::write(&path, "# nothing\n\n").unwrap();
-        let err = Tokens::load(&path).unwrap_err().to_string();
-        std::fs::remove_file(path).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "# nothing\n\n").unwrap();
+        let err = Tokens::load(file.path()).unwrap_err().to_string();
         assert!(err.contains("holds no token"), "{err}");
     }
 }

@@ -4,15 +4,23 @@
 //! `SE_FAULTS` lists model calls, counted from 1 since start (the warm-up is
 //! call 1), and what happens at each: `fail:N` makes call N fail as ONNX
 //! Runtime would (an error, nothing computed), `fail:N-M` each call from N
-//! to M, `panic:N` panics in call N (on the engine thread: the engine dies).
-//! For example `SE_FAULTS=fail:3,panic:9`. Unset, nothing happens.
+//! to M, `panic:N` panics in call N (on the engine thread: the engine dies),
+//! `hold:N` holds call N, before it runs, until a file named `N` exists in
+//! the directory `SE_FAULTS_GATE` names (at most [`HOLD_LIMIT`]): a test
+//! knows the engine is busy with call N for as long as it wants, so what
+//! queues behind it does not depend on how fast the machine is. For example
+//! `SE_FAULTS=hold:3,fail:4`. Unset, nothing happens.
 
-use std::sync::OnceLock;
+use std::{path::PathBuf, sync::OnceLock, time::Duration};
+
+/// The longest a held call waits for its gate (then it runs anyway).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Fail,
     Panic,
+    Hold,
 }
 
 fn plan() -> &'static [(Fault, u64, u64)] {
@@ -32,7 +40,8 @@ fn parse(spec: &str) -> Result<Vec<(Fault, u64, u64)>, String> {
             let kind = match kind {
                 "fail" => Fault::Fail,
                 "panic" => Fault::Panic,
-                other => return Err(format!("unknown fault {other:?} (fail or panic)")),
+                "hold" => Fault::Hold,
+                other => return Err(format!("unknown fault {other:?} (fail, panic or hold)")),
             };
             let (from, to) = calls.split_once('-').unwrap_or((calls, calls));
             let n = |s: &str| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"));
@@ -54,10 +63,22 @@ pub fn before_call(call: u64) -> Result<(), ort::Error> {
             match fault {
                 Fault::Fail => return Err(ort::Error::new(format!("injected fault: model call {call} fails"))),
                 Fault::Panic => panic!("injected fault: model call {call} panics"),
+                Fault::Hold => hold(call),
             }
         }
     }
     Ok(())
+}
+
+/// Waits until the call's gate file exists (or [`HOLD_LIMIT`] passes).
+fn hold(call: u64) {
+    let gate = std::env::var_os("SE_FAULTS_GATE")
+        .map(|dir| PathBuf::from(dir).join(call.to_string()))
+        .unwrap_or_else(|| panic!("SE_FAULTS holds call {call}: set SE_FAULTS_GATE to the directory that releases it"));
+    let started = std::time::Instant::now();
+    while !gate.exists() && started.elapsed() < HOLD_LIMIT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[cfg(test)]
@@ -67,8 +88,13 @@ mod tests {
     #[test]
     fn plans_parse() {
         assert_eq!(
-            parse("fail:3, fail:5-7,panic:9").unwrap(),
-            vec![(Fault::Fail, 3, 3), (Fault::Fail, 5, 7), (Fault::Panic, 9, 9)]
+            parse("fail:3, fail:5-7,panic:9,hold:2").unwrap(),
+            vec![
+                (Fault::Fail, 3, 3),
+                (Fault::Fail, 5, 7),
+                (Fault::Panic, 9, 9),
+                (Fault::Hold, 2, 2)
+            ]
         );
         assert!(parse("explode:1").is_err());
         assert!(parse("fail:x").is_err());

@@ -8,14 +8,9 @@
 //! copied out of `present.*`, skipping the pads (see
 //! [`super::Model::forward_batch`]).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
-
 use ort::value::{DynValue, Tensor};
 
-use super::{BatchRow, ModelError, ort_err};
+use super::{BatchRow, ModelError, ledger::Held, ort_err};
 
 /// A conversation's KV cache: per layer, the `present.{i}.key|value` tensors
 /// ONNX Runtime returned, fed back unchanged as `past_key_values.{i}.*`.
@@ -23,15 +18,14 @@ use super::{BatchRow, ModelError, ort_err};
 pub struct KvCache {
     pub(super) tensors: Vec<DynValue>,
     pub(super) len: usize,
-    pub(super) bytes: u64,
-    pub(super) ledger: Arc<AtomicU64>,
+    pub(super) held: Held,
 }
 
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("len", &self.len)
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.held.bytes())
             .finish()
     }
 }
@@ -49,7 +43,7 @@ impl KvCache {
 
     /// Bytes the cache holds.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.held.bytes()
     }
 
     /// Every cached value's bits, layer by layer (key, then value), as
@@ -58,7 +52,7 @@ impl KvCache {
     /// # Errors
     /// [`ModelError::Ort`] if a tensor cannot be read.
     pub fn to_bits(&self) -> Result<Vec<u8>, ModelError> {
-        let mut out = Vec::with_capacity(self.bytes as usize);
+        let mut out = Vec::with_capacity(self.bytes() as usize);
         for t in &self.tensors {
             if let Ok((_, data)) = t.try_extract_tensor::<f32>() {
                 out.extend(data.iter().flat_map(|x| x.to_bits().to_le_bytes()));
@@ -70,12 +64,6 @@ impl KvCache {
             }
         }
         Ok(out)
-    }
-}
-
-impl Drop for KvCache {
-    fn drop(&mut self) {
-        self.ledger.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -158,4 +146,31 @@ where
                 .map_err(ort_err("create a KV cache"))
         })
         .collect()
+}
+
+/// A copy of the `[1, heads, len, d]` tensor `value` with row `row` of
+/// every head taken from `donor` (`[1, heads, donor_len, d]`).
+#[cfg(feature = "faults")]
+pub(super) fn splice<T>(
+    value: &DynValue,
+    len: usize,
+    donor: &DynValue,
+    donor_len: usize,
+    row: usize,
+    heads: usize,
+    d: usize,
+) -> Result<DynValue, ModelError>
+where
+    T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (_, data) = value.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?;
+    let (_, from) = donor.try_extract_tensor::<T>().map_err(ort_err("read a KV cache"))?;
+    let mut own = data.to_vec();
+    for h in 0..heads {
+        let (to, src) = ((h * len + row) * d, (h * donor_len + row) * d);
+        own[to..to + d].copy_from_slice(&from[src..src + d]);
+    }
+    Tensor::from_array(([1usize, heads, len, d], own))
+        .map(Tensor::into_dyn)
+        .map_err(ort_err("create a KV cache"))
 }

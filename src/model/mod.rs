@@ -17,19 +17,29 @@
 //! * this module: [`Model`] (the session, [`Model::forward`] and
 //!   [`Model::forward_batch`]) and [`Hidden`];
 //! * `contract`: [`ModelSpec`] and [`KvDtype`], discovered from the session;
-//! * `kv`: [`KvCache`] and its byte ledger, and the packing of several
-//!   caches into one batched call;
+//! * `kv`: [`KvCache`], and the packing of several caches into one batched
+//!   call;
+//! * `ledger`: the bytes of every live cache and running call, and in test
+//!   builds a census of the tensors that exist beside it
+//!   ([`Model::ledger_snapshot`]);
+//! * `broken` (test builds): calls broken on purpose, for the tests'
+//!   negative controls;
 //! * `profile`: the embedding statistics, learned head and templates
 //!   shipped beside the model ([`EmbeddingStats`], [`EmbeddingHead`],
 //!   [`Templates`]).
 
+#[cfg(feature = "faults")]
+mod broken;
 mod contract;
 mod kv;
+mod ledger;
 mod profile;
 
 pub use contract::{KvDtype, ModelSpec};
 use contract::{discover, read_config};
 pub use kv::KvCache;
+pub use ledger::Snapshot as LedgerSnapshot;
+use ledger::{Held, Ledger, Reservation};
 pub use profile::{
     EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template,
     Templates, Whitening, unit,
@@ -137,8 +147,8 @@ pub struct Model {
     tokenizer: TextTokenizer,
     session: Mutex<Session>,
     io: IoNames,
-    /// Bytes held by every live [`KvCache`] of this model.
-    kv_ledger: Arc<AtomicU64>,
+    /// Bytes held by every live [`KvCache`] of this model (and a running call's).
+    ledger: Arc<Ledger>,
     /// Model calls (`Session::run`) so far.
     calls: AtomicU64,
     stats: EmbeddingStats,
@@ -254,7 +264,7 @@ impl Model {
             tokenizer,
             session: Mutex::new(session),
             io,
-            kv_ledger: Arc::new(AtomicU64::new(0)),
+            ledger: Arc::new(Ledger::default()),
             calls: AtomicU64::new(0),
             stats,
             head,
@@ -295,7 +305,15 @@ impl Model {
 
     /// Bytes held by all live KV caches of this model.
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.kv_ledger.load(Ordering::Relaxed)
+        self.ledger.bytes()
+    }
+
+    /// The ledger beside an independent census of the KV tensors that exist
+    /// (measured from their shapes), read when no model call runs (waiting
+    /// for the running one): test builds only (the `faults` feature), `None`
+    /// otherwise. See the `ledger` module.
+    pub fn ledger_snapshot(&self) -> Option<LedgerSnapshot> {
+        self.ledger.snapshot()
     }
 
     /// Model calls run so far (one per [`Model::forward`] or [`Model::forward_batch`]).
@@ -325,21 +343,19 @@ impl Model {
         (b * p + b * (p + n) + own) as u64 * self.spec.kv_bytes_per_token()
     }
 
-    /// Counts `bytes` in the ledger until the reservation is dropped or
-    /// turned into caches.
-    fn reserve(&self, bytes: u64) -> Reservation<'_> {
-        self.kv_ledger.fetch_add(bytes, Ordering::Relaxed);
-        Reservation { model: self, bytes }
-    }
-
     /// An empty cache.
     pub fn empty_cache(&self) -> KvCache {
         KvCache {
             tensors: Vec::new(),
             len: 0,
-            bytes: 0,
-            ledger: self.kv_ledger.clone(),
+            held: Held::none(&self.ledger),
         }
+    }
+
+    /// A cache of `len` tokens over `tensors`, its bytes taken from `reserved`.
+    fn cache(&self, reserved: &mut Reservation, tensors: Vec<DynValue>, len: usize) -> KvCache {
+        let held = reserved.hold(len as u64 * self.spec.kv_bytes_per_token(), &tensors);
+        KvCache { tensors, len, held }
     }
 
     /// Runs `ids` on top of `past` in one call. Returns the hidden states of
@@ -354,6 +370,18 @@ impl Model {
         past: &KvCache,
         keep: std::ops::Range<usize>,
     ) -> Result<(Hidden, KvCache), ModelError> {
+        self.forward_at(ids, past, keep, 0)
+    }
+
+    /// [`Model::forward`] with the new tokens' positions moved by `shift`
+    /// (0 in every call the server makes; tests break it on purpose).
+    fn forward_at(
+        &self,
+        ids: &[u32],
+        past: &KvCache,
+        keep: std::ops::Range<usize>,
+        shift: i64,
+    ) -> Result<(Hidden, KvCache), ModelError> {
         let s = ids.len();
         let p = past.len;
         let total = p + s;
@@ -365,7 +393,8 @@ impl Model {
         inputs.push(("input_ids", input_ids.into()));
         inputs.push(("attention_mask", mask.into()));
         if self.spec.has_position_ids {
-            let pos = Tensor::from_array(([1usize, s], (p as i64..total as i64).collect::<Vec<_>>()))
+            let first = p as i64 + shift;
+            let pos = Tensor::from_array(([1usize, s], (first..first + s as i64).collect::<Vec<_>>()))
                 .map_err(ort_err("create position_ids"))?;
             inputs.push(("position_ids", pos.into()));
         }
@@ -383,7 +412,8 @@ impl Model {
         }
 
         let keep = keep.start.min(s)..keep.end.min(s);
-        let mut reserved = self.reserve(self.call_bytes(p, s));
+        let _call = self.ledger.call();
+        let mut reserved = self.ledger.reserve(self.call_bytes(p, s));
         metrics::histogram!("se_batch_rows").record(1.0);
         let (hidden, tensors) = self.run(inputs, |outputs| {
             let hidden = self.read_hidden(outputs, [keep])?.remove(0);
@@ -399,7 +429,7 @@ impl Model {
                 .collect();
             Ok((hidden, tensors))
         })?;
-        Ok((hidden, reserved.cache(tensors, total)))
+        Ok((hidden, self.cache(&mut reserved, tensors, total)))
     }
 
     /// The first `len` tokens of `cache`, copied into a cache of their own
@@ -419,7 +449,8 @@ impl Model {
         if len == 0 {
             return Ok(self.empty_cache());
         }
-        let mut reserved = self.reserve(self.call_bytes(0, len));
+        let _call = self.ledger.call();
+        let mut reserved = self.ledger.reserve(self.call_bytes(0, len));
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
         let tensors = cache
             .tensors
@@ -429,7 +460,7 @@ impl Model {
                 KvDtype::F16 => kv::prefix::<f16>(t, cache.len, len, heads, d),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(reserved.cache(tensors, len))
+        Ok(self.cache(&mut reserved, tensors, len))
     }
 
     /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
@@ -487,40 +518,6 @@ impl Model {
     }
 }
 
-/// Bytes counted in the model's ledger for a running call (see
-/// [`Model::call_bytes`]): given back on drop, or carried over into the
-/// caches the call made, so the ledger never counts a byte twice nor drops
-/// one it still holds.
-struct Reservation<'a> {
-    model: &'a Model,
-    bytes: u64,
-}
-
-impl Reservation<'_> {
-    /// A cache of `len` tokens over `tensors`, its bytes taken from the reservation.
-    fn cache(&mut self, tensors: Vec<DynValue>, len: usize) -> KvCache {
-        let bytes = len as u64 * self.model.spec.kv_bytes_per_token();
-        let carried = bytes.min(self.bytes);
-        self.bytes -= carried;
-        if bytes > carried {
-            debug_assert!(false, "a call's caches exceed its reservation");
-            self.model.kv_ledger.fetch_add(bytes - carried, Ordering::Relaxed);
-        }
-        KvCache {
-            tensors,
-            len,
-            bytes,
-            ledger: self.model.kv_ledger.clone(),
-        }
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.model.kv_ledger.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
 /// One row of [`Model::forward_batch`]: new tokens on top of a cache.
 #[derive(Debug, Clone)]
 pub struct BatchRow<'a> {
@@ -566,7 +563,8 @@ impl Model {
         let total = p + n;
         // Counted before the packed pasts are made.
         let shape: Vec<(usize, usize)> = rows.iter().map(|r| (r.past.len, r.ids.len())).collect();
-        let mut reserved = self.reserve(self.batch_call_bytes(&shape));
+        let _call = self.ledger.call();
+        let mut reserved = self.ledger.reserve(self.batch_call_bytes(&shape));
         metrics::histogram!("se_batch_rows").record(b as f64);
         let mut ids = vec![0i64; b * n];
         let mut mask = vec![0i64; b * total];
@@ -592,11 +590,13 @@ impl Model {
             let pos = Tensor::from_array(([b, n], pos)).map_err(ort_err("create position_ids"))?;
             inputs.push(("position_ids", pos.into()));
         }
+        let mut packed_census = Vec::with_capacity(self.io.past.len());
         for (t, name) in self.io.past.iter().enumerate() {
             let packed = match self.spec.kv_dtype {
                 KvDtype::F32 => kv::pack_past::<f32>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
                 KvDtype::F16 => kv::pack_past::<f16>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
             };
+            packed_census.push(self.ledger.scratch(&[&packed]));
             inputs.push((name.as_str(), packed.into()));
         }
 
@@ -611,9 +611,17 @@ impl Model {
             )?;
             let mut tensors: Vec<Vec<DynValue>> =
                 rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
+            // The batched outputs all exist now, the packed inputs too.
+            let mut present_census: Vec<_> = self
+                .io
+                .present
+                .iter()
+                .map(|name| self.ledger.scratch(&[&outputs[name.as_str()]]))
+                .collect();
+            drop(packed_census); // the run consumed the packed inputs
             // Layer by layer, each batched tensor freed once split: the copies
             // never hold more than one layer twice.
-            for name in &self.io.present {
+            for (name, counted) in self.io.present.iter().zip(present_census.drain(..)) {
                 let present = outputs
                     .remove(name)
                     .expect("the contract check at load guarantees present.*");
@@ -628,6 +636,7 @@ impl Model {
                 for (row, t) in tensors.iter_mut().zip(split) {
                     row.push(t);
                 }
+                drop((present, counted));
             }
             Ok((hidden, tensors))
         })?;
@@ -635,7 +644,10 @@ impl Model {
             .iter()
             .zip(hidden)
             .zip(tensors)
-            .map(|((r, hidden), tensors)| (hidden, reserved.cache(tensors, r.past.len + r.ids.len() - r.cut)))
+            .map(|((r, hidden), tensors)| {
+                let len = r.past.len + r.ids.len() - r.cut;
+                (hidden, self.cache(&mut reserved, tensors, len))
+            })
             .collect())
     }
 }

@@ -496,31 +496,10 @@ mod tests {
         safetensors_shaped(meta, &t)
     }
 
-    fn write(bytes: &[u8]) -> tempfile_path::TempPath {
-        tempfile_path::TempPath::with(bytes)
-    }
-
-    /// A tiny stand-in for a temp-file crate: a unique path removed on drop.
-    mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
-        impl TempPath {
-            pub fn with(bytes: &[u8]) -> TempPath {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "se-stats-{}-{}.safetensors",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::write(&p, bytes).expect("write a temp file");
-                TempPath(p)
-            }
-        }
-        impl Drop for TempPath {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
+    fn write(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("a temporary file");
+        std::io::Write::write_all(&mut f, bytes).expect("written");
+        f
     }
 
     const META: &str = r#"{"format":"3","model":"m","corpus_sha256":"abc","tool_version":"5"}"#;
@@ -549,7 +528,7 @@ mod tests {
     #[test]
     fn reads_and_applies() {
         let f = write(&full(META, 3));
-        let stats = EmbeddingStats::read(&f.0, 3, "m").expect("valid statistics load");
+        let stats = EmbeddingStats::read(f.path(), 3, "m").expect("valid statistics load");
         assert_eq!(stats.corpus_sha256, "abc");
         let mut v = vec![1.0, 2.0, 4.0];
         stats.get("mean").apply(&mut v);
@@ -561,10 +540,50 @@ mod tests {
         );
     }
 
+    /// Whitening with a matrix that is neither symmetric nor diagonal, made
+    /// here: the loaded statistics give `(x - mean) · W` (row-major, column j
+    /// the j-th direction), computed by hand below; `W` transposed would give
+    /// other numbers, so a reader that swapped rows and columns fails.
+    #[test]
+    fn whitening_is_x_minus_mean_times_w() {
+        // W = R(30°) · diag(2, 3) with a shear in the last row: w[i][j].
+        let (c, s) = (30f32.to_radians().cos(), 30f32.to_radians().sin());
+        let w = [[2.0 * c, -3.0 * s, 0.0], [2.0 * s, 3.0 * c, 0.0], [0.5, -0.25, 4.0]];
+        let flat: Vec<f32> = w.iter().flatten().copied().collect();
+        let mean = vec![0.5, -1.0, 2.0];
+        let mut t: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+        for p in STATS_POOLINGS {
+            t.push((format!("{p}.mean"), mean.clone(), vec![3]));
+            t.push((format!("{p}.inv_std"), vec![1.0; 3], vec![3]));
+            t.push((format!("{p}.whiten"), flat.clone(), vec![3, 3]));
+        }
+        let t: Vec<(&str, Vec<f32>, Vec<usize>)> =
+            t.iter().map(|(k, v, s)| (k.as_str(), v.clone(), s.clone())).collect();
+        let f = write(&safetensors_shaped(META, &t));
+        let stats = EmbeddingStats::read(f.path(), 3, "m").expect("valid statistics load");
+        let x = [1.5f32, 2.0, -1.0];
+        let centred: Vec<f32> = x.iter().zip(&mean).map(|(a, b)| a - b).collect();
+        let by_hand: Vec<f32> = (0..3)
+            .map(|j| centred[0] * w[0][j] + centred[1] * w[1][j] + centred[2] * w[2][j])
+            .collect();
+        let transposed: Vec<f32> = (0..3)
+            .map(|j| centred[0] * w[j][0] + centred[1] * w[j][1] + centred[2] * w[j][2])
+            .collect();
+        let got = stats.get("mean").whiten(&x, 3);
+        for (g, h) in got.iter().zip(&by_hand) {
+            assert!((g - h).abs() < 1e-5, "{got:?} vs {by_hand:?}");
+        }
+        assert!(
+            got.iter().zip(&transposed).any(|(g, t)| (g - t).abs() > 0.1),
+            "W is not its transpose"
+        );
+        assert_eq!(stats.get("mean").whiten(&x, 2).len(), 2, "the first k components");
+    }
+
     #[test]
     fn the_head_whitens_normalises_and_projects() {
         let f = write(&head_file(HEAD_META));
-        let head = EmbeddingHead::read(&f.0, 3, "m", "P").expect("a valid head loads");
+        let head = EmbeddingHead::read(f.path(), 3, "m", "P").expect("a valid head loads");
         assert_eq!((head.probe.k, head.mean.k, head.dimensions), (2, 2, 3));
         // probe (2, 2, 9) -> (3, 4) -> unit (0.6, 0.8); mean (0, 5, 1) -> (0, 5) -> (0, 1).
         let input = head.input(&[2.0, 2.0, 9.0], &[0.0, 5.0, 1.0]);
@@ -575,14 +594,14 @@ mod tests {
     #[test]
     fn a_head_of_another_model_width_or_probe_does_not_load() {
         let f = write(&head_file(HEAD_META));
-        let probe = EmbeddingHead::read(&f.0, 3, "m", "Q").unwrap_err().to_string();
+        let probe = EmbeddingHead::read(f.path(), 3, "m", "Q").unwrap_err().to_string();
         assert!(probe.contains("fitted with the probe"), "{probe}");
-        let width = EmbeddingHead::read(&f.0, 4, "m", "P").unwrap_err().to_string();
+        let width = EmbeddingHead::read(f.path(), 4, "m", "P").unwrap_err().to_string();
         assert!(width.contains("hidden size is 4"), "{width}");
-        let model = EmbeddingHead::read(&f.0, 3, "other", "P").unwrap_err().to_string();
+        let model = EmbeddingHead::read(f.path(), 3, "other", "P").unwrap_err().to_string();
         assert!(model.contains("not of this model"), "{model}");
         let g = write(&head_file(r#"{"format":"0","model":"m","probe":"P"}"#));
-        let format = EmbeddingHead::read(&g.0, 3, "m", "P").unwrap_err().to_string();
+        let format = EmbeddingHead::read(g.path(), 3, "m", "P").unwrap_err().to_string();
         assert!(format.contains("format"), "{format}");
         let missing = EmbeddingHead::read(Path::new("/nonexistent/h"), 3, "m", "P")
             .unwrap_err()
@@ -593,22 +612,22 @@ mod tests {
     #[test]
     fn a_mismatch_is_a_load_error() {
         let f = write(&full(META, 3));
-        let width = EmbeddingStats::read(&f.0, 4, "m").unwrap_err().to_string();
+        let width = EmbeddingStats::read(f.path(), 4, "m").unwrap_err().to_string();
         assert!(width.contains("hidden size is 4"), "{width}");
-        let model = EmbeddingStats::read(&f.0, 3, "other").unwrap_err().to_string();
+        let model = EmbeddingStats::read(f.path(), 3, "other").unwrap_err().to_string();
         assert!(model.contains("not of this model"), "{model}");
         let g = write(&full(r#"{"format":"0","model":"m"}"#, 3));
-        let format = EmbeddingStats::read(&g.0, 3, "m").unwrap_err().to_string();
+        let format = EmbeddingStats::read(g.path(), 3, "m").unwrap_err().to_string();
         assert!(format.contains("format"), "{format}");
         let h = write(&safetensors(META, &[("mean.mean", vec![0.0; 3])]));
-        let missing = EmbeddingStats::read(&h.0, 3, "m").unwrap_err().to_string();
+        let missing = EmbeddingStats::read(h.path(), 3, "m").unwrap_err().to_string();
         assert!(missing.contains("no tensor \"mean.inv_std\""), "{missing}");
         let missing_file = EmbeddingStats::read(Path::new("/nonexistent/x"), 3, "m")
             .unwrap_err()
             .to_string();
         assert!(missing_file.contains("make models"), "{missing_file}");
         let garbage = write(b"\x05\0\0\0\0\0\0\0{nope");
-        assert!(EmbeddingStats::read(&garbage.0, 3, "m").is_err());
+        assert!(EmbeddingStats::read(garbage.path(), 3, "m").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod session;
 
 use error::inbound_failure;
 pub use error::{ErrorChain, ServiceError, rewrite_decode_statuses};
+use session::{HalfCloseArm, OnHalfClose};
 pub use session::{MAX_SESSION_ID_LEN, Sessions};
 
 use std::{
@@ -261,7 +262,7 @@ impl EmbedderService {
 
 #[tonic::async_trait]
 impl pb::embedder_server::Embedder for EmbedderService {
-    type ConverseStream = ReceiverStream<Result<pb::ConverseResponse, Status>>;
+    type ConverseStream = Responses;
 
     async fn converse(
         &self,
@@ -284,6 +285,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             Conversation::new(engine.model(), self.shared.limits.default_options()).map_err(ServiceError::Defaults)?;
         let slot = engine.budget().slot(conversation);
         let (responses_tx, responses_rx) = mpsc::channel(16);
+        let (on_half_close, half_close) = OnHalfClose::new(self.shared.sessions_table.clone(), stream_id);
         let task = ConverseTask {
             engine,
             limits: self.shared.limits.clone(),
@@ -295,11 +297,15 @@ impl pb::embedder_server::Embedder for EmbedderService {
             slot,
             session_id: None,
             principal,
+            half_close,
             _permit: permit,
         };
         let span = tracing::info_span!("converse", stream_id, peer = ?peer);
         tokio::spawn(task.run().instrument(span));
-        Ok(Response::new(ReceiverStream::new(responses_rx)))
+        Ok(Response::new(Responses {
+            inner: ReceiverStream::new(responses_rx),
+            on_half_close,
+        }))
     }
 
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
@@ -351,15 +357,27 @@ impl pb::embedder_server::Embedder for EmbedderService {
         }))
     }
 
-    async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
+    async fn get_stats(&self, request: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
         let engine = self.engine()?;
+        // Test builds answer `se-census` metadata with the ledger and an
+        // independent census of the KV tensors, read together between model
+        // calls (see `model::Model::ledger_snapshot`).
+        let snapshot = if request.metadata().contains_key(CENSUS_METADATA) {
+            let model = engine.model().clone();
+            tokio::task::spawn_blocking(move || model.ledger_snapshot())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
         let stats = engine.stats();
         let budget = engine.budget();
         let census = budget.census();
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        Ok(Response::new(pb::Stats {
+        let mut response = Response::new(pb::Stats {
             active_sessions: saturating_u32(self.shared.active_sessions()),
-            kv_cache_bytes: engine.model().kv_cache_bytes(),
+            kv_cache_bytes: snapshot.map_or_else(|| engine.model().kv_cache_bytes(), |s| s.ledger),
             turns_total: stats.turns(),
             tokens_total: stats.tokens(),
             queued_turns: saturating_u32(stats.queued()),
@@ -374,13 +392,46 @@ impl pb::embedder_server::Embedder for EmbedderService {
             rebuilt_tokens_total: stats.rebuilt_tokens(),
             queue_wait_us_total: micros(stats.queue_wait_total()),
             queue_wait_us_max: micros(stats.queue_wait_max()),
-        }))
+        });
+        if let Some(s) = snapshot {
+            let metadata = response.metadata_mut();
+            metadata.insert("se-census-bytes", s.census.into());
+            metadata.insert("se-census-peak-bytes", s.peak.into());
+        }
+        Ok(response)
     }
 }
+
+/// The request metadata key that asks `GetStats` for the census (test builds).
+pub const CENSUS_METADATA: &str = "se-census";
 
 fn next_stream_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A Converse stream's responses, as tonic sends them; when they have all
+/// gone out, a half-closed resumable session ends (and if they are cut
+/// short, it is kept, detached).
+#[derive(Debug)]
+pub struct Responses {
+    inner: ReceiverStream<Result<pb::ConverseResponse, Status>>,
+    on_half_close: OnHalfClose,
+}
+
+impl tokio_stream::Stream for Responses {
+    type Item = Result<pb::ConverseResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let std::task::Poll::Ready(None) = next {
+            self.on_half_close.delivered();
+        }
+        next
+    }
 }
 
 /// How a stream ended, for its closing log line.
@@ -410,6 +461,8 @@ struct ConverseTask {
     session_id: Option<String>,
     /// The token the stream came with (`--auth-token-file`).
     principal: Option<Principal>,
+    /// Ends a half-closed session once its responses have all gone out.
+    half_close: HalfCloseArm,
     /// Holds one of the server's stream slots for the task's lifetime.
     _permit: OwnedSemaphorePermit,
 }
@@ -493,7 +546,16 @@ impl ConverseTask {
         };
         let session = match (&self.session_id, ending) {
             (None, _) => "none",
-            (Some(id), Ending::HalfClosed | Ending::ShuttingDown | Ending::EngineStopped) => {
+            (Some(id), Ending::HalfClosed) => {
+                // Ended once the responses have all gone out; kept if not.
+                if self.half_close.arm(id) {
+                    "ends when its responses are out"
+                } else {
+                    self.sessions.detach(id, self.stream_id);
+                    "detached"
+                }
+            }
+            (Some(id), Ending::ShuttingDown | Ending::EngineStopped) => {
                 self.sessions.end(id, self.stream_id);
                 "ended"
             }
