@@ -16,9 +16,11 @@ use tonic::{
     transport::Channel,
 };
 
-use crate::{
-    common,
-    grpc::{TestServer, converse_all, embedding, error, options, turn},
+use crate::support::{
+    models,
+    server::TestServer,
+    stream::{answer, converse_all, embedding, error, open, options, turn},
+    tokens,
 };
 
 /// Sends raw bytes as each message; decodes responses as `R`.
@@ -82,7 +84,10 @@ async fn raw_converse(channel: Channel, messages: Vec<Vec<u8>>) -> (Vec<pb::Conv
     };
     let mut got = Vec::new();
     loop {
-        match stream.next().await {
+        match tokio::time::timeout(crate::support::DEADLINE, stream.next())
+            .await
+            .expect("the server answers in time")
+        {
             Some(Ok(r)) => got.push(r),
             Some(Err(status)) => return (got, Some(status)),
             None => return (got, None),
@@ -115,7 +120,7 @@ fn turn_with_text_bytes(text: &[u8]) -> Vec<u8> {
 async fn still_fine(server: &TestServer) {
     let mut client = server.client().await;
     let ok = converse_all(&mut client, vec![turn("ok", "still fine", "")]).await;
-    assert_eq!(embedding(&ok[0]).values.len(), common::tiny_dims());
+    assert_eq!(embedding(&ok[0]).values.len(), models::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,9 +130,9 @@ async fn undecodable_messages_are_invalid_argument() {
     let server = TestServer::start(&[]).await;
     // A stream that is open and working throughout.
     let mut client = server.client().await;
-    let (bystander_tx, mut bystander) = crate::grpc::open(&mut client).await;
+    let (bystander_tx, mut bystander) = open(&mut client).await;
     bystander_tx.send(turn("b1", "a bystander", "")).await.unwrap();
-    let first = embedding(&bystander.next().await.unwrap().unwrap()).clone();
+    let first = embedding(&answer(&mut bystander).await).clone();
 
     let good = pb::ConverseRequest {
         tag: "good".into(),
@@ -157,7 +162,7 @@ async fn undecodable_messages_are_invalid_argument() {
     }
     // The bystander's conversation went on untouched.
     bystander_tx.send(turn("b2", "still here", "")).await.unwrap();
-    let second = embedding(&bystander.next().await.unwrap().unwrap()).clone();
+    let second = embedding(&answer(&mut bystander).await).clone();
     assert!(second.context_tokens > first.context_tokens);
     server
         .wait_stats("only the bystander's cache", |s| s.active_sessions == 1)
@@ -201,8 +206,6 @@ async fn the_message_limit_is_exact() {
 async fn session_level_bad_input_is_in_band() {
     let server = TestServer::start(&[]).await;
     let mut client = server.client().await;
-    let model = common::tiny();
-
     let r = converse_all(
         &mut client,
         vec![
@@ -222,10 +225,10 @@ async fn session_level_bad_input_is_in_band() {
     assert_eq!(error(&r[1]).code, Code::InvalidArgument as i32, "options after a turn");
 
     for (o, want) in [
-        (pb::SessionOptions::default(), Ok(common::tiny_dims() as u32)),
+        (pb::SessionOptions::default(), Ok(models::tiny_dims() as u32)),
         (
             pb::SessionOptions {
-                dimensions: common::tiny_dims() as u32 + 1,
+                dimensions: models::tiny_dims() as u32 + 1,
                 ..Default::default()
             },
             Err(Code::InvalidArgument),
@@ -271,8 +274,8 @@ async fn session_level_bad_input_is_in_band() {
 
     // REJECT at the window's edge: a turn that fills it exactly fits; one token more does not.
     let first = "def add(a, b): return a + b";
-    let n1 = model.tokenizer().turn(first, "").unwrap().ids.len();
-    let word = model.tokenizer().turn(" x", "").unwrap().ids.len();
+    let n1 = tokens::encode(first).len();
+    let word = tokens::encode(" x").len();
     assert_eq!(word, 1, "' x' is one token");
     let window = n1 + 3;
     let reject = pb::SessionOptions {
@@ -290,7 +293,7 @@ async fn session_level_bad_input_is_in_band() {
         ],
     )
     .await;
-    assert_eq!(model.tokenizer().turn(" x x x x", "").unwrap().ids.len(), 4);
+    assert_eq!(tokens::encode(" x x x x").len(), 4);
     let e = error(&over[2]);
     assert_eq!(e.code, Code::ResourceExhausted as i32, "{e:?}");
     assert!(e.message.contains("REJECT"), "{e:?}");

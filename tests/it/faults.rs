@@ -1,200 +1,202 @@
 //! Faults from inside, through the `faults` feature's hook (`SE_FAULTS`,
 //! src/faults.rs): a model call that fails mid-turn, mid-chunk of a long
-//! turn and mid-batch leaves every conversation as it was; a dead engine says
-//! so and the process exits non-zero. Model calls are counted from 1 (the
-//! warm-up), so each test knows which call it breaks. Streams take the
-//! defaults (PROBE_MEAN): the probe's 12 tokens ride at the end of each
-//! turn's call(s).
+//! turn and mid-batch leaves every conversation as it was; a turn whose
+//! stream goes away while its call runs is dropped without harm; a dead
+//! engine says so and the process exits non-zero. Model calls are counted
+//! from 1 (the warm-up), so each test knows which call it breaks, and calls
+//! that must be running while something else happens are held (`hold:N`)
+//! until the test releases them. Streams take the defaults (PROBE_MEAN): the
+//! probe's 12 tokens ride at the end of each turn's call(s).
 
-use std::time::Duration;
-
-use stateful_embedder::{conversation::ConversationOptions, pb};
-use tokio_stream::StreamExt;
+use stateful_embedder::conversation::ConversationOptions;
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-use crate::{
-    common::{self, F32, assert_close, oracle},
-    grpc::{TestServer, embedding, error, open, turn},
+use crate::support::{
+    DEADLINE, models,
+    oracle::{F32, assert_close, oracle},
+    server::{Gate, Launch, TestServer},
+    stream::{Talker, answer, embedding, end_status, open, turn},
+    tokens,
 };
 
-/// A stream taking turns; its expected context follows only the turns that succeed.
-struct Checked {
-    tx: tokio::sync::mpsc::Sender<pb::ConverseRequest>,
-    rx: tonic::Streaming<pb::ConverseResponse>,
-    context: Vec<u32>,
-}
-
-impl Checked {
-    async fn open(server: &TestServer) -> Checked {
-        let (tx, rx) = open(&mut server.client().await).await;
-        Checked {
-            tx,
-            rx,
-            context: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, text: &str) -> pb::ConverseResponse {
-        self.tx.send(turn("t", text, "user")).await.unwrap();
-        self.rx.next().await.unwrap().unwrap()
-    }
-
-    /// A turn that must succeed and equal the oracle over the context so far.
-    async fn good(&mut self, text: &str) {
-        let r = self.send(text).await;
-        let model = common::tiny();
-        let tt = model.tokenizer().turn(text, "user").unwrap();
-        let span = self.context.len() + tt.text.start..self.context.len() + tt.text.end;
-        self.context.extend_from_slice(&tt.ids);
-        let want = oracle(&model, &self.context, span, &ConversationOptions::default());
-        assert_close(text, &embedding(&r).values, &want, F32);
-    }
-
-    /// A turn that must fail in-band with INTERNAL, the stream going on.
-    async fn fails(&mut self, text: &str) {
-        let r = self.send(text).await;
-        let e = error(&r);
-        assert_eq!(e.code, Code::Internal as i32, "{e:?}");
-        assert!(e.message.contains("unchanged"), "{e:?}");
-    }
+/// A turn that must fail in-band with INTERNAL, the stream going on.
+async fn fails_internally(talker: &mut Talker, text: &str) {
+    let e = talker.fails(text).await;
+    assert_eq!(e.code, Code::Internal as i32, "{e:?}");
+    assert!(e.message.contains("unchanged"), "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A model call that fails mid-turn (the turn's tokens and its probe's):
-/// INTERNAL in-band, the KV bytes and the context exactly as before (the
+/// INTERNAL in-band, the KV tensors and the context exactly as before (the
 /// next turn meets the oracle without it), twice in one stream.
 async fn a_failed_call_mid_turn_changes_nothing() {
     // 1 the warm-up, 2 the first turn, 3 the second (fails), 4 the third,
     // 5 the fourth (fails).
-    let server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "fail:3,fail:5")]).await;
-    let mut s = Checked::open(&server).await;
-    s.good("def add(a, b): return a + b").await;
-    let before = server.wait_stats("after the first turn", |_| true).await;
-    s.fails("this turn's call fails").await;
-    let after = server.wait_stats("after the failure", |_| true).await;
-    assert_eq!(after.kv_cache_bytes, before.kv_cache_bytes, "no byte kept or lost");
-    s.good("and this one succeeds on the old context").await;
-    let before = server.wait_stats("after the third turn", |_| true).await;
-    s.fails("this turn's call fails too").await;
-    let after = server.wait_stats("after the second failure", |_| true).await;
-    assert_eq!(after.model_calls_total, 5, "one call per turn, the probe in it");
-    assert_eq!(
-        after.kv_cache_bytes, before.kv_cache_bytes,
-        "the turn's new cache was dropped"
-    );
-    s.good("and the context is as before the failed turn").await;
+    let server = Launch::new(&[])
+        .env("SE_FAULTS", "fail:3,fail:5")
+        .log("warn")
+        .process()
+        .await;
+    let mut s = Talker::open(&mut server.client().await).await;
+    s.say("first", "def add(a, b): return a + b").await;
+    let before = server.census().await;
+    fails_internally(&mut s, "this turn's call fails").await;
+    let after = server.census().await;
+    assert_eq!(after.bytes, before.bytes, "no KV tensor kept or lost: {after:?}");
+    assert_eq!(after.stats.kv_cache_bytes, after.bytes);
+    s.say("third", "and this one succeeds on the old context").await;
+    let before = server.census().await;
+    fails_internally(&mut s, "this turn's call fails too").await;
+    let after = server.census().await;
+    assert_eq!(after.stats.model_calls_total, 5, "one call per turn, the probe in it");
+    assert_eq!(after.bytes, before.bytes, "the turn's new cache was dropped");
+    s.say("fifth", "and the context is as before the failed turn").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A chunk of a long turn that fails part-way: the part-built cache is
-/// dropped, the conversation is as before the turn.
+/// dropped (the census), the conversation is as before the turn.
 async fn a_failed_chunk_of_a_long_turn_changes_nothing() {
     // Chunks of 16, each turn's tokens followed by the probe's 12 (which
     // ride with the last chunk): 1-2 the warm-up (19 + 12 tokens), 3 "short"
     // (6 + 12), the long turn calls 4 on (five or more); call 6, its third,
     // fails.
-    let server = TestServer::process_with(&["--prefill-chunk-tokens", "16"], "warn", &[("SE_FAULTS", "fail:6")]).await;
-    let long = "alpha beta gamma delta ".repeat(15);
-    let n = common::tiny().tokenizer().turn(&long, "user").unwrap().ids.len();
-    assert!(n > 48, "five chunks or more: {n} tokens");
-    let mut s = Checked::open(&server).await;
-    s.good("short").await;
-    let before = server.wait_stats("after the first turn", |_| true).await;
-    s.fails(&long).await;
-    let after = server
-        .wait_stats("part-built cache gone", |s| s.kv_cache_bytes == before.kv_cache_bytes)
+    let server = Launch::new(&["--prefill-chunk-tokens", "16"])
+        .env("SE_FAULTS", "fail:6")
+        .log("warn")
+        .process()
         .await;
+    let long = "alpha beta gamma delta ".repeat(15);
+    assert!(tokens::turn(&long, "user").0.len() > 48, "five chunks or more");
+    let mut s = Talker::open(&mut server.client().await).await;
+    s.say("short", "short").await;
+    let before = server.census().await;
+    fails_internally(&mut s, &long).await;
+    let after = server.census().await;
+    assert_eq!(after.bytes, before.bytes, "part-built cache gone: {after:?}");
     assert_eq!(
-        after.model_calls_total, 6,
+        after.stats.model_calls_total, 6,
         "the rest of the prefill (and the probe) was not run"
     );
-    s.good("after the failed long turn").await;
+    s.say("after", "after the failed long turn").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A batched call that fails: every turn in it is answered (each run alone
-/// after the failure), each equal to its oracle.
+/// after the failure), each equal to its oracle. The call before it is held
+/// until the four turns are queued, so they are certain to share the call.
 async fn a_failed_batch_still_answers_every_turn() {
-    // 1 the warm-up, 2 "hello", 3 the long turn (one call), 4 the batch of
-    // four: fails.
-    let server =
-        TestServer::process_with(&["--prefill-chunk-tokens", "8192"], "warn", &[("SE_FAULTS", "fail:4")]).await;
-    let mut long = Checked::open(&server).await;
-    long.good("hello").await;
-    let long_text = "alpha beta gamma delta ".repeat(1000);
-    long.tx.send(turn("long", &long_text, "")).await.unwrap();
+    // 1 the warm-up, 2 "hello" (held), 3 the batch of four: fails; 4-7 each alone.
+    let gate = Gate::new();
+    let server = Launch::new(&[])
+        .faults("hold:2,fail:3", &gate)
+        .log("warn")
+        .process()
+        .await;
+    let mut client = server.client().await;
+    let (hello_tx, mut hello_rx) = open(&mut client).await;
+    hello_tx.send(turn("hello", "hello", "")).await.unwrap();
     server
-        .wait_stats("the long call running", |s| s.model_calls_total >= 3)
+        .wait_stats("the held call started", |s| s.model_calls_total == 2)
         .await;
+    let texts: Vec<String> = (0..4).map(|i| format!("stream {i}: what does this return?")).collect();
     let mut shorts = Vec::new();
-    for i in 0..4 {
-        let s = Checked::open(&server).await;
-        s.tx.send(turn("t", &format!("stream {i}: what does this return?"), "user"))
-            .await
-            .unwrap();
-        shorts.push(s);
+    for text in &texts {
+        let (tx, rx) = open(&mut client).await;
+        tx.send(turn("t", text, "user")).await.unwrap();
+        shorts.push((tx, rx));
     }
-    let queued = server
-        .wait_stats("four queued behind the long call", |s| s.queued_turns == 5)
+    server
+        .wait_stats("four queued behind the held call", |s| s.queued_turns == 5)
         .await;
-    assert_eq!(
-        queued.model_calls_total, 3,
-        "the long call was still running: {queued:?}"
-    );
-    long.rx.next().await.unwrap().unwrap();
-    let model = common::tiny();
-    for (i, s) in shorts.iter_mut().enumerate() {
-        let text = format!("stream {i}: what does this return?");
-        let r = s.rx.next().await.unwrap().unwrap();
-        let tt = model.tokenizer().turn(&text, "user").unwrap();
-        let want = oracle(&model, &tt.ids, tt.text.clone(), &ConversationOptions::default());
-        assert_close(&text, &embedding(&r).values, &want, F32);
+    gate.open(2);
+    embedding(&answer(&mut hello_rx).await);
+    let model = models::tiny();
+    for ((_, rx), text) in shorts.iter_mut().zip(&texts) {
+        let r = answer(rx).await;
+        let (ids, span) = tokens::turn(text, "user");
+        let want = oracle(&model, &ids, span, &ConversationOptions::default());
+        assert_close(text, &embedding(&r).values, &want, F32);
     }
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
     assert_eq!(
         after.model_calls_total,
-        4 + 4,
+        3 + 4,
         "the failed batch, then each turn alone: {after:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A turn whose stream is cancelled while its (single) model call runs:
+/// the call finishes, its result is dropped, the conversation and every
+/// tensor with it are freed, and the server goes on serving (a second
+/// stream's next turn is exact).
+async fn a_turn_cancelled_mid_call_is_dropped_cleanly() {
+    // 1 the warm-up, 2 the bystander's first turn, 3 the doomed turn (held).
+    let gate = Gate::new();
+    let server = Launch::new(&[]).faults("hold:3", &gate).log("warn").process().await;
+    let mut bystander = Talker::open(&mut server.client().await).await;
+    bystander.say("first", "a bystander's first turn").await;
+    let before = server.census().await;
+
+    let mut client = server.client().await;
+    let (tx, rx) = open(&mut client).await;
+    tx.send(turn("doomed", "a turn whose client goes away", "user"))
+        .await
+        .unwrap();
+    server
+        .wait_stats("the doomed call started", |s| s.model_calls_total == 3)
+        .await;
+    drop((tx, rx, client)); // the client cancels mid-call
+    server
+        .wait_stats("the doomed stream gone", |s| s.active_sessions == 1)
+        .await;
+    gate.open(3);
+    let after = server.wait_stats("the call over", |s| s.queued_turns == 0).await;
+    assert_eq!(after.turns_total, before.stats.turns_total + 1, "the doomed turn ran");
+    let census = server.census().await;
+    assert_eq!(
+        census.bytes, before.bytes,
+        "only the bystander's tensors are left: {census:?}"
+    );
+    assert_eq!(census.stats.kv_cache_bytes, census.bytes);
+    bystander.say("second", "the bystander goes on").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// The engine thread panics: the turn's stream and an idle one end with
-/// UNAVAILABLE "the inference engine has stopped", health is NOT_SERVING
-/// (or the port closed), and the process exits non-zero.
+/// UNAVAILABLE "the inference engine has stopped", a health Watch opened
+/// before sees NOT_SERVING, and the process exits non-zero.
 async fn a_dead_engine_says_so_and_the_process_exits() {
     // 1 the warm-up, 2 the idle stream's turn, 3 panics.
-    let mut server = TestServer::process_with(&[], "warn", &[("SE_FAULTS", "panic:3")]).await;
-    let mut idle = Checked::open(&server).await;
-    idle.good("an idle stream's turn").await;
-    let mut dying = Checked::open(&server).await;
+    let mut server: TestServer = Launch::new(&[]).env("SE_FAULTS", "panic:3").log("warn").process().await;
+    let mut health = HealthClient::new(server.channel().await)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("a health watch")
+        .into_inner();
+    let mut idle = Talker::open(&mut server.client().await).await;
+    idle.say("idle", "an idle stream's turn").await;
+    let mut dying = Talker::open(&mut server.client().await).await;
     dying.tx.send(turn("t", "the call that panics", "user")).await.unwrap();
     for (what, rx) in [("the turn's stream", &mut dying.rx), ("an idle stream", &mut idle.rx)] {
-        let status = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                match rx.next().await {
-                    Some(Ok(_)) => continue,
-                    Some(Err(status)) => return status,
-                    None => panic!("{what} ended OK"),
-                }
-            }
-        })
-        .await
-        .expect("the streams end");
+        let status = end_status(rx).await;
         assert_eq!(status.code(), Code::Unavailable, "{what}: {status:?}");
         assert!(status.message().contains("engine has stopped"), "{what}: {status:?}");
     }
-    if let Ok(channel) = tonic::transport::Channel::from_shared(server.addr.clone())
-        .unwrap()
-        .connect()
+    let not_serving = async {
+        while let Some(status) = tokio_stream::StreamExt::next(&mut health).await {
+            if status.expect("a health status").status() == ServingStatus::NotServing {
+                return;
+            }
+        }
+        panic!("the health watch ended before NOT_SERVING");
+    };
+    tokio::time::timeout(DEADLINE, not_serving)
         .await
-        && let Ok(r) = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: String::new() })
-            .await
-    {
-        assert_ne!(r.into_inner().status, 1, "not SERVING with a dead engine");
-    }
-    let status = server.wait_exit(Duration::from_secs(20)).await;
+        .expect("NOT_SERVING in time");
+    let status = server.wait_exit().await;
     assert!(!status.success(), "a dead engine exits non-zero: {status:?}");
 }

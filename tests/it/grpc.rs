@@ -1,305 +1,27 @@
 //! The gRPC service against a real server on an ephemeral port (tiny model),
-//! run in-process through `server::run` (a child process for the signal test),
-//! with tonic clients and the Rust `converse` client process.
+//! run in-process through `server::run` (a child process where a test
+//! signals it or holds a model call), with tonic clients and the Rust
+//! `converse` client process.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::process::Stdio;
 
 use stateful_embedder::{
-    config::Config,
     conversation::{Conversation, ConversationOptions, Pooling, Standardize},
     pb::{
-        self, ConverseRequest, ConverseResponse, converse_request::Action, converse_response::Result as Reply,
-        embedder_client::EmbedderClient,
+        self, ConverseRequest, ConverseResponse, converse_response::Result as Reply, embedder_client::EmbedderClient,
     },
-    server,
 };
-use tokio::{io::AsyncBufReadExt, sync::oneshot};
-use tokio_stream::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{self, F32, assert_close, oracle};
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateful-embedder");
-
-/// A server on 127.0.0.1:0 with the tiny model: in this process (`server::run`
-/// with a shutdown future, as a library user would run it), or as a child
-/// process for the tests that signal it. Stopped on drop.
-pub struct TestServer {
-    pub addr: String,
-    kind: Kind,
-}
-
-enum Kind {
-    /// `server::run` on this test's runtime; sending on `shutdown` drains it.
-    InProcess {
-        shutdown: Option<oneshot::Sender<()>>,
-        task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    },
-    /// The server binary (killed on drop).
-    Process(tokio::process::Child),
-}
-
-impl TestServer {
-    /// Runs the server in this process with extra command-line flags; returns once health is SERVING.
-    pub async fn start(extra: &[&str]) -> TestServer {
-        let tiny = common::tiny_dir();
-        let mut args = vec!["--addr", "127.0.0.1:0", "--model", tiny.to_str().expect("a UTF-8 path")];
-        args.extend_from_slice(extra);
-        let config = Config::from_serve_args(args).expect("valid test flags");
-        let listener = tokio::net::TcpListener::bind(config.addr)
-            .await
-            .expect("binds 127.0.0.1:0");
-        let addr = listener.local_addr().expect("a bound address");
-        let (shutdown, shutdown_rx) = oneshot::channel();
-        let task = tokio::spawn(server::run(config, listener, async {
-            let _ = shutdown_rx.await;
-        }));
-        let server = TestServer {
-            addr: format!("http://{addr}"),
-            kind: Kind::InProcess {
-                shutdown: Some(shutdown),
-                task,
-            },
-        };
-        server.wait_serving().await;
-        server
-    }
-
-    /// Runs the server binary with extra flags; returns once health is SERVING.
-    pub async fn process(extra: &[&str]) -> TestServer {
-        Self::process_logging(extra, "info").await
-    }
-
-    /// [`TestServer::process`] logging at `level` (its stderr is the test's).
-    pub async fn process_logging(extra: &[&str], level: &str) -> TestServer {
-        Self::process_with(extra, level, &[]).await
-    }
-
-    /// [`TestServer::process_logging`] with extra environment variables.
-    pub async fn process_with(extra: &[&str], level: &str, env: &[(&str, &str)]) -> TestServer {
-        let mut child = tokio::process::Command::new(BIN)
-            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-            .arg(common::tiny_dir())
-            .args(extra)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", level)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the server binary starts");
-        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line))
-            .await
-            .expect("the server prints its address within 60 s")
-            .expect("reads its stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("a 'listening on' line")
-            .to_string();
-        let server = TestServer {
-            addr: format!("http://{addr}"),
-            kind: Kind::Process(child),
-        };
-        server.wait_serving().await;
-        server
-    }
-
-    /// Waits on the health Watch until the server is SERVING.
-    async fn wait_serving(&self) {
-        self.wait_health(ServingStatus::Serving).await;
-    }
-
-    /// Waits on the health Watch (bounded: 60 s) until the overall status is `want`.
-    pub async fn wait_health(&self, want: ServingStatus) {
-        let mut health = HealthClient::new(self.channel().await);
-        let mut watch = health
-            .watch(HealthCheckRequest { service: String::new() })
-            .await
-            .expect("health watch")
-            .into_inner();
-        let reached = async {
-            while let Some(status) = watch.next().await {
-                if status.expect("health status").status() == want {
-                    return;
-                }
-            }
-            panic!("the health watch ended before {want:?}");
-        };
-        tokio::time::timeout(Duration::from_secs(60), reached)
-            .await
-            .unwrap_or_else(|_| panic!("{want:?} within 60 s"));
-    }
-
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects")
-    }
-
-    pub async fn client(&self) -> EmbedderClient<Channel> {
-        EmbedderClient::new(self.channel().await).max_decoding_message_size(64 << 20)
-    }
-
-    /// Polls GetStats until `done` holds (bounded: 20 s), returning the last
-    /// stats. (GetStats has no watch; the poll is bounded and its interval
-    /// short, and no test sleeps instead of waiting for a state.)
-    pub async fn wait_stats(&self, what: &str, done: impl Fn(&pb::Stats) -> bool) -> pb::Stats {
-        let mut client = self.client().await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let stats = client.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
-            if done(&stats) {
-                return stats;
-            }
-            assert!(Instant::now() < deadline, "{what}: stats never got there: {stats:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The child process's pid (process servers only).
-    pub fn pid(&self) -> u32 {
-        match &self.kind {
-            Kind::Process(child) => child.id().expect("the server process is running"),
-            Kind::InProcess { .. } => panic!("an in-process server has no pid of its own"),
-        }
-    }
-
-    /// Waits (bounded) for the child process to exit (process servers only).
-    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let Kind::Process(child) = &mut self.kind else {
-            panic!("only a process server exits on its own");
-        };
-        tokio::time::timeout(limit, child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("the server did not exit within {limit:?}"))
-            .expect("waits for the server process")
-    }
-
-    /// Resolves an in-process server's shutdown future, as a signal would.
-    pub fn begin_shutdown(&mut self) {
-        let Kind::InProcess { shutdown, .. } = &mut self.kind else {
-            panic!("only an in-process server is shut down through its future");
-        };
-        let _ = shutdown.take().expect("shut down once").send(());
-    }
-
-    /// Waits (bounded: 30 s) for an in-process server's `run` to return.
-    pub async fn stopped(mut self) -> anyhow::Result<()> {
-        let Kind::InProcess { task, .. } = &mut self.kind else {
-            panic!("only an in-process server returns from run");
-        };
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("server::run returns within 30 s of its shutdown")
-            .expect("the server task does not panic")
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        match &mut self.kind {
-            Kind::InProcess { task, .. } => task.abort(),
-            Kind::Process(child) => {
-                let _ = child.start_kill();
-            }
-        }
-    }
-}
-
-pub(crate) fn turn(tag: &str, text: &str, role: &str) -> ConverseRequest {
-    ConverseRequest {
-        tag: tag.into(),
-        action: Some(Action::Turn(pb::Turn {
-            text: text.into(),
-            role: role.into(),
-        })),
-    }
-}
-
-pub(crate) fn options(o: pb::SessionOptions) -> ConverseRequest {
-    ConverseRequest {
-        tag: "options".into(),
-        action: Some(Action::Options(o)),
-    }
-}
-
-fn reset(tag: &str) -> ConverseRequest {
-    ConverseRequest {
-        tag: tag.into(),
-        action: Some(Action::Reset(pb::Reset {})),
-    }
-}
-
-/// Opens a Converse stream fed by the returned sender: requests sent on it
-/// go out in order, and dropping it half-closes the stream.
-pub(crate) async fn open(
-    client: &mut EmbedderClient<Channel>,
-) -> (
-    tokio::sync::mpsc::Sender<ConverseRequest>,
-    tonic::Streaming<ConverseResponse>,
-) {
-    // Room for every request a test pipelines before reading.
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let stream = client
-        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("the stream opens")
-        .into_inner();
-    (tx, stream)
-}
-
-/// Sends all requests at once on one stream (pipelined), half-closes, collects every response.
-pub(crate) async fn converse_all(
-    client: &mut EmbedderClient<Channel>,
-    requests: Vec<ConverseRequest>,
-) -> Vec<ConverseResponse> {
-    let (tx, stream) = open(client).await;
-    for r in requests {
-        tx.send(r).await.expect("the stream takes requests");
-    }
-    drop(tx);
-    stream.collect::<Result<Vec<_>, _>>().await.expect("the stream ends OK")
-}
-
-/// An open stream with one turn answered: the sender (keep it to keep the
-/// stream open), the response stream, and the first response.
-pub(crate) async fn open_stream(
-    client: &mut EmbedderClient<Channel>,
-    first: ConverseRequest,
-) -> (
-    tokio::sync::mpsc::Sender<ConverseRequest>,
-    tonic::Streaming<ConverseResponse>,
-    ConverseResponse,
-) {
-    let (tx, mut stream) = open(client).await;
-    tx.send(first).await.expect("the stream takes requests");
-    let response = stream.next().await.expect("a response").expect("an OK response");
-    (tx, stream, response)
-}
-
-pub(crate) fn embedding(r: &ConverseResponse) -> &pb::Embedding {
-    match &r.result {
-        Some(Reply::Embedding(e)) => e,
-        other => panic!("expected an embedding at index {}, got {other:?}", r.index),
-    }
-}
-
-pub(crate) fn error(r: &ConverseResponse) -> &pb::Error {
-    match &r.result {
-        Some(Reply::Error(e)) => e,
-        other => panic!("expected an error at index {}, got {other:?}", r.index),
-    }
-}
+use crate::support::{
+    DEADLINE, models,
+    oracle::{F32, assert_close, oracle},
+    server::{BIN, Gate, Launch, TestServer},
+    stream::{answer, converse_all, embedding, end_status, error, next, open, open_stream, options, reset, turn},
+    tokens::{self, Context},
+};
 
 const TURNS: [(&str, &str); 3] = [
     ("You are a terse coding assistant.", "system"),
@@ -318,19 +40,27 @@ async fn oracle_holds_over_the_wire() {
         .map(|(i, (t, r))| turn(&format!("t{i}"), t, r))
         .collect();
     let responses = converse_all(&mut client, requests).await;
-    let model = common::tiny();
-    let mut context = Vec::new();
+    let model = models::tiny();
+    // The expected tokens: the reference tokenizer, and literal ids for the
+    // first two turns (Qwen's vocabulary) so that the reference is checked too.
+    let mut context = Context::default();
     for (i, ((text, role), r)) in TURNS.iter().zip(&responses).enumerate() {
-        let tt = model.tokenizer().turn(text, role).unwrap();
-        let span = context.len() + tt.text.start..context.len() + tt.text.end;
-        context.extend_from_slice(&tt.ids);
-        let want = oracle(&model, &context, span, &ConversationOptions::default());
+        let before = context.ids.len();
+        let span = context.push(text, role);
+        let want = oracle(&model, &context.ids, span, &ConversationOptions::default());
         let e = embedding(r);
         assert_close(&format!("turn {i}"), &e.values, &want, F32);
-        assert_eq!(e.context_tokens as usize, context.len());
-        assert_eq!(e.turn_tokens as usize, tt.ids.len());
+        assert_eq!(e.context_tokens as usize, context.ids.len());
+        assert_eq!(e.turn_tokens as usize, context.ids.len() - before);
     }
+    assert_eq!(&context.ids[..TURNS_LITERAL.len()], TURNS_LITERAL);
 }
+
+/// The first two of [`TURNS`] in ChatML, as Qwen2's tokenizer gives them.
+const TURNS_LITERAL: &[u32] = &[
+    151_644, 8948, 198, 2610, 525, 264, 50537, 10822, 17847, 13, 151_645, 198, // system
+    151_644, 872, 198, 750, 912, 2877, 11, 293, 982, 262, 470, 264, 488, 293, 151_645, 198, // user
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Pipelined requests come back one per request, in order, with their index and tag.
@@ -416,13 +146,11 @@ async fn in_band_errors_keep_the_session() {
         first.context_tokens + last.turn_tokens,
         "the failed requests added nothing"
     );
-    let model = common::tiny();
-    let a = model.tokenizer().turn(TURNS[1].0, "user").unwrap();
-    let b = model.tokenizer().turn(TURNS[2].0, "assistant").unwrap();
-    let mut context = a.ids.clone();
-    let span = context.len() + b.text.start..context.len() + b.text.end;
-    context.extend_from_slice(&b.ids);
-    let want = oracle(&model, &context, span, &ConversationOptions::default());
+    let model = models::tiny();
+    let mut context = Context::default();
+    context.push(TURNS[1].0, "user");
+    let span = context.push(TURNS[2].0, "assistant");
+    let want = oracle(&model, &context.ids, span, &ConversationOptions::default());
     assert_close("turn after errors", &last.values, &want, F32);
 
     // Options that cannot work are an in-band error too, and the defaults stay.
@@ -438,7 +166,7 @@ async fn in_band_errors_keep_the_session() {
     )
     .await;
     assert_eq!(error(&responses[0]).code, ia);
-    assert_eq!(embedding(&responses[1]).values.len(), common::tiny_dims());
+    assert_eq!(embedding(&responses[1]).values.len(), models::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,14 +179,14 @@ async fn quality_options_over_the_wire() {
     use stateful_embedder::conversation::{InputType, Pooling, Standardize};
     let server = TestServer::start(&[]).await;
     let mut client = server.client().await;
-    let model = common::tiny();
+    let model = models::tiny();
     let info = client
         .get_model_info(pb::GetModelInfoRequest {})
         .await
         .unwrap()
         .into_inner();
     let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::tiny_dir().join("templates.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(models::tiny_dir().join("templates.json")).unwrap()).unwrap();
     assert_eq!(
         info.input_types["query"],
         file["input_types"]["query"].as_str().unwrap()
@@ -536,10 +264,10 @@ async fn quality_options_over_the_wire() {
             F32,
         );
         // The query template's tokens join the turn: prefix + text.
-        let text_ids = model.tokenizer().encode(text).unwrap();
+        let text_ids = tokens::encode(text);
         let prefix = info.input_types["query"].split("{text}").next().unwrap().to_string();
         let expected_ids = match input_type {
-            pb::InputType::Query => [model.tokenizer().encode(&prefix).unwrap(), text_ids.clone()].concat(),
+            pb::InputType::Query => [tokens::encode(&prefix), text_ids.clone()].concat(),
             _ => text_ids.clone(),
         };
         assert_eq!(conv.tokens(), &expected_ids[..], "{input_type:?}");
@@ -563,7 +291,7 @@ async fn quality_options_over_the_wire() {
         v
     };
     assert!(
-        common::cosine(&both[0], &both[1]) < 0.999,
+        crate::support::oracle::cosine(&both[0], &both[1]) < 0.999,
         "z-scoring must change the vector"
     );
 
@@ -679,10 +407,17 @@ async fn quality_options_over_the_wire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// After a normal close, a cancellation and a killed client process, GetStats shows 0 sessions and 0 KV bytes.
+/// After a normal close, a cancellation and a killed client process, no
+/// stream is open and no KV tensor exists (the census, not only the ledger),
+/// while an open stream's cache is exactly its context's.
 async fn caches_are_freed_when_streams_end() {
     let server = TestServer::start(&[]).await;
+    let per_token = models::tiny().spec().kv_bytes_per_token();
     let zero = |s: &pb::Stats| s.active_sessions == 0 && s.kv_cache_bytes == 0;
+    let nothing_left = |what: &str, census: crate::support::server::Census| {
+        assert_eq!(census.bytes, 0, "{what}: KV tensors left: {census:?}");
+        assert_eq!(census.stats.kv_cache_bytes, 0, "{what}: {census:?}");
+    };
 
     // Normal close.
     let mut client = server.client().await;
@@ -690,44 +425,57 @@ async fn caches_are_freed_when_streams_end() {
     assert_eq!(responses.len(), 1);
     let stats = server.wait_stats("after a normal close", zero).await;
     assert_eq!(stats.turns_total, 1);
+    nothing_left("after a normal close", server.census().await);
 
     // Cancellation: the client drops the stream while it is open and holds a cache.
     let (tx, stream, first) = open_stream(&mut client, turn("a", TURNS[1].0, "user")).await;
-    assert!(embedding(&first).context_tokens > 0);
-    let open = server.wait_stats("while open", |s| s.active_sessions == 1).await;
-    assert!(
-        open.kv_cache_bytes > 0,
-        "an open conversation holds its cache: {open:?}"
+    let context = u64::from(embedding(&first).context_tokens);
+    assert!(context > 0);
+    let open = server.census().await;
+    assert_eq!(open.stats.active_sessions, 1);
+    assert_eq!(
+        open.bytes,
+        context * per_token,
+        "the open stream's tensors hold its context: {open:?}"
     );
-    println!("GetStats with one open stream: {open:?}");
+    assert_eq!(
+        open.stats.kv_cache_bytes, open.bytes,
+        "the ledger agrees with the census"
+    );
     drop(stream);
     drop(tx);
-    let after = server.wait_stats("after cancellation", zero).await;
-    println!("GetStats after cancellation: {after:?}");
+    server.wait_stats("after cancellation", zero).await;
+    nothing_left("after cancellation", server.census().await);
 
     // A client process killed mid-stream.
-    let mut child = std::process::Command::new(BIN)
+    let mut child = tokio::process::Command::new(BIN)
         .args(["converse", "--addr", &server.addr])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, r#"{{"text": "def add(a, b): return a + b", "role": "user"}}"#).unwrap();
-    stdin.flush().unwrap();
+    stdin
+        .write_all(b"{\"text\": \"def add(a, b): return a + b\", \"role\": \"user\"}\n")
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    tokio::time::timeout(DEADLINE, stdout.read_line(&mut line))
+        .await
+        .expect("the client prints its answer in time")
         .unwrap();
     assert!(line.contains("\"values\""), "the client got its embedding: {line}");
     let open = server
         .wait_stats("client process open", |s| s.active_sessions == 1)
         .await;
     assert!(open.kv_cache_bytes > 0);
-    child.kill().unwrap(); // SIGKILL: no goodbye on the wire
-    child.wait().unwrap();
+    child.kill().await.unwrap(); // SIGKILL: no goodbye on the wire
     server.wait_stats("after the client process was killed", zero).await;
+    nothing_left("after the client process was killed", server.census().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -742,7 +490,7 @@ async fn oversize_messages_are_resource_exhausted() {
         .await
         .unwrap()
         .into_inner();
-    let status = match stream.next().await {
+    let status = match next(&mut stream).await {
         Some(Ok(r)) => panic!("no response expected for an oversize message, got {r:?}"),
         Some(Err(s)) => s,
         None => panic!("the stream ended OK"),
@@ -759,7 +507,7 @@ async fn oversize_messages_are_resource_exhausted() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     let ok = converse_all(&mut client, vec![turn("small", "small text", "")]).await;
-    assert_eq!(embedding(&ok[0]).values.len(), common::tiny_dims());
+    assert_eq!(embedding(&ok[0]).values.len(), models::tiny_dims());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,7 +531,7 @@ async fn stream_limit_is_resource_exhausted() {
     // The open streams still work.
     let (tx, s) = &mut open[0];
     tx.send(turn("again", "more", "")).await.unwrap();
-    assert!(embedding(&s.next().await.unwrap().unwrap()).context_tokens > 1);
+    assert!(embedding(&answer(s).await).context_tokens > 1);
 
     // Closing one frees a slot.
     open.pop();
@@ -816,7 +564,7 @@ async fn embed_and_model_info() {
         .await
         .unwrap()
         .into_inner();
-    let model = common::tiny();
+    let model = models::tiny();
     let o = ConversationOptions {
         pooling: stateful_embedder::conversation::Pooling::LastToken,
         standardize: stateful_embedder::conversation::Standardize::Zscore,
@@ -861,11 +609,9 @@ async fn embed_and_model_info() {
     }
     // Each text's row is its tokens and the probe's: a chunk of 4
     // runs in as many calls as rows of that length fit in 64 padded slots.
-    let row = model.tokenizer().encode(&many[0]).unwrap().len() + model.probe_ids().len();
-    assert!(
-        many.iter()
-            .all(|t| model.tokenizer().encode(t).unwrap().len() + model.probe_ids().len() == row)
-    );
+    let probe = crate::support::profile::of(&models::tiny_dir()).probe_ids.len();
+    let row = tokens::encode(&many[0]).len() + probe;
+    assert!(many.iter().all(|t| tokens::encode(t).len() + probe == row));
     let per_call = 64 / row;
     let last = server.wait_stats("answered", |_| true).await;
     assert_eq!(
@@ -899,37 +645,34 @@ async fn embed_and_model_info() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// SIGTERM (to the server binary): health goes NOT_SERVING, new streams are refused, an open stream ends
-/// with UNAVAILABLE after the drain deadline (4 s: room for a busy machine), and the process exits 0.
+/// SIGTERM (to the server binary): health goes NOT_SERVING, and from the
+/// moment a client sees that, new streams are refused (the server refuses
+/// first, then says so: the order a race once lost); an open stream goes on
+/// until the drain deadline (8 s, two orders of magnitude above the few
+/// turns it must answer meanwhile), then ends with UNAVAILABLE, and the
+/// process exits 0.
 async fn shutdown_drains_then_ends_streams() {
-    let mut server = TestServer::process(&["--drain-seconds", "4"]).await;
+    let mut server = TestServer::process(&["--drain-seconds", "8"]).await;
     let mut client = server.client().await;
     let (tx, mut stream, _) = open_stream(&mut client, turn("a", "hello", "")).await;
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-
+    server.signal("-TERM");
     server.wait_health(ServingStatus::NotServing).await;
     let refused = client
         .converse(tokio_stream::iter(vec![turn("late", "hi", "")]))
         .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable);
+        .expect_err("a stream opened after NOT_SERVING is refused");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("shutting down"), "{refused:?}");
 
     // The open stream still works during the drain…
     tx.send(turn("b", "during drain", "")).await.unwrap();
-    let r = stream.next().await.unwrap().unwrap();
-    assert_eq!(r.index, 1);
+    assert_eq!(answer(&mut stream).await.index, 1);
     // …and ends with UNAVAILABLE once the deadline passes.
-    let end = stream.next().await.expect("the stream ends with a status");
-    let status = end.unwrap_err();
+    let status = end_status(&mut stream).await;
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "server shutting down");
-    let exit = server.wait_exit(Duration::from_secs(20)).await;
+    let exit = server.wait_exit().await;
     assert!(exit.success(), "{exit:?}");
 }
 
@@ -951,9 +694,9 @@ async fn shutdown_future_drains_without_a_deadline() {
     assert_eq!(refused.await.unwrap_err().code(), Code::Unavailable);
 
     tx.send(turn("b", "during drain", "")).await.unwrap();
-    assert_eq!(stream.next().await.unwrap().unwrap().index, 1);
+    assert_eq!(answer(&mut stream).await.index, 1);
     drop(tx); // half-close: the stream ends OK, and with it the drain
-    assert!(stream.next().await.is_none(), "the stream ends cleanly");
+    assert!(next(&mut stream).await.is_none(), "the stream ends cleanly");
     drop((stream, client));
     server.stopped().await.expect("server::run returns Ok after the drain");
 }
@@ -976,7 +719,11 @@ async fn reflection_v1_lists_the_services() {
         .await
         .unwrap()
         .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
+    let response = tokio::time::timeout(DEADLINE, tokio_stream::StreamExt::next(&mut responses))
+        .await
+        .expect("reflection answers in time")
+        .unwrap()
+        .unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("expected a service list, got {response:?}");
     };
@@ -1002,13 +749,8 @@ async fn send_short_turns(
         .collect();
     let mut streams = Vec::new();
     for (i, text) in texts.iter().enumerate() {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, stream) = open(client).await;
         tx.send(turn(&format!("s{i}"), text, "user")).await.unwrap();
-        let stream = client
-            .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
         streams.push((tx, stream));
     }
     (streams, texts)
@@ -1023,118 +765,111 @@ async fn check_short_turns(
     )],
     texts: &[String],
 ) -> u64 {
-    let model = common::tiny();
+    let model = models::tiny();
     let mut context = 0;
     for ((_, stream), text) in streams.iter_mut().zip(texts) {
-        let r = stream.next().await.unwrap().unwrap();
-        let tt = model.tokenizer().turn(text, "user").unwrap();
-        let want = oracle(&model, &tt.ids, tt.text.clone(), &ConversationOptions::default());
+        let r = answer(stream).await;
+        let (ids, span) = tokens::turn(text, "user");
+        let want = oracle(&model, &ids, span, &ConversationOptions::default());
         assert_close(&format!("stream {}", r.tag), &embedding(&r).values, &want, F32);
+        assert_eq!(embedding(&r).context_tokens as usize, ids.len());
         context += u64::from(embedding(&r).context_tokens);
     }
     context
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// Turns of streams that queue up behind a running call share one model call,
-/// and each still meets the oracle. A long turn (about 4,000 tokens in one
-/// call, over a second on the tiny model) keeps the engine busy while eight
-/// streams send a turn each; the test waits until the long call runs and all
-/// eight are queued behind it, so the batch is certain.
+/// Turns of streams that queue up behind a running call share one model
+/// call, and each still meets the oracle. The running call is held (the
+/// `hold` fault) until all eight turns are queued, so the batch does not
+/// depend on how fast the machine is.
 async fn queued_turns_of_many_streams_share_a_call() {
-    let server = TestServer::start(&["--prefill-chunk-tokens", "8192"]).await;
+    // 1 the warm-up, 2 "hello" (held), 3 the eight turns together.
+    let gate = Gate::new();
+    let server = Launch::new(&[]).faults("hold:2", &gate).log("warn").process().await;
     let mut client = server.client().await;
-    let base = server.wait_stats("start", |_| true).await;
-
-    let long_text = "alpha beta gamma delta ".repeat(1000);
-    let long_tokens = common::tiny().tokenizer().turn(&long_text, "").unwrap().ids.len();
-    let (long_tx, mut long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
-    long_tx.send(turn("long", &long_text, "")).await.unwrap();
-    // Wait until the long call has started, not only until the turn is
-    // queued: a round takes every job already waiting, so a turn sent before
-    // the long one is taken would share its round but not the batch (a model
-    // call counts as it starts; "hello" was the first).
-    let long_call = base.model_calls_total + 2;
+    let (hello_tx, mut hello_rx) = open(&mut client).await;
+    hello_tx.send(turn("hello", "hello", "")).await.unwrap();
     server
-        .wait_stats("the long call running", |s| s.model_calls_total >= long_call)
+        .wait_stats("the held call started", |s| s.model_calls_total == 2)
         .await;
     let (mut streams, texts) = send_short_turns(&mut client, 8).await;
     let queued = server
-        .wait_stats("eight turns queued behind the long one", |s| s.queued_turns == 9)
+        .wait_stats("eight turns queued behind the held one", |s| s.queued_turns == 9)
         .await;
-    assert_eq!(
-        queued.model_calls_total, long_call,
-        "the long call was still running: {queued:?}"
-    );
+    assert_eq!(queued.model_calls_total, 2, "{queued:?}");
+    gate.open(2);
 
-    let long = long_rx.next().await.unwrap().unwrap();
-    assert_eq!(embedding(&long).turn_tokens as usize, long_tokens);
+    embedding(&answer(&mut hello_rx).await);
     check_short_turns(&mut streams, &texts).await;
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;
-    // "hello", the long turn, then the eight turns in one call (each turn's
-    // probe in its own call).
-    assert_eq!(after.model_calls_total - base.model_calls_total, 3, "{after:?}");
-    assert_eq!(after.turns_total - base.turns_total, 10);
+    assert_eq!(after.model_calls_total, 3, "the eight turns in one call: {after:?}");
+    assert_eq!(after.turns_total, 9);
+    let census = server.census().await;
+    assert_eq!(census.bytes, census.stats.kv_cache_bytes, "{census:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// A long prefill does not hold up other streams: a turn that needs many
-/// calls (8,000 tokens in 16-token chunks) runs one chunk per round, and
+/// calls (2,000 tokens in 16-token chunks) runs one chunk per round, and
 /// turns sent meanwhile are answered, exact, between its chunks. When its
 /// stream goes away part-way, the rest of its prefill is dropped and its
-/// part-built cache freed.
+/// part-built cache freed (the census, not only the ledger). Two of its
+/// chunk calls are held so that what runs between them does not depend on
+/// the machine's speed.
 async fn short_turns_are_answered_while_a_long_turn_prefills() {
-    let server = TestServer::start(&["--prefill-chunk-tokens", "16"]).await;
+    // 1 the warm-up, 2 "hello", 3 the long turn's first chunk, 4 its second
+    // (held until eight short turns are queued), 5 the eight together,
+    // 6 its third chunk (held until its stream has gone).
+    let gate = Gate::new();
+    let server = Launch::new(&["--prefill-chunk-tokens", "16"])
+        .faults("hold:4,hold:6", &gate)
+        .log("warn")
+        .process()
+        .await;
     let mut client = server.client().await;
-    let base = server.wait_stats("start", |_| true).await;
-    let info = client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let per_token = models::tiny().spec().kv_bytes_per_token();
 
-    let long_text = "alpha beta gamma delta ".repeat(2000);
-    let chunks = common::tiny()
-        .tokenizer()
-        .turn(&long_text, "")
-        .unwrap()
-        .ids
-        .len()
-        .div_ceil(16) as u64;
+    let long_text = "alpha beta gamma delta ".repeat(500);
+    let (long_ids, _) = tokens::turn(&long_text, "");
+    assert!(long_ids.len().div_ceil(16) > 10, "many chunks");
     let (long_tx, long_rx, _) = open_stream(&mut client, turn("warm", "hello", "")).await;
     long_tx.send(turn("long", &long_text, "")).await.unwrap();
     server
-        .wait_stats("the long turn running", |s| {
-            s.model_calls_total >= base.model_calls_total + 2
-        })
+        .wait_stats("the long turn's second chunk held", |s| s.model_calls_total == 4)
         .await;
 
     let (mut streams, texts) = send_short_turns(&mut client, 8).await;
+    server
+        .wait_stats("eight turns queued beside the long one", |s| s.queued_turns == 9)
+        .await;
+    gate.open(4);
     let context = check_short_turns(&mut streams, &texts).await;
-    let during = server.wait_stats("now", |_| true).await;
-    println!("after the eight answers: {during:?}");
-    let calls = during.model_calls_total - base.model_calls_total;
-    assert!(
-        calls < 1 + chunks,
-        "the long turn was still prefilling ({calls} of {chunks} calls)"
-    );
-    assert_eq!(during.queued_turns, 1, "only the long turn is left");
+    let during = server
+        .wait_stats("the long turn's third chunk held", |s| s.model_calls_total == 6)
+        .await;
+    assert_eq!(during.queued_turns, 1, "only the long turn is left: {during:?}");
+    assert_eq!(during.turns_total, 1 + 8);
 
     // The long turn's stream goes away part-way through its prefill.
     drop((long_tx, long_rx));
+    server
+        .wait_stats("the long stream gone", |s| s.active_sessions == 8)
+        .await;
+    gate.open(6);
     let after = server
         .wait_stats("the long turn dropped", |s| s.queued_turns == 0)
         .await;
-    println!("after the long stream went: {after:?}");
-    let calls = after.model_calls_total - base.model_calls_total;
-    assert!(
-        calls < 1 + chunks,
-        "the rest of the long prefill was dropped ({calls} of {chunks} calls)"
+    assert_eq!(
+        after.model_calls_total, 6,
+        "no chunk ran after the held one: the rest of the prefill was dropped"
     );
+    assert_eq!(after.turns_total, 1 + 8);
     // Only the eight streams' caches are left: the long turn's part-built
     // cache and its conversation went with it.
-    assert_eq!(after.kv_cache_bytes, context * info.kv_bytes_per_token);
-    assert_eq!(after.turns_total - base.turns_total, 9);
+    let census = server.census().await;
+    assert_eq!(census.bytes, context * per_token, "{census:?}");
+    assert_eq!(census.stats.kv_cache_bytes, census.bytes, "{census:?}");
 
     // An Embed whose texts need one call and several: the reply waits for
     // both, and each equals a fresh conversation's turn.
@@ -1149,21 +884,21 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
         .await
         .unwrap()
         .into_inner();
-    let model = common::tiny();
+    let model = models::tiny();
+    let mean = ConversationOptions {
+        pooling: Pooling::Mean,
+        standardize: Standardize::Zscore,
+        ..ConversationOptions::default()
+    };
     let mut want_calls = 0;
     for (text, e) in texts.iter().zip(&got.embeddings) {
-        let tokens = model.tokenizer().turn(text, "").unwrap().ids.len();
-        want_calls += tokens.div_ceil(16) as u64;
-        let mean = ConversationOptions {
-            pooling: Pooling::Mean,
-            standardize: Standardize::Zscore,
-            ..ConversationOptions::default()
-        };
-        let want = Conversation::new(&model, mean).unwrap().turn(text, "").unwrap();
-        assert_close(&format!("{tokens} tokens"), &e.values, &want.embedding, F32);
+        let (ids, span) = tokens::turn(text, "");
+        want_calls += ids.len().div_ceil(16) as u64;
+        let want = oracle(&model, &ids, span, &mean);
+        assert_close(&format!("{} tokens", ids.len()), &e.values, &want, F32);
     }
     assert!(want_calls > 2, "one text needs several calls");
-    let last = server.wait_stats("embedded", |_| true).await;
-    assert_eq!(last.model_calls_total - after.model_calls_total, want_calls);
-    assert_eq!(last.kv_cache_bytes, after.kv_cache_bytes, "an Embed keeps no cache");
+    let last = server.census().await;
+    assert_eq!(last.stats.model_calls_total - after.model_calls_total, want_calls);
+    assert_eq!(last.bytes, census.bytes, "an Embed keeps no cache");
 }

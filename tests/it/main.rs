@@ -1,14 +1,17 @@
-//! Integration tests, one binary (one link) with a module per area.
+//! Integration tests, one binary (one link) with a module per area; what
+//! they share is in `support`.
 //!
 //! Models: `models/tiny` (random weights, real tokenizer and contract) for
 //! most tests; `models/qwen2.5-coder-0.5b-instruct` for the real-model ones.
 //! `make test` prepares both, and every test runs in every `cargo test`: a
 //! missing model fails its tests (with "run `make models`"), never skips them.
+//! The tests need the `faults` feature (`make test` turns it on): its fault
+//! plans and its census of live KV tensors are how they see inside.
+
+#[cfg(not(feature = "faults"))]
+compile_error!("the integration tests need the `faults` feature: `cargo test --features faults` (make test)");
 
 mod bad_input;
-mod common;
-// Needs the server built with the `faults` feature (`make test` turns it on).
-#[cfg(feature = "faults")]
 mod faults;
 mod grpc;
 mod memory;
@@ -17,3 +20,4 @@ mod oracle;
 mod properties;
 mod runtime;
 mod security;
+mod support;

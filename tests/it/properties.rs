@@ -2,17 +2,108 @@
 //! request validation and conversion over arbitrary wire values, and
 //! tokenizer + turn assembly + a whole turn over arbitrary text. Each holds
 //! for every case: no panic, every refusal a clear error of the right kind,
-//! every acceptance within the limits, a failed turn changing nothing.
+//! every acceptance exactly what was asked (checked against the documented
+//! rules written out here) and a working conversation, a failed turn
+//! changing nothing.
+//!
+//! Failures are persisted in `tests/proptest-regressions/properties.txt`
+//! (committed): a case that once failed is tried first in every run.
 
-use proptest::prelude::*;
+use proptest::{prelude::*, test_runner::FileFailurePersistence};
 use stateful_embedder::{
-    conversation::{Conversation, ConversationOptions},
+    conversation::{Conversation, ConversationOptions, InputType, Overflow, Pooling, Standardize},
     pb,
     service::{Limits, embed_options},
 };
 use tonic::Code;
 
-use crate::common;
+use crate::support::{models as common, profile};
+
+/// The cases of each property, with the failure file pinned.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// The pooling a wire value asks for, by the proto's documentation.
+fn wire_pooling(v: i32) -> Option<Pooling> {
+    Some(match v {
+        0 | 4 => Pooling::ProbeMean,
+        1 => Pooling::LastToken,
+        2 => Pooling::Mean,
+        3 => Pooling::Probe,
+        _ => return None,
+    })
+}
+
+/// The standardisation a wire value asks for; unset, the pooling's default.
+fn wire_standardize(v: i32, pooling: Pooling) -> Option<Standardize> {
+    Some(match v {
+        0 => match pooling {
+            Pooling::ProbeMean => Standardize::Head,
+            Pooling::Probe => Standardize::Whiten,
+            Pooling::Mean | Pooling::LastToken => Standardize::Zscore,
+        },
+        1 => Standardize::None,
+        2 => Standardize::Zscore,
+        3 => Standardize::Head,
+        4 => Standardize::Whiten,
+        _ => return None,
+    })
+}
+
+fn wire_input_type(v: i32) -> Option<InputType> {
+    Some(match v {
+        0 => InputType::Raw,
+        1 => InputType::Query,
+        2 => InputType::Document,
+        _ => return None,
+    })
+}
+
+fn wire_overflow(v: i32) -> Option<Overflow> {
+    Some(match v {
+        0 | 1 => Overflow::Slide,
+        2 => Overflow::Reject,
+        3 => Overflow::Reset,
+        _ => return None,
+    })
+}
+
+/// The vector length options give on the tiny model, from the documented
+/// rules (hidden 64; the head's width read from its file): `None` when the
+/// options cannot work.
+fn expected_dimensions(o: &ConversationOptions) -> Option<usize> {
+    let hidden = 64;
+    let head = profile::of(&common::tiny_dir()).head.matrix.cols;
+    if o.standardize == Standardize::Head && o.pooling != Pooling::ProbeMean {
+        return None;
+    }
+    let max = match (o.pooling, o.standardize) {
+        (_, Standardize::Head) => head,
+        (Pooling::ProbeMean, _) => 2 * hidden,
+        _ => hidden,
+    };
+    let default = match (o.pooling, o.standardize) {
+        (Pooling::ProbeMean, Standardize::Whiten) => 2 * 384,
+        (_, Standardize::Whiten) => 384,
+        _ => max,
+    };
+    match o.dimensions {
+        Some(d) if d == 0 || d > max => None,
+        Some(d) => Some(d),
+        None => Some(default.min(max)),
+    }
+}
+
+/// Whether options other than the dimensions can work (the documented rules).
+fn window_and_keep_fit(o: &ConversationOptions) -> bool {
+    (2..=common::tiny().spec().max_positions).contains(&o.max_context_tokens)
+        && o.keep_tokens <= o.max_context_tokens / 2
+}
 
 fn limits() -> Limits {
     Limits {
@@ -84,56 +175,114 @@ fn role() -> impl Strategy<Value = String> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+/// A turn on an accepted conversation gives a vector of exactly the
+/// expected length, finite, of unit norm when normalised.
+fn check_turn(conv: &mut Conversation, dims: usize, normalize: bool) -> Result<(), TestCaseError> {
+    let out = conv
+        .turn("def add(a, b): return a + b", "user")
+        .map_err(|e| TestCaseError::fail(format!("a turn on accepted options failed: {e}")))?;
+    prop_assert_eq!(out.embedding.len(), dims);
+    prop_assert!(out.embedding.iter().all(|x| x.is_finite()));
+    if normalize {
+        let norm: f64 = out.embedding.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        prop_assert!((norm - 1.0).abs() < 1e-3, "norm {}", norm);
+    }
+    Ok(())
+}
 
-    /// Session options: an acceptance is within the caps and makes a
-    /// conversation or a clear options error; a refusal is INVALID_ARGUMENT.
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Session options: a refusal is INVALID_ARGUMENT with a message; an
+    /// acceptance is exactly what was asked over the server's defaults, and
+    /// a conversation on it exists exactly when the documented rules say
+    /// the options can work, with vectors of exactly the documented length.
     #[test]
-    fn session_options_are_accepted_within_limits_or_refused_clearly(o in session_options()) {
+    fn session_options_are_accepted_as_asked_or_refused_clearly(o in session_options()) {
         let model = common::tiny();
         let limits = limits();
         match limits.session_options(&o) {
             Ok(options) => {
-                prop_assert!(options.max_context_tokens <= limits.max_context_tokens);
+                let pooling = wire_pooling(o.pooling).expect("an unknown pooling was refused");
+                prop_assert_eq!(options.pooling, pooling);
+                prop_assert_eq!(Some(options.standardize), wire_standardize(o.standardize, pooling));
+                prop_assert_eq!(Some(options.input_type), wire_input_type(o.input_type));
+                prop_assert_eq!(Some(options.overflow), wire_overflow(o.overflow));
+                prop_assert_eq!(options.dimensions, (o.dimensions != 0).then_some(o.dimensions as usize));
+                prop_assert_eq!(options.normalize, o.normalize.unwrap_or(true));
+                let window = if o.max_context_tokens == 0 { limits.max_context_tokens } else { o.max_context_tokens as usize };
+                prop_assert_eq!(options.max_context_tokens, window);
+                prop_assert!(window <= limits.max_context_tokens, "a window over the cap was accepted");
+                prop_assert_eq!(options.keep_tokens, o.keep_tokens as usize);
+                prop_assert_eq!(options.include_turn_mean, o.include_turn_mean);
                 prop_assert_eq!(options.max_turn_tokens, limits.max_turn_tokens);
-                match Conversation::new(&model, options.clone()) {
-                    Ok(c) => {
-                        let dims = c.options().output_dimensions(&model);
-                        prop_assert!(dims >= 1 && dims <= model.spec().hidden_size);
-                        prop_assert!(options.keep_tokens <= options.max_context_tokens / 2);
+                prop_assert_eq!(options.prefill_chunk_tokens, limits.prefill_chunk_tokens);
+                let want = expected_dimensions(&options).filter(|_| window_and_keep_fit(&options));
+                match (Conversation::new(&model, options.clone()), want) {
+                    (Ok(mut c), Some(dims)) => {
+                        prop_assert_eq!(c.options().output_dimensions(&model), dims);
+                        check_turn(&mut c, dims, options.normalize)?;
                     }
-                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                    (Err(e), None) => prop_assert!(!e.to_string().is_empty()),
+                    (Ok(_), None) => prop_assert!(false, "options that cannot work were accepted: {:?}", options),
+                    (Err(e), Some(_)) => prop_assert!(false, "options that can work were refused ({}): {:?}", e, options),
                 }
             }
             Err(e) => {
                 prop_assert_eq!(e.code(), Code::InvalidArgument, "{}", e);
                 prop_assert!(!e.client_message().is_empty());
+                let known = wire_pooling(o.pooling).is_some_and(|p| {
+                    wire_standardize(o.standardize, p).is_some()
+                        && wire_input_type(o.input_type).is_some()
+                        && wire_overflow(o.overflow).is_some()
+                });
+                prop_assert!(
+                    !known || o.max_context_tokens as usize > limits.max_context_tokens,
+                    "options of known values within the cap were refused: {}", e
+                );
             }
         }
     }
 
-    /// Embed's options likewise, over Embed's defaults.
+    /// Embed's options likewise, over the server's defaults.
     #[test]
-    fn embed_options_are_accepted_or_refused_clearly(
+    fn embed_options_are_accepted_as_asked_or_refused_clearly(
         pooling in enum_value(), standardize in enum_value(), input_type in enum_value(),
-        dimensions in prop_oneof![0..100u32, any::<u32>()],
+        dimensions in prop_oneof![0..100u32, any::<u32>()], normalize in any::<Option<bool>>(),
     ) {
         let model = common::tiny();
-        let req = pb::EmbedRequest { texts: vec!["x".into()], pooling, standardize, input_type, dimensions, normalize: None };
+        let req = pb::EmbedRequest { texts: vec!["x".into()], pooling, standardize, input_type, dimensions, normalize };
+        let known = wire_pooling(pooling)
+            .is_some_and(|p| wire_standardize(standardize, p).is_some() && wire_input_type(input_type).is_some());
         match embed_options(&req, limits().default_options()) {
             Ok(o) => {
-                if let Err(e) = o.validate(&model) {
-                    prop_assert!(!e.to_string().is_empty());
+                prop_assert!(known);
+                let p = wire_pooling(pooling).unwrap();
+                prop_assert_eq!(o.pooling, p);
+                prop_assert_eq!(Some(o.standardize), wire_standardize(standardize, p));
+                prop_assert_eq!(Some(o.input_type), wire_input_type(input_type));
+                prop_assert_eq!(o.dimensions, (dimensions != 0).then_some(dimensions as usize));
+                prop_assert_eq!(o.normalize, normalize.unwrap_or(true));
+                match (o.validate(&model), expected_dimensions(&o)) {
+                    (Ok(()), Some(dims)) => {
+                        let mut c = Conversation::new(&model, o.clone()).unwrap();
+                        check_turn(&mut c, dims, o.normalize)?;
+                    }
+                    (Err(e), None) => prop_assert!(!e.to_string().is_empty()),
+                    (Ok(()), None) => prop_assert!(false, "options that cannot work were accepted: {:?}", o),
+                    (Err(e), Some(_)) => prop_assert!(false, "options that can work were refused ({}): {:?}", e, o),
                 }
             }
-            Err(e) => prop_assert_eq!(e.code(), Code::InvalidArgument, "{}", e),
+            Err(e) => {
+                prop_assert_eq!(e.code(), Code::InvalidArgument, "{}", e);
+                prop_assert!(!known, "known values were refused: {}", e);
+            }
         }
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(config(96))]
 
     /// Tokenizer and turn assembly: the text span lies inside the ids; with
     /// a role, the ChatML markers wrap it; a whole turn either succeeds

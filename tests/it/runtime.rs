@@ -7,9 +7,10 @@ use stateful_embedder::{
     model::{KvDtype, Model, ModelError},
 };
 
-use crate::common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateful-embedder");
+use crate::support::{
+    models as common,
+    server::{BIN, output},
+};
 
 #[test]
 /// The library loads through the discovery order and runs the tiny model, f32 and fp16, with the contract read off the graph.
@@ -49,7 +50,7 @@ fn missing_onnxruntime_is_a_one_line_error() {
             cmd.args(["--onnxruntime", f]);
         }
         cmd.env("ORT_DYLIB_PATH", env.unwrap_or(""));
-        let out = cmd.output().unwrap();
+        let out = output(&mut cmd);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
@@ -60,23 +61,15 @@ fn missing_onnxruntime_is_a_one_line_error() {
     }
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("se-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 /// A model without tokenizer.json refuses to load, with a clear error (never a made-up tokenization).
 fn missing_tokenizer_refuses_to_load() {
     let _ = common::tiny(); // the runtime is loaded
-    let dir = scratch("no-tokenizer");
-    std::os::unix::fs::symlink(common::tiny_dir().join("model.onnx"), dir.join("model.onnx")).unwrap();
-    let err = Model::open(&dir, &Default::default()).unwrap_err();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(common::tiny_dir().join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let err = Model::open(dir.path(), &Default::default()).unwrap_err();
     assert!(matches!(err, ModelError::Tokenizer(_)), "{err}");
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

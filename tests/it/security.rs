@@ -3,22 +3,24 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use stateful_embedder::pb::{self, embedder_client::EmbedderClient};
-use tokio::io::AsyncBufReadExt;
+use tokio_stream::StreamExt;
 use tonic::{
     Code, Request,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::{common, memory::CutProxy};
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateful-embedder");
+use crate::support::{
+    DEADLINE,
+    proxy::Proxy,
+    server::{Launch, TestServer},
+    stream::{create, options, resume, turn},
+};
 
 /// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`.
 struct Pki {
@@ -56,53 +58,6 @@ fn pki(dir: &Path) -> Pki {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("se-security-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The server binary with extra flags; its port, once it prints it.
-struct Proc {
-    child: tokio::process::Child,
-    port: u16,
-}
-
-impl Proc {
-    async fn start(extra: &[&std::ffi::OsStr]) -> Proc {
-        let mut child = tokio::process::Command::new(BIN)
-            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-            .arg(common::tiny_dir())
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line))
-            .await
-            .expect("the server prints its address")
-            .unwrap();
-        let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-        Proc { child, port }
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args([name, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-}
-
 async fn tls_channel(port: u16, pki: &Pki, with_identity: bool) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))
@@ -117,19 +72,23 @@ async fn tls_channel(port: u16, pki: &Pki, with_identity: bool) -> Result<Channe
         .await
 }
 
-/// Waits (bounded) until health over `channel` says SERVING.
+/// Waits on the health Watch over `channel` (bounded) until SERVING.
 async fn serving(channel: &Channel) {
     let mut health = HealthClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = health.check(HealthCheckRequest { service: String::new() }).await
-            && r.into_inner().status == 1
-        {
-            return;
+    let mut watch = health
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health watch over TLS")
+        .into_inner();
+    let serving = async {
+        while let Some(status) = watch.next().await {
+            if status.expect("a health status").status == 1 {
+                return;
+            }
         }
-        assert!(Instant::now() < deadline, "never SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        panic!("the health watch ended before SERVING");
+    };
+    tokio::time::timeout(DEADLINE, serving).await.expect("SERVING in time");
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
@@ -157,26 +116,39 @@ fn embed_request() -> pb::EmbedRequest {
     }
 }
 
+/// The flags of a TLS server (and of a token file when given).
+fn tls_flags(pki: &Pki, tokens: Option<&Path>) -> Vec<String> {
+    let mut flags = vec![
+        "--tls-cert".to_string(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".to_string(),
+        pki.server_key.display().to_string(),
+    ];
+    if let Some(t) = tokens {
+        flags.extend(["--auth-token-file".to_string(), t.display().to_string()]);
+    }
+    flags
+}
+
+async fn start(flags: &[String]) -> TestServer {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Launch::new(&flags).spawn().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// TLS with bearer tokens: health answers without a token; a missing or
-/// wrong token is UNAUTHENTICATED and runs no model call; the right one
+/// wrong token is UNAUTHENTICATED on every Embedder call (Embed,
+/// GetModelInfo, GetStats, Converse) and runs no model call; the right one
 /// works; a plaintext client cannot talk to the TLS port; SIGHUP reloads the
-/// token file (the new token in, the old one out).
+/// token file (the new token in, the old one out), and a reload of a bad
+/// file keeps the tokens in force.
 async fn tls_and_bearer_tokens() {
-    let dir = scratch("tokens");
-    let pki = pki(&dir);
-    let token_file = dir.join("tokens");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let token_file = dir.path().join("tokens");
     std::fs::write(&token_file, "# test tokens\ntoken-alpha\n").unwrap();
-    let server = Proc::start(&[
-        "--tls-cert".as_ref(),
-        pki.server_cert.as_os_str(),
-        "--tls-key".as_ref(),
-        pki.server_key.as_os_str(),
-        "--auth-token-file".as_ref(),
-        token_file.as_os_str(),
-    ])
-    .await;
-    let channel = tls_channel(server.port, &pki, false).await.expect("a TLS connection");
+    let server = start(&tls_flags(&pki, Some(&token_file))).await;
+    let channel = tls_channel(server.port(), &pki, false).await.expect("a TLS connection");
     serving(&channel).await;
     let mut client = EmbedderClient::new(channel);
 
@@ -188,11 +160,22 @@ async fn tls_and_bearer_tokens() {
             .get_model_info(with_token(pb::GetModelInfoRequest {}, token))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+        let err = client
+            .get_stats(with_token(pb::GetStatsRequest {}, token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+        let err = client
+            .converse(with_token(tokio_stream::iter(vec![turn("t", "hi", "")]), token))
+            .await
+            .expect_err("a stream without an accepted token is refused");
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
     }
     let after = stats(&mut client, "token-alpha").await;
     assert_eq!(
-        after.model_calls_total, before.model_calls_total,
+        (after.model_calls_total, after.turns_total),
+        (before.model_calls_total, before.turns_total),
         "rejected calls ran nothing"
     );
     let ok = client
@@ -200,9 +183,18 @@ async fn tls_and_bearer_tokens() {
         .await
         .unwrap();
     assert_eq!(ok.into_inner().embeddings.len(), 1);
+    let mut stream = client
+        .converse(with_token(
+            tokio_stream::iter(vec![turn("t", "hi", "")]),
+            Some("token-alpha"),
+        ))
+        .await
+        .expect("a stream with the token opens")
+        .into_inner();
+    crate::support::stream::embedding(&crate::support::stream::answer(&mut stream).await);
 
     // Plaintext against the TLS port fails.
-    let plain = Channel::from_shared(format!("http://127.0.0.1:{}", server.port)).unwrap();
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{}", server.port())).unwrap();
     if let Ok(channel) = plain.connect().await {
         let r = HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
@@ -213,15 +205,13 @@ async fn tls_and_bearer_tokens() {
     // SIGHUP reloads the file.
     std::fs::write(&token_file, "token-gamma\n").unwrap();
     server.signal("-HUP");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let gamma = client.embed(with_token(embed_request(), Some("token-gamma"))).await;
-        if gamma.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new token never took: {gamma:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server
+        .wait_log("token file reloaded", |l| l.contains("token file reloaded"))
+        .await;
+    client
+        .embed(with_token(embed_request(), Some("token-gamma")))
+        .await
+        .expect("the new token works after the reload");
     let old = client
         .embed(with_token(embed_request(), Some("token-alpha")))
         .await
@@ -230,39 +220,32 @@ async fn tls_and_bearer_tokens() {
     // A bad file on reload keeps the tokens in force.
     std::fs::write(&token_file, "# nothing\n").unwrap();
     server.signal("-HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        client
-            .embed(with_token(embed_request(), Some("token-gamma")))
-            .await
-            .is_ok()
-    );
-    std::fs::remove_dir_all(dir).unwrap();
+    server
+        .wait_log("token file not reloaded", |l| l.contains("token file not reloaded"))
+        .await;
+    client
+        .embed(with_token(embed_request(), Some("token-gamma")))
+        .await
+        .expect("the tokens in force stay after a bad reload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Mutual TLS: a client without a certificate signed by `--tls-client-ca`
 /// cannot connect; one with it can.
 async fn mutual_tls_rejects_a_client_without_a_certificate() {
-    let dir = scratch("mtls");
-    let pki = pki(&dir);
-    let server = Proc::start(&[
-        "--tls-cert".as_ref(),
-        pki.server_cert.as_os_str(),
-        "--tls-key".as_ref(),
-        pki.server_key.as_os_str(),
-        "--tls-client-ca".as_ref(),
-        pki.ca_file.as_os_str(),
-    ])
-    .await;
-    let good = tls_channel(server.port, &pki, true)
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let mut flags = tls_flags(&pki, None);
+    flags.extend(["--tls-client-ca".to_string(), pki.ca_file.display().to_string()]);
+    let server = start(&flags).await;
+    let good = tls_channel(server.port(), &pki, true)
         .await
         .expect("a client with a certificate");
     serving(&good).await;
     let mut client = EmbedderClient::new(good);
     assert!(client.embed(embed_request()).await.is_ok());
 
-    let refused = match tls_channel(server.port, &pki, false).await {
+    let refused = match tls_channel(server.port(), &pki, false).await {
         Err(_) => true,
         Ok(channel) => HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
@@ -270,45 +253,28 @@ async fn mutual_tls_rejects_a_client_without_a_certificate() {
             .is_err(),
     };
     assert!(refused, "a client without a certificate must not get an answer");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// With tokens, a resumable session belongs to the token that created it:
 /// another token's resume is NOT_FOUND, its own works.
 async fn sessions_are_bound_to_their_token() {
-    let dir = scratch("session-token");
-    let token_file = dir.join("tokens");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("tokens");
     std::fs::write(&token_file, "token-a\ntoken-b\n").unwrap();
-    let server = Proc::start(&["--auth-token-file".as_ref(), token_file.as_os_str()]).await;
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", server.port))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let server = Launch::new(&["--auth-token-file", token_file.to_str().unwrap()])
+        .spawn()
+        .await;
+    let channel = server.channel().await;
     serving(&channel).await;
     let mut client = EmbedderClient::new(channel);
-    // The first stream goes through a proxy whose connection is then cut.
-    let proxy = CutProxy::to_addr(&format!("127.0.0.1:{}", server.port)).await;
-    let mut far = EmbedderClient::new(
-        Channel::from_shared(proxy.addr.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    // The first stream goes through a proxy whose connections are then cut.
+    let proxy = Proxy::to(&server.addr).await;
+    let mut far = proxy.client().await;
 
-    let create = pb::ConverseRequest {
-        tag: String::new(),
-        action: Some(pb::converse_request::Action::Options(pb::SessionOptions {
-            session_id: "owned-1".into(),
-            session_mode: pb::SessionMode::Create as i32,
-            ..Default::default()
-        })),
-    };
     // Created with token-a; the connection is then cut (no half-close).
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(create).await.unwrap();
+    tx.send(options(create("owned-1"))).await.unwrap();
     let mut responses = far
         .converse(with_token(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -317,36 +283,27 @@ async fn sessions_are_bound_to_their_token() {
         .await
         .unwrap()
         .into_inner();
-    use tokio_stream::StreamExt;
-    assert!(matches!(
-        responses.next().await.unwrap().unwrap().result,
-        Some(pb::converse_response::Result::Ready(_))
-    ));
+    crate::support::stream::ready(&crate::support::stream::answer(&mut responses).await);
     proxy.cut();
     let _keep = (responses, tx);
 
     let resumer = client.clone();
-    let resume = |token: &'static str| {
+    let resume_with = |token: &'static str| {
         let mut client = resumer.clone();
         async move {
-            let request = pb::ConverseRequest {
-                tag: String::new(),
-                action: Some(pb::converse_request::Action::Options(pb::SessionOptions {
-                    session_id: "owned-1".into(),
-                    session_mode: pb::SessionMode::Resume as i32,
-                    ..Default::default()
-                })),
-            };
             let mut r = client
-                .converse(with_token(tokio_stream::iter(vec![request]), Some(token)))
+                .converse(with_token(
+                    tokio_stream::iter(vec![options(resume("owned-1"))]),
+                    Some(token),
+                ))
                 .await
                 .unwrap()
                 .into_inner();
-            r.next().await.unwrap().unwrap().result
+            crate::support::stream::answer(&mut r).await.result
         }
     };
     // Wait for the first stream to be detached, then try both tokens.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + DEADLINE;
     loop {
         let s = stats(&mut client, "token-a").await;
         if s.detached_sessions == 1 {
@@ -355,13 +312,54 @@ async fn sessions_are_bound_to_their_token() {
         assert!(Instant::now() < deadline, "never detached: {s:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    match resume("token-b").await {
+    match resume_with("token-b").await {
         Some(pb::converse_response::Result::Error(e)) => assert_eq!(e.code, Code::NotFound as i32),
         other => panic!("another token's resume: {other:?}"),
     }
-    match resume("token-a").await {
+    match resume_with("token-a").await {
         Some(pb::converse_response::Result::Ready(r)) => assert_eq!(r.session_id, "owned-1"),
         other => panic!("its own token's resume: {other:?}"),
     }
-    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Tokens are never logged, whatever the log level: a server logging
+/// everything at debug (every crate) sees calls with the right token, a
+/// wrong one and a session created with one, and no line holds either.
+async fn tokens_are_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("tokens");
+    let (right, wrong) = ("secret-right-7f3a9c", "secret-wrong-b81e44");
+    std::fs::write(&token_file, format!("{right}\n")).unwrap();
+    let server = Launch::new(&["--auth-token-file", token_file.to_str().unwrap()])
+        .log("debug")
+        .spawn()
+        .await;
+    let channel = server.channel().await;
+    serving(&channel).await;
+    let mut client = EmbedderClient::new(channel);
+    client.embed(with_token(embed_request(), Some(right))).await.unwrap();
+    let err = client
+        .embed(with_token(embed_request(), Some(wrong)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut stream = client
+        .converse(with_token(
+            tokio_stream::iter(vec![options(create("logged-1")), turn("t", "hello", "user")]),
+            Some(right),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while crate::support::stream::next(&mut stream).await.is_some() {}
+    // The server logs the stream's end at info, after its last response.
+    server
+        .wait_log("the stream's close", |l| l.contains("stream closed"))
+        .await;
+    let logs = server.logs();
+    assert!(logs.len() > 20, "the server logged at debug: {} lines", logs.len());
+    for line in &logs {
+        assert!(!line.contains("secret-"), "a token (or part of one) was logged: {line}");
+    }
 }
