@@ -26,7 +26,7 @@ serve: setup
 test: setup models
 	$(CARGO) test --all-targets --features faults
 	$(CARGO) test --doc --features faults
-	SE_REQUIRE_MODELS=1 $(PY) -m pytest tests/python -q -p no:cacheprovider
+	SE_REQUIRE_MODELS=1 CARGO=$(CARGO) $(PY) -m pytest tests/python -q -p no:cacheprovider
 
 # The tests whose numbers depend on ONNX Runtime's kernel choice (the oracle
 # suites, the variants, chunking and padding per variant), again on an

@@ -4,8 +4,11 @@ and gRPC stubs generated from proto/ at test time."""
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,51 @@ BIN = Path(os.environ.get("SE_BIN", ROOT / "target" / "debug" / "stateful-embedd
 GEN = Path(__file__).resolve().parent / "gen"
 
 # models/ (gguf_source, qwen_onnx) is on sys.path through pytest.ini's pythonpath.
+
+# The longest a test waits for one event (a line from a process, a state)
+# before it fails: far above what a loaded 2-core machine takes.
+DEADLINE = 60
+
+
+def default_signals():
+    """Gives a child process the default disposition of the signals a test
+    may send it. A job started in the background by a non-interactive shell
+    (`make test &`, nohup, CI) inherits SIGINT and SIGQUIT ignored, and
+    programs such as grpcurl (Go) keep an ignored SIGINT ignored; so every
+    child a test signals starts from the defaults, however the suite was
+    launched."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def spawn(args, **kwargs):
+    """subprocess.Popen with default signal dispositions and, unless told
+    otherwise, no stdin (a test must not depend on the suite's stdin)."""
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(args, preexec_fn=default_signals, **kwargs)  # noqa: PLW1509
+
+
+class Lines:
+    """A process's output, line by line, each read bounded by DEADLINE (a
+    process that stops writing fails the test, it never hangs it)."""
+
+    def __init__(self, stream):
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, timeout=DEADLINE):
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout} s") from None
+        if line is None:
+            raise AssertionError("the process closed its output")
+        return line
 
 
 def require(path: Path) -> Path:
@@ -52,16 +100,16 @@ class Server:
     """A stateful-embedder process on 127.0.0.1:0 serving the tiny model
     (over TLS when `credentials`, grpcio channel credentials, are given)."""
 
-    def __init__(self, *extra: str, credentials=None):
+    def __init__(self, *extra: str, credentials=None, env=None):
         self.credentials = credentials
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: build it first (make test runs cargo test, which builds it)")
         require(TINY / "model.onnx")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [str(BIN), "serve", "--addr", "127.0.0.1:0", "--model", str(TINY), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
         )
-        line = self.proc.stdout.readline()
+        line = Lines(self.proc.stdout).next()
         assert line.startswith("listening on "), f"unexpected first line {line!r}"
         self.addr = line.split()[-1]
         self.wait_serving()
@@ -71,7 +119,7 @@ class Server:
         from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
         with self.channel() as ch:
-            for resp in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60):
+            for resp in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=DEADLINE):
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         raise AssertionError("the server never became SERVING")
@@ -83,9 +131,24 @@ class Server:
             return grpc.insecure_channel(self.addr)
         return grpc.secure_channel(self.addr, self.credentials)
 
+    def stats(self, pb, done=lambda s: True, what="stats"):
+        """Polls GetStats (bounded by DEADLINE) until `done` holds; returns them."""
+        import time  # noqa: PLC0415
+
+        pb2, rpc = pb
+        deadline = time.monotonic() + DEADLINE
+        with self.channel() as ch:
+            stub = rpc.EmbedderStub(ch)
+            while True:
+                stats = stub.GetStats(pb2.GetStatsRequest(), timeout=DEADLINE)
+                if done(stats):
+                    return stats
+                assert time.monotonic() < deadline, f"{what}: {stats}"
+                time.sleep(0.02)
+
     def stop(self):
         self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(timeout=DEADLINE)
 
 
 @pytest.fixture

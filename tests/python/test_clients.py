@@ -66,14 +66,8 @@ def test_python_client_stats_and_info(pb, server):
         stub = embedder_pb2_grpc.EmbedderStub(ch)
         info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest())
         assert (info.layers, info.hidden_size, info.kv_dtype) == (2, 64, "float32")
-        deadline = time.monotonic() + 20
-        while True:
-            stats = stub.GetStats(embedder_pb2.GetStatsRequest())
-            if (stats.active_sessions == 0 and stats.kv_cache_bytes == 0) or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert (stats.active_sessions, stats.kv_cache_bytes) == (0, 0)
-        assert stats.turns_total >= len(TURNS)
+    stats = server.stats(pb, lambda s: s.active_sessions == 0 and s.kv_cache_bytes == 0, "the stream's cache freed")
+    assert stats.turns_total == len(TURNS), "the fresh server took exactly the conversation's turns"
 
 
 def grpcurl(*args, stdin=None):
