@@ -107,7 +107,7 @@ def main():
             srv.stop()
 
     # 3. Idle streams on the tiny model.
-    srv = serve(TINY, "--max-kv-bytes", "64MiB", "--max-sessions", str(args.idle + 100))
+    srv = serve(TINY, "--max-kv-bytes", "64MiB", "--max-streams", str(args.idle + 100))
     try:
         R["idle"] = sessions(srv, args.idle, 8, 3)
     finally:
@@ -170,7 +170,7 @@ def section(R):
         f"{b16['p50_ms'] / dflt['p50_ms']:.1f}× as long as with everything resident. Size the budget for the conversations "
         "active at once; idle ones cost only their token ids and the per-stream overhead above. The KV bytes never exceed "
         "the budget (the most sampled every 20 ms is in the table; the tests assert it after every response). 10,000 open "
-        "streams is the default `--max-sessions`.",
+        "streams is the default `--max-streams`.",
         END,
     ]
     return "\n".join(lines)

@@ -36,9 +36,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use stateful_embedder::{
     conversation::{Conversation, ConversationOptions, Pooling, Standardize},
+    engine::{BatchLimits, TurnRequest, run_turns},
     model::{Model, ModelOptions},
     pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
-    schedule::{BatchLimits, TurnRequest, run_turns},
 };
 use tokio_stream::StreamExt;
 
@@ -707,7 +707,7 @@ async fn server_stats(addr: &str) -> anyhow::Result<pb::Stats> {
 
 fn stats_json(s: &pb::Stats) -> serde_json::Value {
     json!({
-        "active_sessions": s.active_sessions,
+        "open_streams": s.open_streams,
         "kv_cache_bytes": s.kv_cache_bytes,
         "kv_budget_bytes": s.kv_budget_bytes,
         "resident_conversations": s.resident_conversations,

@@ -94,10 +94,10 @@ def main():
         deadline = time.monotonic() + 30
         while True:
             s = stats(addr)
-            if (s.active_sessions, s.kv_cache_bytes) == (0, 0) or time.monotonic() > deadline:
+            if (s.open_streams, s.kv_cache_bytes) == (0, 0) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        left = {"active_sessions": s.active_sessions, "kv_cache_bytes": s.kv_cache_bytes, "turns_total": s.turns_total,
+        left = {"open_streams": s.open_streams, "kv_cache_bytes": s.kv_cache_bytes, "turns_total": s.turns_total,
                 "evictions_total": s.evictions_total, "rebuilds_total": s.rebuilds_total}
     finally:
         done.set()
@@ -112,7 +112,7 @@ def main():
     bound = max(8 << 20, 0.02 * mean_rss)
     if out["error_count"]:
         failures.append(f"{out['error_count']} errors that were not injected: {out['errors']}")
-    if (left["active_sessions"], left["kv_cache_bytes"]) != (0, 0):
+    if (left["open_streams"], left["kv_cache_bytes"]) != (0, 0):
         failures.append(f"left behind: {left}")
     if grown > bound:
         failures.append(f"RSS grew {grown / 1e6:.1f} MB after warm-up (bound {bound / 1e6:.1f} MB)")

@@ -4,7 +4,7 @@
 //! for a turn, `{"reset": true}` for a reset — streams each as soon as it is
 //! read (pipelined), and prints one JSON line per response as it arrives:
 //! `{"index":0,"tag":"t1","values":[…],"turn_tokens":…,"context_tokens":…,
-//! "evicted_tokens":…}`, `{"index":1,"reset":{"released_tokens":…}}` or
+//! "dropped_tokens":…}`, `{"index":1,"reset":{"released_tokens":…}}` or
 //! `{"index":2,"error":{"code":3,"message":"…"}}`. The stream stays open
 //! until stdin closes.
 
@@ -112,7 +112,7 @@ pub async fn run(config: ClientConfig) -> anyhow::Result<()> {
                 json["values"] = serde_json::json!(e.values);
                 json["turn_tokens"] = e.turn_tokens.into();
                 json["context_tokens"] = e.context_tokens.into();
-                json["evicted_tokens"] = e.evicted_tokens.into();
+                json["dropped_tokens"] = e.dropped_tokens.into();
             }
             Some(Reply::Reset(r)) => json["reset"] = serde_json::json!({ "released_tokens": r.released_tokens }),
             Some(Reply::Error(e)) => json["error"] = serde_json::json!({ "code": e.code, "message": e.message }),

@@ -9,45 +9,39 @@
 //! KV budget, idle ones evicted and rebuilt by recomputation.
 //!
 //! # Layout
-//! * [`runtime`] finds and loads ONNX Runtime (`load-dynamic`); [`cpu`] reads
-//!   the CPU features its kernels (and so each variant's speed) depend on.
-//! * [`tokenizer`] turns text (and ChatML roles) into token ids.
-//! * [`model`] owns the ONNX Runtime session and runs forward passes, one
-//!   conversation's or several in one padded call; `model::contract`
-//!   discovers the I/O contract ([`model::ModelSpec`]) and `model::kv` holds
-//!   [`model::KvCache`] (a conversation's cache, with its byte ledger) and the
-//!   packing of caches into a batch; `model::profile` reads what ships beside
-//!   the model for embedding quality ([`model::EmbeddingStats`]: background
-//!   statistics; [`model::EmbeddingHead`]: the learned head;
-//!   [`model::Templates`]: input types and the probe).
-//! * [`conversation`] is one conversation's state machine
-//!   ([`conversation::Conversation::new`], `turn`, `reset`): templates,
-//!   pooling (mean, last token, probe, probe and mean), standardisation and
-//!   the learned head, truncation, context
-//!   window and overflow policies, all-or-nothing turns.
-//! * [`schedule`] decides what runs together: it groups turns of several
-//!   conversations into shared calls ([`schedule::run_turns`]), cuts a round
-//!   of work into chunks, runs long turns (and rebuilds) a chunk per round,
-//!   and makes room in the KV budget before each call ([`schedule::Room`]).
-//! * [`metrics`] exports Prometheus metrics (`--metrics-addr`); [`auth`]
-//!   checks bearer tokens (`--auth-token-file`).
-//! * [`memory`] is the KV budget ([`memory::KvBudget`]): the slots
-//!   conversations rest in between turns, LRU and idle eviction.
-//! * [`engine`] is the one thread that runs the model, fed by a bounded queue
-//!   of jobs, each carrying its conversation's slot and a oneshot reply; it
-//!   takes what waits each round and hands it to the scheduler, and keeps the
-//!   counters (the queue count is tickets that decrement on drop).
-//! * [`service`] is the gRPC edge (`embedder.v1.Embedder`): validation, proto
-//!   conversions, one task per `Converse` stream, resumable sessions
-//!   ([`service::Sessions`]), and every failure in
-//!   [`service::ServiceError`] with its gRPC code; [`server`] adds health and
-//!   reflection and runs the lifecycle (load, warm up, serve, drain);
-//!   [`config`] is the command line; [`client`] is a small Rust client
-//!   (`stateful-embedder converse`) for scripts and tests.
+//! The modules are layers, each importing only from those above it in this
+//! list (the lowest first):
+//! * [`platform`]: the machine (ONNX Runtime's library, CPU features,
+//!   available memory).
+//! * [`model`]: the decoder: one ONNX Runtime session, its I/O contract
+//!   ([`model::ModelSpec`]), forward passes alone and batched, the KV cache
+//!   ([`model::KvCache`]) and the ledger of its bytes, the tokenizer, and the
+//!   embedding profile shipped beside the model (statistics, learned head,
+//!   templates).
+//! * [`conversation`]: one conversation ([`conversation::Conversation`]) and
+//!   one turn of it (planned once, run call by call, adopted), its options,
+//!   and pooling into vectors.
+//! * [`engine`]: the one thread that runs the model ([`engine::Engine`]),
+//!   fed by a bounded queue; its rounds batch turns of many conversations,
+//!   run long turns a call per round, and make room in the KV budget
+//!   ([`engine::KvBudget`]) before each call.
+//! * [`service`]: the gRPC edge (`embedder.v1.Embedder`): proto conversions,
+//!   one task per `Converse` stream, resumable sessions, bearer tokens, every
+//!   failure with its gRPC code. Proto types stop here.
+//! * [`server`]: the lifecycle (load, warm up, serve, drain) with health,
+//!   reflection and metrics, and its [`server::Config`].
+//! * [`client`]: a small Rust client (`stateful-embedder converse`).
 //!
-//! Data flows `service → engine → schedule → conversation → model/tokenizer`
-//! and back; a conversation is taken out of its slot for its turn, so
-//! nothing is shared between streams while a turn runs but the model.
+//! A turn's path: `service` (a stream's request) → `engine` (queued,
+//! admitted: the conversation's turn planned once) → its rounds (room in the
+//! budget, then the turn's calls, alone or batched) → `model` → back to the
+//! `engine`'s reply → `service` (the response). A conversation is taken out
+//! of its slot for its turn, so nothing is shared between streams while a
+//! turn runs but the model.
+//!
+//! Test builds (the `faults` feature) add seams in `model`: fault plans for
+//! model calls, a census of the KV tensors that exist beside the ledger,
+//! and calls broken on purpose for the tests' negative controls.
 //!
 //! # Example
 //! ```
@@ -71,22 +65,13 @@
 //! # }
 //! ```
 
-pub mod auth;
 pub mod client;
-pub mod config;
 pub mod conversation;
-pub mod cpu;
 pub mod engine;
-#[cfg(feature = "faults")]
-pub mod faults;
-pub mod memory;
-pub mod metrics;
 pub mod model;
-pub mod runtime;
-pub mod schedule;
+pub mod platform;
 pub mod server;
 pub mod service;
-pub mod tokenizer;
 
 /// The generated `embedder.v1` types, client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

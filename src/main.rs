@@ -4,12 +4,32 @@
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use stateful_embedder::{
-    config::{Cli, Command, Config, LogFormat},
-    runtime, server,
+    client::ClientConfig,
+    platform::onnxruntime,
+    server::{self, Config, LogFormat},
 };
 use tracing_subscriber::EnvFilter;
+
+/// A gRPC server that keeps one decoder KV cache per bidirectional stream and
+/// answers every turn with an embedding.
+#[derive(Debug, Parser)]
+#[command(name = "stateful-embedder", version, about)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Embedder gRPC API (with health and reflection).
+    Serve(Box<Config>),
+    /// A Converse client: JSON-lines turns on stdin, one JSON line per response on stdout.
+    Converse(ClientConfig),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,7 +59,7 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     // Find ONNX Runtime before anything else: its absence is a one-line error.
-    runtime::environment(config.onnxruntime.as_deref())?;
+    onnxruntime::environment(config.onnxruntime.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tokio")
@@ -57,7 +77,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
-fn converse(config: stateful_embedder::client::ClientConfig) -> anyhow::Result<()> {
+fn converse(config: ClientConfig) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

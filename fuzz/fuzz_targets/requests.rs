@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
         max_context_tokens: 8192,
         max_turn_tokens: 8192,
         prefill_chunk_tokens: 512,
-        max_sessions: 16,
+        max_streams: 16,
+        max_detached_sessions: 16,
         detached_ttl: None,
     };
     if let Ok(request) = pb::ConverseRequest::decode(data)

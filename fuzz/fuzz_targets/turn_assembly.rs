@@ -6,7 +6,7 @@
 use std::{path::Path, sync::OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use stateful_embedder::tokenizer::TextTokenizer;
+use stateful_embedder::model::TextTokenizer;
 
 fn tokenizer() -> &'static TextTokenizer {
     static T: OnceLock<TextTokenizer> = OnceLock::new();

@@ -3,7 +3,7 @@
 //! call still passes proves nothing, so the tests show each bound failing on
 //! one. Nothing here runs in a server.
 
-use super::{Hidden, KvCache, KvDtype, Model, ModelError, kv};
+use super::{FloatType, Hidden, KvCache, Model, ModelError, kv};
 
 impl Model {
     /// [`Model::forward`] with the new tokens' positions off by `shift`
@@ -37,15 +37,19 @@ impl Model {
             donor.len
         );
         let _call = self.ledger.call();
-        let mut reserved = self.ledger.reserve(self.call_bytes(0, cache.len));
+        let mut reserved = self.ledger.reserve(self.call_bytes(&[super::Call {
+            past: 0,
+            new: cache.len,
+            cut: 0,
+        }]));
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
         let tensors = cache
             .tensors
             .iter()
             .zip(&donor.tensors)
             .map(|(t, from)| match self.spec.kv_dtype {
-                KvDtype::F32 => kv::splice::<f32>(t, cache.len, from, donor.len, row, heads, d),
-                KvDtype::F16 => kv::splice::<half::f16>(t, cache.len, from, donor.len, row, heads, d),
+                FloatType::F32 => kv::splice::<f32>(t, cache.len, from, donor.len, row, heads, d),
+                FloatType::F16 => kv::splice::<half::f16>(t, cache.len, from, donor.len, row, heads, d),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.cache(&mut reserved, tensors, cache.len))

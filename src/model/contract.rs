@@ -12,36 +12,36 @@ use ort::{
 
 use super::ModelError;
 
-/// Element type of the KV cache (and of the hidden-state output).
+/// A float element type of the graph: the KV cache's, the hidden state's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvDtype {
+pub enum FloatType {
     /// 32-bit float.
     F32,
     /// 16-bit float (the fp16 variant).
     F16,
 }
 
-impl KvDtype {
+impl FloatType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
+            FloatType::F32 => 4,
+            FloatType::F16 => 2,
         }
     }
 
     /// The name clients see (`float32`/`float16`).
     pub fn name(self) -> &'static str {
         match self {
-            KvDtype::F32 => "float32",
-            KvDtype::F16 => "float16",
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
         }
     }
 
     pub(super) fn from_ort(t: TensorElementType) -> Option<Self> {
         match t {
-            TensorElementType::Float32 => Some(KvDtype::F32),
-            TensorElementType::Float16 => Some(KvDtype::F16),
+            TensorElementType::Float32 => Some(FloatType::F32),
+            TensorElementType::Float16 => Some(FloatType::F16),
             _ => None,
         }
     }
@@ -63,9 +63,9 @@ pub struct ModelSpec {
     /// Size of the hidden state (and of a full embedding).
     pub hidden_size: usize,
     /// Element type of the KV cache.
-    pub kv_dtype: KvDtype,
+    pub kv_dtype: FloatType,
     /// Element type of `last_hidden_state`.
-    pub hidden_dtype: KvDtype,
+    pub hidden_dtype: FloatType,
     /// Whether the graph takes `position_ids`.
     pub has_position_ids: bool,
     /// Vocabulary size of the tokenizer.
@@ -141,8 +141,8 @@ pub(super) fn discover(
     let (kv_ty, kv_shape) = input("past_key_values.0.key")
         .and_then(tensor)
         .ok_or_else(|| breach("past_key_values.0.key is not a tensor".into()))?;
-    let kv_dtype =
-        KvDtype::from_ort(kv_ty).ok_or_else(|| breach(format!("KV cache type {kv_ty:?} is not float32 or float16")))?;
+    let kv_dtype = FloatType::from_ort(kv_ty)
+        .ok_or_else(|| breach(format!("KV cache type {kv_ty:?} is not float32 or float16")))?;
     if kv_shape.len() != 4 || kv_shape[1] <= 0 || kv_shape[3] <= 0 {
         return Err(breach(format!(
             "past_key_values.0.key has shape {kv_shape:?}; expected [batch, kv_heads, past, head_dim] with fixed kv_heads and head_dim"
@@ -178,7 +178,7 @@ pub(super) fn discover(
         };
         return Err(breach(format!("no last_hidden_state output{hint}")));
     };
-    let hidden_dtype = KvDtype::from_ort(hidden_ty)
+    let hidden_dtype = FloatType::from_ort(hidden_ty)
         .ok_or_else(|| breach(format!("last_hidden_state is {hidden_ty:?}, not float32 or float16")))?;
     let hidden_size = match hidden_shape.last() {
         Some(&d) if d > 0 => d as usize,

@@ -47,10 +47,12 @@ impl KvCache {
     }
 
     /// Every cached value's bits, layer by layer (key, then value), as
-    /// little-endian bytes: for tests that a cache is bit-identical to another.
+    /// little-endian bytes: for tests that a cache is bit-identical to
+    /// another (test builds only, the `faults` feature).
     ///
     /// # Errors
     /// [`ModelError::Ort`] if a tensor cannot be read.
+    #[cfg(feature = "faults")]
     pub fn to_bits(&self) -> Result<Vec<u8>, ModelError> {
         let mut out = Vec::with_capacity(self.bytes() as usize);
         for t in &self.tensors {

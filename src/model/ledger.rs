@@ -19,6 +19,37 @@ use std::sync::{
 
 use ort::value::DynValue;
 
+/// One row of a model call, for the bytes the call adds: the row's cached
+/// tokens, its new tokens, and the tokens cut from its new cache (a probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    /// Tokens of cache the row runs on top of.
+    pub past: usize,
+    /// Tokens the row runs.
+    pub new: usize,
+    /// Tokens at the end of `new` left out of the row's new cache.
+    pub cut: usize,
+}
+
+/// Tokens of KV memory a call over `rows` adds at its peak: one row, its
+/// outputs (`past + new`) and, when rows are cut from them, the copy
+/// without them made while they are held (`past + new - cut`); several rows
+/// in one padded call, the pasts packed into one tensor (`B × P`), the
+/// batched outputs (`B × (P + N)`) and each row's own copy out of them
+/// (`past + new` each, counted whole). The one formula both the budget (before
+/// a call) and the call's reservation use.
+pub fn call_tokens(rows: &[Call]) -> usize {
+    if let [row] = rows {
+        let total = row.past + row.new;
+        return total + if row.cut > 0 { total - row.cut } else { 0 };
+    }
+    let b = rows.len();
+    let p = rows.iter().map(|r| r.past).max().unwrap_or(0);
+    let n = rows.iter().map(|r| r.new).max().unwrap_or(0);
+    let own: usize = rows.iter().map(|r| r.past + r.new).sum();
+    b * p + b * (p + n) + own
+}
+
 /// The ledger of one model. Share it with `Arc`.
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {

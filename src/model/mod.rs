@@ -16,7 +16,7 @@
 //! # Layout
 //! * this module: [`Model`] (the session, [`Model::forward`] and
 //!   [`Model::forward_batch`]) and [`Hidden`];
-//! * `contract`: [`ModelSpec`] and [`KvDtype`], discovered from the session;
+//! * `contract`: [`ModelSpec`] and [`FloatType`], discovered from the session;
 //! * `kv`: [`KvCache`], and the packing of several caches into one batched
 //!   call;
 //! * `ledger`: the bytes of every live cache and running call, and in test
@@ -31,14 +31,17 @@
 #[cfg(feature = "faults")]
 mod broken;
 mod contract;
+mod faults;
+mod forward;
 mod kv;
 mod ledger;
 mod profile;
+mod tokenizer;
 
-pub use contract::{KvDtype, ModelSpec};
+pub use contract::{FloatType, ModelSpec};
 use contract::{discover, read_config};
 pub use kv::KvCache;
-pub use ledger::Snapshot as LedgerSnapshot;
+pub use ledger::{Call, Snapshot as LedgerSnapshot};
 use ledger::{Held, Ledger, Reservation};
 pub use profile::{
     EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template,
@@ -53,16 +56,15 @@ use std::{
     },
 };
 
-use half::f16;
 use ort::{
-    session::{Session, SessionInputValue, SessionOutputs, builder::GraphOptimizationLevel},
-    value::{DynValue, Tensor},
+    session::{Session, builder::GraphOptimizationLevel},
+    value::DynValue,
 };
 
-use crate::{
-    runtime::{self, RuntimeError},
-    tokenizer::{TextTokenizer, TokenizerError},
-};
+pub use forward::{BatchRow, Hidden};
+pub use tokenizer::{ROLES, TextTokenizer, TokenizerError, TurnTokens};
+
+use crate::platform::onnxruntime::{self, RuntimeError};
 
 /// The file a model directory is served from.
 pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
@@ -129,7 +131,7 @@ pub(crate) fn ort_err(action: &'static str) -> impl FnOnce(ort::Error) -> ModelE
 pub struct ModelOptions {
     /// ONNX Runtime intra-op threads; 0 means one per core.
     pub threads: usize,
-    /// An explicit ONNX Runtime library (otherwise: see [`crate::runtime`]).
+    /// An explicit ONNX Runtime library (otherwise: see [`crate::platform::onnxruntime`]).
     pub onnxruntime: Option<PathBuf>,
 }
 
@@ -155,27 +157,6 @@ pub struct Model {
     head: EmbeddingHead,
     templates: Templates,
     probe_ids: Vec<u32>,
-}
-
-/// One forward pass's hidden states: `rows × hidden` row-major f32.
-#[derive(Debug)]
-pub struct Hidden {
-    /// Row-major values.
-    pub values: Vec<f32>,
-    /// Size of a row.
-    pub width: usize,
-}
-
-impl Hidden {
-    /// Row `i`.
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.values[i * self.width..(i + 1) * self.width]
-    }
-
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.values.len() / self.width.max(1)
-    }
 }
 
 impl Model {
@@ -205,7 +186,7 @@ impl Model {
         // The tokenizer first: it is cheap and its absence is fatal.
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let config = read_config(&dir.join("config.json"))?;
-        let environment = runtime::environment(options.onnxruntime.as_deref())?;
+        let environment = onnxruntime::environment(options.onnxruntime.as_deref())?;
         let threads = if options.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -321,26 +302,12 @@ impl Model {
         self.calls.load(Ordering::Relaxed)
     }
 
-    /// Bytes [`Model::forward`] of `new` tokens on a cache of `past` adds
-    /// to [`Model::kv_cache_bytes`] while it runs: its `present.*` outputs,
-    /// which become the new cache. (The cache it reads is counted already.)
-    pub fn call_bytes(&self, past: usize, new: usize) -> u64 {
-        (past + new) as u64 * self.spec.kv_bytes_per_token()
-    }
-
-    /// Bytes [`Model::forward_batch`] over rows of `(past, new)` tokens adds
-    /// while it runs: the pasts packed into one `[B, heads, P, d]` tensor per
-    /// layer, the batched `present.*` (`B × (P + N)` slots) and each row's
-    /// own new cache copied out of them. One row is a [`Model::call_bytes`].
-    pub fn batch_call_bytes(&self, rows: &[(usize, usize)]) -> u64 {
-        if let [(past, new)] = rows {
-            return self.call_bytes(*past, *new);
-        }
-        let b = rows.len();
-        let p = rows.iter().map(|r| r.0).max().unwrap_or(0);
-        let n = rows.iter().map(|r| r.1).max().unwrap_or(0);
-        let own: usize = rows.iter().map(|(p, n)| p + n).sum();
-        (b * p + b * (p + n) + own) as u64 * self.spec.kv_bytes_per_token()
+    /// Bytes a call over `rows` adds to [`Model::kv_cache_bytes`] at its
+    /// peak (see [`Call`]): what the budget makes room for before the call,
+    /// and what the call reserves when it runs. (The caches it reads are
+    /// counted already.)
+    pub fn call_bytes(&self, rows: &[Call]) -> u64 {
+        ledger::call_tokens(rows) as u64 * self.spec.kv_bytes_per_token()
     }
 
     /// An empty cache.
@@ -356,298 +323,5 @@ impl Model {
     fn cache(&self, reserved: &mut Reservation, tensors: Vec<DynValue>, len: usize) -> KvCache {
         let held = reserved.hold(len as u64 * self.spec.kv_bytes_per_token(), &tensors);
         KvCache { tensors, len, held }
-    }
-
-    /// Runs `ids` on top of `past` in one call. Returns the hidden states of
-    /// the rows in `keep` (indices into `ids`) and the cache of `past + ids`.
-    /// `past` is only read: on error nothing has changed.
-    ///
-    /// # Errors
-    /// [`ModelError::Ort`] when ONNX Runtime fails (e.g. out of memory).
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        past: &KvCache,
-        keep: std::ops::Range<usize>,
-    ) -> Result<(Hidden, KvCache), ModelError> {
-        self.forward_at(ids, past, keep, 0)
-    }
-
-    /// [`Model::forward`] with the new tokens' positions moved by `shift`
-    /// (0 in every call the server makes; tests break it on purpose).
-    fn forward_at(
-        &self,
-        ids: &[u32],
-        past: &KvCache,
-        keep: std::ops::Range<usize>,
-        shift: i64,
-    ) -> Result<(Hidden, KvCache), ModelError> {
-        let s = ids.len();
-        let p = past.len;
-        let total = p + s;
-        let input_ids = Tensor::from_array(([1usize, s], ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))
-            .map_err(ort_err("create input_ids"))?;
-        let mask =
-            Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err("create attention_mask"))?;
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * self.spec.layers);
-        inputs.push(("input_ids", input_ids.into()));
-        inputs.push(("attention_mask", mask.into()));
-        if self.spec.has_position_ids {
-            let first = p as i64 + shift;
-            let pos = Tensor::from_array(([1usize, s], (first..first + s as i64).collect::<Vec<_>>()))
-                .map_err(ort_err("create position_ids"))?;
-            inputs.push(("position_ids", pos.into()));
-        }
-        let empty_shape = [1usize, self.spec.kv_heads, 0, self.spec.head_dim];
-        for (i, name) in self.io.past.iter().enumerate() {
-            let value: SessionInputValue<'_> = match past.tensors.get(i) {
-                Some(t) => t.into(),
-                None => match self.spec.kv_dtype {
-                    KvDtype::F32 => Tensor::from_array((empty_shape, Vec::<f32>::new())).map(Into::into),
-                    KvDtype::F16 => Tensor::from_array((empty_shape, Vec::<f16>::new())).map(Into::into),
-                }
-                .map_err(ort_err("create an empty KV cache"))?,
-            };
-            inputs.push((name.as_str(), value));
-        }
-
-        let keep = keep.start.min(s)..keep.end.min(s);
-        let _call = self.ledger.call();
-        let mut reserved = self.ledger.reserve(self.call_bytes(p, s));
-        metrics::histogram!("se_batch_rows").record(1.0);
-        let (hidden, tensors) = self.run(inputs, |outputs| {
-            let hidden = self.read_hidden(outputs, [keep])?.remove(0);
-            let tensors = self
-                .io
-                .present
-                .iter()
-                .map(|name| {
-                    outputs
-                        .remove(name)
-                        .expect("the contract check at load guarantees present.*")
-                })
-                .collect();
-            Ok((hidden, tensors))
-        })?;
-        Ok((hidden, self.cache(&mut reserved, tensors, total)))
-    }
-
-    /// The first `len` tokens of `cache`, copied into a cache of their own
-    /// (counted in the ledger like any other). For a turn's cache without
-    /// the probe that ran at its end: under causal attention no earlier
-    /// token attended to the probe, so the result is the cache the turn
-    /// alone would have made. `cache` is only read: on error nothing has
-    /// changed.
-    ///
-    /// # Errors
-    /// [`ModelError::Ort`] when a tensor cannot be read or made.
-    ///
-    /// # Panics
-    /// If `len` exceeds the cache's length.
-    pub fn truncate(&self, cache: &KvCache, len: usize) -> Result<KvCache, ModelError> {
-        assert!(len <= cache.len, "a cache of {} tokens cut to {len}", cache.len);
-        if len == 0 {
-            return Ok(self.empty_cache());
-        }
-        let _call = self.ledger.call();
-        let mut reserved = self.ledger.reserve(self.call_bytes(0, len));
-        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let tensors = cache
-            .tensors
-            .iter()
-            .map(|t| match self.spec.kv_dtype {
-                KvDtype::F32 => kv::prefix::<f32>(t, cache.len, len, heads, d),
-                KvDtype::F16 => kv::prefix::<f16>(t, cache.len, len, heads, d),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.cache(&mut reserved, tensors, len))
-    }
-
-    /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
-    fn run<R>(
-        &self,
-        inputs: Vec<(&str, SessionInputValue<'_>)>,
-        read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R, ModelError>,
-    ) -> Result<R, ModelError> {
-        let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let _call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        #[cfg(feature = "faults")]
-        crate::faults::before_call(_call).map_err(ort_err("run the model"))?;
-        let mut outputs = session.run(inputs).map_err(ort_err("run the model"))?;
-        read(&mut outputs)
-    }
-
-    /// Rows of `last_hidden_state` (flattened over batch and sequence), one
-    /// [`Hidden`] per range, as f32.
-    fn read_hidden(
-        &self,
-        outputs: &SessionOutputs<'_>,
-        ranges: impl IntoIterator<Item = std::ops::Range<usize>>,
-    ) -> Result<Vec<Hidden>, ModelError> {
-        let value = outputs
-            .get("last_hidden_state")
-            .expect("the contract check at load guarantees last_hidden_state");
-        let width = self.spec.hidden_size;
-        let rows = |r: std::ops::Range<usize>| r.start * width..r.end * width;
-        Ok(match self.spec.hidden_dtype {
-            KvDtype::F32 => {
-                let (_, data) = value
-                    .try_extract_tensor::<f32>()
-                    .map_err(ort_err("read last_hidden_state"))?;
-                ranges
-                    .into_iter()
-                    .map(|r| Hidden {
-                        values: data[rows(r)].to_vec(),
-                        width,
-                    })
-                    .collect()
-            }
-            KvDtype::F16 => {
-                let (_, data) = value
-                    .try_extract_tensor::<f16>()
-                    .map_err(ort_err("read last_hidden_state"))?;
-                ranges
-                    .into_iter()
-                    .map(|r| Hidden {
-                        values: data[rows(r)].iter().map(|v| v.to_f32()).collect(),
-                        width,
-                    })
-                    .collect()
-            }
-        })
-    }
-}
-
-/// One row of [`Model::forward_batch`]: new tokens on top of a cache.
-#[derive(Debug, Clone)]
-pub struct BatchRow<'a> {
-    /// The tokens to run (at least one).
-    pub ids: &'a [u32],
-    /// The cache they run on top of (only read).
-    pub past: &'a KvCache,
-    /// Rows of `ids` whose hidden states to return.
-    pub keep: std::ops::Range<usize>,
-    /// Tokens at the end of `ids` left out of the row's new cache (a probe:
-    /// under causal attention no earlier token attended to them, so the
-    /// cache is what it would be had they never run).
-    pub cut: usize,
-}
-
-impl Model {
-    /// Runs several rows in one call: each row's tokens on top of its own
-    /// cache. Returns, per row, what [`Model::forward`] would (equal up to
-    /// float rounding: the GEMMs see other shapes), the row's cache without
-    /// its last [`BatchRow::cut`] tokens.
-    ///
-    /// # Layout
-    /// With `P` the longest past and `N` the longest row, row `b` is laid out as
-    /// `[pad; P - p_b] [past_b] [pad; N - n_b] [ids_b]`; `attention_mask` is 0 on
-    /// the pads, so no real token attends to them, and `position_ids` continue
-    /// each row's own context. The pasts are copied into `[B, kv_heads, P, d]`
-    /// tensors and each row's cache is copied back out of `present.*`: the
-    /// price of batching, small next to the GEMMs it shares.
-    ///
-    /// # Errors
-    /// [`ModelError::Ort`] when ONNX Runtime fails; no cache has changed then.
-    pub fn forward_batch(&self, rows: &[BatchRow<'_>]) -> Result<Vec<(Hidden, KvCache)>, ModelError> {
-        if let [row] = rows {
-            let (hidden, cache) = self.forward(row.ids, row.past, row.keep.clone())?;
-            if row.cut == 0 {
-                return Ok(vec![(hidden, cache)]);
-            }
-            return Ok(vec![(hidden, self.truncate(&cache, cache.len() - row.cut)?)]);
-        }
-        let b = rows.len();
-        let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
-        let n = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-        let total = p + n;
-        // Counted before the packed pasts are made.
-        let shape: Vec<(usize, usize)> = rows.iter().map(|r| (r.past.len, r.ids.len())).collect();
-        let _call = self.ledger.call();
-        let mut reserved = self.ledger.reserve(self.batch_call_bytes(&shape));
-        metrics::histogram!("se_batch_rows").record(b as f64);
-        let mut ids = vec![0i64; b * n];
-        let mut mask = vec![0i64; b * total];
-        let mut pos = vec![0i64; b * n];
-        for (i, r) in rows.iter().enumerate() {
-            let (pi, ni) = (r.past.len, r.ids.len());
-            for (j, &t) in r.ids.iter().enumerate() {
-                ids[i * n + n - ni + j] = i64::from(t);
-            }
-            mask[i * total + p - pi..i * total + p].fill(1);
-            mask[i * total + total - ni..(i + 1) * total].fill(1);
-            for (j, slot) in pos[i * n..(i + 1) * n].iter_mut().enumerate() {
-                // Pads sit at the row's first new position; they are masked anyway.
-                *slot = (pi + j.saturating_sub(n - ni)) as i64;
-            }
-        }
-        let input_ids = Tensor::from_array(([b, n], ids)).map_err(ort_err("create input_ids"))?;
-        let mask = Tensor::from_array(([b, total], mask)).map_err(ort_err("create attention_mask"))?;
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + 2 * self.spec.layers);
-        inputs.push(("input_ids", input_ids.into()));
-        inputs.push(("attention_mask", mask.into()));
-        if self.spec.has_position_ids {
-            let pos = Tensor::from_array(([b, n], pos)).map_err(ort_err("create position_ids"))?;
-            inputs.push(("position_ids", pos.into()));
-        }
-        let mut packed_census = Vec::with_capacity(self.io.past.len());
-        for (t, name) in self.io.past.iter().enumerate() {
-            let packed = match self.spec.kv_dtype {
-                KvDtype::F32 => kv::pack_past::<f32>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
-                KvDtype::F16 => kv::pack_past::<f16>(rows, t, p, self.spec.kv_heads, self.spec.head_dim)?,
-            };
-            packed_census.push(self.ledger.scratch(&[&packed]));
-            inputs.push((name.as_str(), packed.into()));
-        }
-
-        let (hidden, tensors) = self.run(inputs, |outputs| {
-            let hidden = self.read_hidden(
-                outputs,
-                rows.iter().enumerate().map(|(i, r)| {
-                    let ni = r.ids.len();
-                    let first = i * n + n - ni;
-                    first + r.keep.start.min(ni)..first + r.keep.end.min(ni)
-                }),
-            )?;
-            let mut tensors: Vec<Vec<DynValue>> =
-                rows.iter().map(|_| Vec::with_capacity(self.io.present.len())).collect();
-            // The batched outputs all exist now, the packed inputs too.
-            let mut present_census: Vec<_> = self
-                .io
-                .present
-                .iter()
-                .map(|name| self.ledger.scratch(&[&outputs[name.as_str()]]))
-                .collect();
-            drop(packed_census); // the run consumed the packed inputs
-            // Layer by layer, each batched tensor freed once split: the copies
-            // never hold more than one layer twice.
-            for (name, counted) in self.io.present.iter().zip(present_census.drain(..)) {
-                let present = outputs
-                    .remove(name)
-                    .expect("the contract check at load guarantees present.*");
-                let split = match self.spec.kv_dtype {
-                    KvDtype::F32 => {
-                        kv::unpack_present::<f32>(&present, rows, (p, n), self.spec.kv_heads, self.spec.head_dim)?
-                    }
-                    KvDtype::F16 => {
-                        kv::unpack_present::<f16>(&present, rows, (p, n), self.spec.kv_heads, self.spec.head_dim)?
-                    }
-                };
-                for (row, t) in tensors.iter_mut().zip(split) {
-                    row.push(t);
-                }
-                drop((present, counted));
-            }
-            Ok((hidden, tensors))
-        })?;
-        Ok(rows
-            .iter()
-            .zip(hidden)
-            .zip(tensors)
-            .map(|((r, hidden), tensors)| {
-                let len = r.past.len + r.ids.len() - r.cut;
-                (hidden, self.cache(&mut reserved, tensors, len))
-            })
-            .collect())
     }
 }

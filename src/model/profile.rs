@@ -252,7 +252,7 @@ impl<'a> ProfileFile<'a> {
                 "cannot read {what} ({e}); run `make models` (or `models/prepare.py import` for an export of your own) to write them"
             ))
         })?;
-        let (meta, tensors) = parse_safetensors(&bytes).map_err(bad)?;
+        let (meta, tensors) = parse_safetensors(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let file = ProfileFile { path, meta, tensors };
         if file.field("format") != format {
             return Err(file.bad(format!(
@@ -307,55 +307,23 @@ impl<'a> ProfileFile<'a> {
 
 type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// The safetensors layout: an 8-byte little-endian header length, a JSON
-/// header (`__metadata__` and, per tensor, dtype, shape, byte offsets), the
-/// data. Only F32 tensors are accepted.
+/// A safetensors file's metadata and its tensors, read with the
+/// `safetensors` crate. Only F32 tensors are accepted.
 fn parse_safetensors(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Tensors), String> {
-    let n = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .ok_or("not a safetensors file: shorter than its header length")?;
-    let header = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or("not a safetensors file: truncated header")?;
-    let data = &bytes[8 + n..];
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("not a safetensors file: {e}"))?;
-    let mut meta = BTreeMap::new();
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let meta = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut tensors = BTreeMap::new();
-    for (name, v) in header {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    meta.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                }
-            }
-            continue;
+    for (name, view) in file.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(format!("tensor {name:?} is {:?}, not F32", view.dtype()));
         }
-        let dtype = v["dtype"].as_str().unwrap_or_default();
-        if dtype != "F32" {
-            return Err(format!("tensor {name:?} is {dtype}, not F32"));
-        }
-        let shape: Vec<usize> = v["shape"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .unwrap_or_default();
-        let offsets: Vec<usize> = v["data_offsets"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .unwrap_or_default();
-        let [start, end] = offsets[..] else {
-            return Err(format!("tensor {name:?} has no data_offsets"));
-        };
-        let raw = data
-            .get(start..end)
-            .filter(|r| r.len() == 4 * shape.iter().product::<usize>())
-            .ok_or_else(|| format!("tensor {name:?}: offsets do not match its shape"))?;
-        let values = raw
+        let values = view
+            .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        tensors.insert(name, (shape, values));
+        tensors.insert(name, (view.shape().to_vec(), values));
     }
     Ok((meta, tensors))
 }

@@ -8,9 +8,8 @@ use tonic::{Code, Status, codegen::http};
 use crate::{
     conversation::{OptionsError, TurnError},
     engine::EngineStopped,
-    model::ModelError,
+    model::{ModelError, TokenizerError},
     pb,
-    tokenizer::TokenizerError,
 };
 
 /// Why a request or a stream failed: per-turn failures are answered in-band
@@ -61,7 +60,7 @@ pub enum ServiceError {
     /// The drain deadline passed with the stream still open.
     #[error("server shutting down")]
     ShuttingDown,
-    /// `--max-sessions` streams are open.
+    /// `--max-streams` streams are open.
     #[error("too many open streams: the server's limit is {limit}")]
     TooManyStreams {
         /// The limit.
@@ -122,29 +121,60 @@ pub enum ServiceError {
     Defaults(#[source] OptionsError),
 }
 
+/// What a failure is to the outside: its gRPC code (the status that ends a
+/// call, or the code of an in-band error) and its name in the
+/// `se_rejected_total` metric's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kind {
+    code: Code,
+    reason: &'static str,
+}
+
+const fn kind(code: Code, reason: &'static str) -> Kind {
+    Kind { code, reason }
+}
+
 impl ServiceError {
-    /// The gRPC code: chosen per variant, on purpose (no catch-all).
-    pub fn code(&self) -> Code {
+    /// The one table: each failure's code and reason, stated once per
+    /// variant, down to the layers' own enums (no catch-all: a new variant
+    /// anywhere forces a decision here).
+    fn kind(&self) -> Kind {
+        use Code::*;
         match self {
-            ServiceError::NoAction
-            | ServiceError::OptionsNotFirst
-            | ServiceError::UnknownEnum { .. }
-            | ServiceError::NoTexts
-            | ServiceError::WindowOverCap { .. }
-            | ServiceError::BadSessionId
-            | ServiceError::ResumeWithOptions
-            | ServiceError::Undecodable(_) => Code::InvalidArgument,
-            ServiceError::SessionsOff | ServiceError::SessionHeld { .. } => Code::FailedPrecondition,
-            ServiceError::SessionExists { .. } => Code::AlreadyExists,
-            ServiceError::Unauthenticated => Code::Unauthenticated,
-            ServiceError::SessionNotFound { .. } => Code::NotFound,
-            ServiceError::Options(e) => options_code(e),
-            ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => turn_code(e),
-            ServiceError::Loading | ServiceError::Draining | ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::EngineStopped(EngineStopped) => Code::Unavailable,
-            ServiceError::TooManyStreams { .. } | ServiceError::MessageTooLarge(_) => Code::ResourceExhausted,
-            ServiceError::Defaults(_) => Code::Internal,
+            ServiceError::NoAction => kind(InvalidArgument, "no_action"),
+            ServiceError::OptionsNotFirst => kind(InvalidArgument, "options_not_first"),
+            ServiceError::UnknownEnum { .. } => kind(InvalidArgument, "unknown_enum"),
+            ServiceError::NoTexts => kind(InvalidArgument, "no_texts"),
+            ServiceError::WindowOverCap { .. } => kind(InvalidArgument, "window_over_cap"),
+            ServiceError::BadSessionId => kind(InvalidArgument, "bad_session_id"),
+            ServiceError::ResumeWithOptions => kind(InvalidArgument, "resume_with_options"),
+            ServiceError::Undecodable(_) => kind(InvalidArgument, "undecodable"),
+            ServiceError::SessionsOff => kind(FailedPrecondition, "sessions_off"),
+            ServiceError::SessionHeld { .. } => kind(FailedPrecondition, "session_held"),
+            ServiceError::SessionExists { .. } => kind(AlreadyExists, "session_exists"),
+            ServiceError::SessionNotFound { .. } => kind(NotFound, "session_not_found"),
+            ServiceError::Unauthenticated => kind(Unauthenticated, "unauthenticated"),
+            ServiceError::Loading => kind(Unavailable, "loading"),
+            ServiceError::Draining => kind(Unavailable, "draining"),
+            ServiceError::ShuttingDown => kind(Unavailable, "shutting_down"),
+            ServiceError::EngineStopped(EngineStopped) => kind(Unavailable, "engine_stopped"),
+            ServiceError::TooManyStreams { .. } => kind(ResourceExhausted, "too_many_streams"),
+            ServiceError::MessageTooLarge(_) => kind(ResourceExhausted, "message_too_large"),
+            ServiceError::Defaults(_) => kind(Internal, "defaults"),
+            ServiceError::Options(e) => options_kind(e),
+            ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => turn_kind(e),
         }
+    }
+
+    /// The gRPC code (see the table in `kind`).
+    pub fn code(&self) -> Code {
+        self.kind().code
+    }
+
+    /// The name for the `se_rejected_total` metric's `reason` (see the
+    /// table in `kind`).
+    pub fn reason(&self) -> &'static str {
+        self.kind().reason
     }
 
     /// One clear sentence for the client (internal failures hide their chain,
@@ -155,45 +185,6 @@ impl ServiceError {
             ServiceError::EmbedText { index, source } => format!("texts[{index}]: {}", turn_message(source)),
             _ if self.code() == Code::Internal => "the server failed to handle this request".to_string(),
             _ => self.to_string(),
-        }
-    }
-
-    /// The variant's name, for the `se_rejected_total` metric's `reason`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ServiceError::NoAction => "no_action",
-            ServiceError::OptionsNotFirst => "options_not_first",
-            ServiceError::UnknownEnum { .. } => "unknown_enum",
-            ServiceError::NoTexts => "no_texts",
-            ServiceError::Options(_) => "options",
-            ServiceError::Turn(e) | ServiceError::EmbedText { source: e, .. } => match e {
-                TurnError::UnknownRole(_) => "unknown_role",
-                TurnError::Empty => "empty_text",
-                TurnError::TurnTooLong { .. } => "turn_too_long",
-                TurnError::OverWindow { .. } => "over_window",
-                TurnError::ContextFull { .. } => "context_full",
-                TurnError::OverBudget { .. } => "over_budget",
-                TurnError::Busy => "busy",
-                TurnError::Options(_) => "options",
-                TurnError::Tokenizer(_) => "tokenizer",
-                TurnError::Model(_) => "model",
-            },
-            ServiceError::Loading => "loading",
-            ServiceError::Draining => "draining",
-            ServiceError::ShuttingDown => "shutting_down",
-            ServiceError::TooManyStreams { .. } => "too_many_streams",
-            ServiceError::MessageTooLarge(_) => "message_too_large",
-            ServiceError::EngineStopped(_) => "engine_stopped",
-            ServiceError::WindowOverCap { .. } => "window_over_cap",
-            ServiceError::SessionsOff => "sessions_off",
-            ServiceError::BadSessionId => "bad_session_id",
-            ServiceError::SessionExists { .. } => "session_exists",
-            ServiceError::SessionNotFound { .. } => "session_not_found",
-            ServiceError::SessionHeld { .. } => "session_held",
-            ServiceError::ResumeWithOptions => "resume_with_options",
-            ServiceError::Defaults(_) => "defaults",
-            ServiceError::Unauthenticated => "unauthenticated",
-            ServiceError::Undecodable(_) => "undecodable",
         }
     }
 
@@ -233,46 +224,48 @@ impl From<ServiceError> for Status {
 
 /// A turn's failure as the client reads it: internal ones hide their chain.
 fn turn_message(e: &TurnError) -> String {
-    if turn_code(e) == Code::Internal {
+    if turn_kind(e).code == Code::Internal {
         "the model failed to run this turn; the conversation is unchanged".to_string()
     } else {
         e.to_string()
     }
 }
 
-fn options_code(e: &OptionsError) -> Code {
+/// The table's rows for options that do not suit the model.
+fn options_kind(e: &OptionsError) -> Kind {
     match e {
         OptionsError::Dimensions { .. }
         | OptionsError::Window { .. }
         | OptionsError::Keep { .. }
         | OptionsError::Chunk
-        | OptionsError::HeadNeedsProbeMean => Code::InvalidArgument,
+        | OptionsError::HeadNeedsProbeMean => kind(Code::InvalidArgument, "options"),
     }
 }
 
-fn turn_code(e: &TurnError) -> Code {
+/// The table's rows for a turn's failures.
+fn turn_kind(e: &TurnError) -> Kind {
+    use Code::*;
     match e {
-        TurnError::UnknownRole(_) | TurnError::Empty => Code::InvalidArgument,
-        TurnError::Options(o) => options_code(o),
-        TurnError::TurnTooLong { .. }
-        | TurnError::OverWindow { .. }
-        | TurnError::ContextFull { .. }
-        | TurnError::OverBudget { .. } => Code::ResourceExhausted,
-        TurnError::Busy => Code::FailedPrecondition,
-        TurnError::Tokenizer(t) => match t {
-            TokenizerError::Encode(_) | TokenizerError::Load { .. } | TokenizerError::MissingMarker { .. } => {
-                Code::Internal
-            }
-        },
-        TurnError::Model(m) => match m {
+        TurnError::UnknownRole(_) => kind(InvalidArgument, "unknown_role"),
+        TurnError::Empty => kind(InvalidArgument, "empty_text"),
+        TurnError::TurnTooLong { .. } => kind(ResourceExhausted, "turn_too_long"),
+        TurnError::OverWindow { .. } => kind(ResourceExhausted, "over_window"),
+        TurnError::ContextFull { .. } => kind(ResourceExhausted, "context_full"),
+        TurnError::OverBudget { .. } => kind(ResourceExhausted, "over_budget"),
+        TurnError::Busy => kind(FailedPrecondition, "busy"),
+        TurnError::Options(o) => options_kind(o),
+        TurnError::Tokenizer(
+            TokenizerError::Encode(_) | TokenizerError::Load { .. } | TokenizerError::MissingMarker { .. },
+        ) => kind(Internal, "tokenizer"),
+        TurnError::Model(
             ModelError::Ort { .. }
             | ModelError::Runtime(_)
             | ModelError::Path { .. }
             | ModelError::Tokenizer(_)
             | ModelError::Config { .. }
             | ModelError::Contract { .. }
-            | ModelError::Profile { .. } => Code::Internal,
-        },
+            | ModelError::Profile { .. },
+        ) => kind(Internal, "model"),
     }
 }
 

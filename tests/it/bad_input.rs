@@ -165,7 +165,7 @@ async fn undecodable_messages_are_invalid_argument() {
     let second = embedding(&answer(&mut bystander).await).clone();
     assert!(second.context_tokens > first.context_tokens);
     server
-        .wait_stats("only the bystander's cache", |s| s.active_sessions == 1)
+        .wait_stats("only the bystander's cache", |s| s.open_streams == 1)
         .await;
 }
 

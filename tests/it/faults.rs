@@ -151,7 +151,7 @@ async fn a_turn_cancelled_mid_call_is_dropped_cleanly() {
         .await;
     drop((tx, rx, client)); // the client cancels mid-call
     server
-        .wait_stats("the doomed stream gone", |s| s.active_sessions == 1)
+        .wait_stats("the doomed stream gone", |s| s.open_streams == 1)
         .await;
     gate.open(3);
     let after = server.wait_stats("the call over", |s| s.queued_turns == 0).await;

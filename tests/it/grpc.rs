@@ -413,7 +413,7 @@ async fn quality_options_over_the_wire() {
 async fn caches_are_freed_when_streams_end() {
     let server = TestServer::start(&[]).await;
     let per_token = models::tiny().spec().kv_bytes_per_token();
-    let zero = |s: &pb::Stats| s.active_sessions == 0 && s.kv_cache_bytes == 0;
+    let zero = |s: &pb::Stats| s.open_streams == 0 && s.kv_cache_bytes == 0;
     let nothing_left = |what: &str, census: crate::support::server::Census| {
         assert_eq!(census.bytes, 0, "{what}: KV tensors left: {census:?}");
         assert_eq!(census.stats.kv_cache_bytes, 0, "{what}: {census:?}");
@@ -432,7 +432,7 @@ async fn caches_are_freed_when_streams_end() {
     let context = u64::from(embedding(&first).context_tokens);
     assert!(context > 0);
     let open = server.census().await;
-    assert_eq!(open.stats.active_sessions, 1);
+    assert_eq!(open.stats.open_streams, 1);
     assert_eq!(
         open.bytes,
         context * per_token,
@@ -469,9 +469,7 @@ async fn caches_are_freed_when_streams_end() {
         .expect("the client prints its answer in time")
         .unwrap();
     assert!(line.contains("\"values\""), "the client got its embedding: {line}");
-    let open = server
-        .wait_stats("client process open", |s| s.active_sessions == 1)
-        .await;
+    let open = server.wait_stats("client process open", |s| s.open_streams == 1).await;
     assert!(open.kv_cache_bytes > 0);
     child.kill().await.unwrap(); // SIGKILL: no goodbye on the wire
     server.wait_stats("after the client process was killed", zero).await;
@@ -535,7 +533,7 @@ async fn stream_limit_is_resource_exhausted() {
 
     // Closing one frees a slot.
     open.pop();
-    server.wait_stats("one slot free", |s| s.active_sessions == 1).await;
+    server.wait_stats("one slot free", |s| s.open_streams == 1).await;
     let ok = converse_all(&mut client, vec![turn("new", "new stream", "")]).await;
     assert_eq!(ok.len(), 1);
 }
@@ -853,9 +851,7 @@ async fn short_turns_are_answered_while_a_long_turn_prefills() {
 
     // The long turn's stream goes away part-way through its prefill.
     drop((long_tx, long_rx));
-    server
-        .wait_stats("the long stream gone", |s| s.active_sessions == 8)
-        .await;
+    server.wait_stats("the long stream gone", |s| s.open_streams == 8).await;
     gate.open(6);
     let after = server
         .wait_stats("the long turn dropped", |s| s.queued_turns == 0)

@@ -11,7 +11,7 @@ use std::{
 
 use stateful_embedder::{
     conversation::{Conversation, ConversationOptions},
-    memory::KvBudget,
+    engine::KvBudget,
     pb::{self, ConverseResponse, embedder_client::EmbedderClient},
 };
 use tonic::{Code, transport::Channel};
@@ -124,7 +124,7 @@ async fn budget_holds_while_sixteen_streams_take_turns() {
     }
     drop(talkers);
     server
-        .wait_stats("every stream gone", |s| s.active_sessions == 0 && s.kv_cache_bytes == 0)
+        .wait_stats("every stream gone", |s| s.open_streams == 0 && s.kv_cache_bytes == 0)
         .await;
     let end = census(&mut client).await;
     assert_eq!((end.bytes, end.stats.kv_cache_bytes), (0, 0), "nothing left: {end:?}");
@@ -255,7 +255,7 @@ async fn sessions_resume_after_a_lost_stream() {
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     let detached = server
         .wait_stats("detached and evicted", |s| {
-            s.detached_sessions == 1 && s.active_sessions == 0 && s.evicted_conversations == 1 && s.kv_cache_bytes == 0
+            s.detached_sessions == 1 && s.open_streams == 0 && s.evicted_conversations == 1 && s.kv_cache_bytes == 0
         })
         .await;
     println!("detached: {detached:?}");
@@ -343,11 +343,11 @@ async fn detached_sessions_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// At most `--max-sessions` lost sessions are kept detached: past that, a
-/// lost session is freed at once (NOT_FOUND), and the ones kept are still
-/// resumable.
+/// At most `--max-detached-sessions` lost sessions are kept detached: past
+/// that, a lost session is freed at once (NOT_FOUND), and the ones kept are
+/// still resumable.
 async fn detached_sessions_are_capped() {
-    let server = TestServer::start(&["--max-sessions", "2"]).await;
+    let server = TestServer::start(&["--max-detached-sessions", "2"]).await;
     let mut client = server.client().await;
     for (i, id) in ["cap-a", "cap-b", "cap-c"].into_iter().enumerate() {
         lost_stream(Proxy::to(&server.addr).await, |mut client| async move {
@@ -361,7 +361,7 @@ async fn detached_sessions_are_capped() {
         let kept = (i + 1).min(2) as u32;
         server
             .wait_stats("the lost stream gone", |s| {
-                s.active_sessions == 0 && s.detached_sessions == kept && s.resident_conversations == kept
+                s.open_streams == 0 && s.detached_sessions == kept && s.resident_conversations == kept
             })
             .await;
     }
@@ -369,7 +369,7 @@ async fn detached_sessions_are_capped() {
     assert_eq!(error(&r).code, Code::NotFound as i32, "the third was freed: {r:?}");
     drop(_t);
     server
-        .wait_stats("the refused stream gone", |s| s.active_sessions == 0)
+        .wait_stats("the refused stream gone", |s| s.open_streams == 0)
         .await;
     let (mut a, r) = session(&mut client, resume("cap-a")).await;
     assert_eq!(ready(&r).turns, 1, "the first was kept");
@@ -461,7 +461,7 @@ async fn two_thousand_open_streams_fit_the_budget() {
         warm.say("warm", &text_of(9_999, t)).await;
     }
     drop(warm);
-    server.wait_stats("warm-up freed", |s| s.active_sessions == 0).await;
+    server.wait_stats("warm-up freed", |s| s.open_streams == 0).await;
     census(&mut client).await; // (its peak is the warm-up's)
     let before = rss(pid);
 
@@ -514,7 +514,7 @@ async fn two_thousand_open_streams_fit_the_budget() {
         }
     }
     let open_now = census(&mut client).await;
-    assert_eq!(open_now.stats.active_sessions as usize, STREAMS, "{open_now:?}");
+    assert_eq!(open_now.stats.open_streams as usize, STREAMS, "{open_now:?}");
     within("with 2,000 streams open", &open_now, budget);
     assert!(open_now.stats.evictions_total > 0, "{open_now:?}");
 
@@ -552,7 +552,7 @@ async fn two_thousand_open_streams_fit_the_budget() {
     );
     drop((open_streams, kept));
     server
-        .wait_stats("all streams gone", |s| s.active_sessions == 0 && s.kv_cache_bytes == 0)
+        .wait_stats("all streams gone", |s| s.open_streams == 0 && s.kv_cache_bytes == 0)
         .await;
     assert_eq!(census(&mut client).await.bytes, 0);
 }

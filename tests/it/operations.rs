@@ -35,13 +35,13 @@ async fn keepalive_frees_a_half_open_peer() {
     let (near_tx, mut near_rx) = open(&mut near).await;
     near_tx.send(turn("n", "a client that stays", "user")).await.unwrap();
     embedding(&answer(&mut near_rx).await);
-    let held = server.wait_stats("two streams", |s| s.active_sessions == 2).await;
+    let held = server.wait_stats("two streams", |s| s.open_streams == 2).await;
 
     proxy.freeze();
     let frozen = Instant::now();
     let after = server
         .wait_stats("the silent peer's stream gone", |s| {
-            s.active_sessions == 1 && s.kv_cache_bytes < held.kv_cache_bytes
+            s.open_streams == 1 && s.kv_cache_bytes < held.kv_cache_bytes
         })
         .await;
     let took = frozen.elapsed();
@@ -145,7 +145,7 @@ async fn streams_per_connection_are_capped() {
         (tx, rx, r)
     });
     let s = server.wait_stats("two open", |_| true).await;
-    assert_eq!(s.active_sessions, 2, "{s:?}");
+    assert_eq!(s.open_streams, 2, "{s:?}");
     drop(streams.pop());
     let (_tx, _rx, r) = tokio::time::timeout(DEADLINE, third)
         .await

@@ -10,8 +10,8 @@ use stateful_embedder::{
         Conversation, ConversationOptions, InputType, OptionsError, Overflow, Pooling, Standardize, TurnError,
         TurnOutput,
     },
+    engine::{BatchLimits, KvBudget, TurnRequest, run_turns, run_turns_within},
     model::Model,
-    schedule::{BatchLimits, Room, TurnRequest, run_turns, run_turns_within},
 };
 
 use crate::support::{
@@ -57,7 +57,7 @@ impl Script {
         }
     }
 
-    /// The context the policy should leave before the turn, and how many tokens it evicts.
+    /// The context the policy should leave before the turn, and how many tokens it drops.
     fn expected_base(&self, n: usize) -> (Vec<u32>, usize) {
         let w = self.options.max_context_tokens;
         let ctx = &self.context;
@@ -75,8 +75,8 @@ impl Script {
                 while kept.len() > keep && (kept.len() > w / 2 || kept.len() + n > w) {
                     kept.remove(keep);
                 }
-                let evicted = ctx.len() - kept.len();
-                (kept, evicted)
+                let dropped = ctx.len() - kept.len();
+                (kept, dropped)
             }
             Overflow::Reject => panic!("the script does not expect a REJECT overflow here"),
         }
@@ -92,7 +92,7 @@ impl Script {
     /// the turn's tokens and the eviction.
     fn expect(&self, text: &str, role: &str) -> Expected {
         let (ids, text_span) = expected_turn(&self.model, text, role, self.options.input_type);
-        let (mut full, evicted) = self.expected_base(ids.len());
+        let (mut full, dropped) = self.expected_base(ids.len());
         let span = full.len() + text_span.start..full.len() + text_span.end;
         full.extend_from_slice(&ids);
         Expected {
@@ -100,7 +100,7 @@ impl Script {
             full,
             span,
             turn_tokens: ids.len(),
-            evicted,
+            dropped,
         }
     }
 
@@ -123,7 +123,7 @@ impl Script {
         assert_eq!(self.conv.tokens(), &e.full[..], "the conversation's context");
         assert_eq!(out.context_tokens, e.full.len());
         assert_eq!(out.turn_tokens, e.turn_tokens);
-        assert_eq!(out.evicted_tokens, e.evicted);
+        assert_eq!(out.dropped_tokens, e.dropped);
         assert_eq!(
             self.conv.kv_bytes(),
             e.full.len() as u64 * self.model.spec().kv_bytes_per_token()
@@ -177,7 +177,7 @@ struct Expected {
     full: Vec<u32>,
     span: std::ops::Range<usize>,
     turn_tokens: usize,
-    evicted: usize,
+    dropped: usize,
 }
 
 /// The suite's base: MEAN, z-scored (each case sets what it tests; the
@@ -219,7 +219,7 @@ fn evicting_script(model: &Arc<Model>, o: ConversationOptions, tol: Tolerance, l
         }
         let before = s.conv.context_len();
         let out = s.turn(text, "user");
-        if i % 2 == 1 && out.evicted_tokens == 0 {
+        if i % 2 == 1 && out.dropped_tokens == 0 {
             assert_eq!(out.rebuilt_tokens, before, "the whole context recomputed");
         }
         rebuilt += out.rebuilt_tokens;
@@ -305,7 +305,7 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         let mut s = Script::new(model, o, tol);
         let mut evicted = 0;
         for text in TEXTS.iter().cycle().take(14) {
-            evicted += s.turn(text, "user").evicted_tokens;
+            evicted += s.turn(text, "user").dropped_tokens;
         }
         assert!(evicted > 0, "the window of 64 must have slid");
         if keep > 0 {
@@ -329,8 +329,8 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     for text in TEXTS.iter().take(8) {
         let before = s.conv.context_len();
         let out = s.turn(text, "user");
-        if out.evicted_tokens > 0 {
-            assert_eq!(out.evicted_tokens, before);
+        if out.dropped_tokens > 0 {
+            assert_eq!(out.dropped_tokens, before);
             resets += 1;
         }
     }
@@ -667,7 +667,7 @@ fn real_f32_oracle() {
         let mut s = Script::new(&model, o, F32);
         let mut evicted = 0;
         for text in TEXTS.iter().cycle().take(12) {
-            evicted += s.turn(text, "user").evicted_tokens;
+            evicted += s.turn(text, "user").dropped_tokens;
         }
         assert!(evicted > 0);
         s.report(&format!("real f32 slide keep={keep}"));
@@ -943,10 +943,10 @@ fn real_variants_load_and_embed() {
         .map(|t| reference.turn(t, "user").unwrap().embedding)
         .collect();
     for (file, kv, min_cosine) in [
-        ("model_fp16.onnx", stateful_embedder::model::KvDtype::F16, 0.999),
-        ("model_q8.onnx", stateful_embedder::model::KvDtype::F32, 0.995),
-        ("model_q4.onnx", stateful_embedder::model::KvDtype::F32, 0.9),
-        ("model_int8.onnx", stateful_embedder::model::KvDtype::F32, 0.8),
+        ("model_fp16.onnx", stateful_embedder::model::FloatType::F16, 0.999),
+        ("model_q8.onnx", stateful_embedder::model::FloatType::F32, 0.995),
+        ("model_q4.onnx", stateful_embedder::model::FloatType::F32, 0.9),
+        ("model_int8.onnx", stateful_embedder::model::FloatType::F32, 0.8),
     ] {
         let path = common::model_file(common::real_dir(), file);
         let model = Model::open(&path, &Default::default()).unwrap();
@@ -978,7 +978,7 @@ fn real_variants_load_and_embed() {
             let beside = probing.turn(text, "user").unwrap().turn_mean.unwrap();
             let c = cosine(&beside, &got);
             println!("{file}: the turn's mean with the probe in its calls vs without: cosine {c:.7}");
-            if kv == stateful_embedder::model::KvDtype::F16 {
+            if kv == stateful_embedder::model::FloatType::F16 {
                 assert_eq!(beside, got, "{file}: the probe moved the turn's vector");
             }
             assert!(c >= same_bound, "{file}: cosine {c} < {same_bound}");
@@ -1243,28 +1243,6 @@ fn real_f32_batched_oracle() {
     }
 }
 
-/// A budget of `limit` bytes over one model's ledger, with nothing resting to
-/// evict: the scheduler can make room only among the round's own turns.
-struct Tight {
-    model: Arc<Model>,
-    limit: u64,
-    evicted: std::cell::Cell<usize>,
-}
-
-impl Room for Tight {
-    fn make_room(&self, need: u64) -> bool {
-        self.model.kv_cache_bytes() + need <= self.limit
-    }
-
-    fn evicted(&self, _tokens: usize) {
-        self.evicted.set(self.evicted.get() + 1);
-    }
-
-    fn limit(&self) -> u64 {
-        self.limit
-    }
-}
-
 #[test]
 /// Short of room, a round evicts the caches of its turns that have run and
 /// then the turn's own (redone as a rebuild), never the cache a long turn
@@ -1300,11 +1278,9 @@ fn a_tight_round_evicts_what_it_may() {
     // ... but not for the third with nothing evicted.
     assert!(fa + b + c + fc > enough, "the third turn must have to evict");
     let limit = enough as u64 * per_token;
-    let room = Tight {
-        model: model.clone(),
-        limit,
-        evicted: std::cell::Cell::new(0),
-    };
+    // A budget with nothing resting in it: only the round's own turns can
+    // make room.
+    let room = KvBudget::new(model.clone(), limit);
     let results = {
         let mut requests: Vec<TurnRequest<'_>> = scripts
             .iter_mut()
@@ -1324,7 +1300,7 @@ fn a_tight_round_evicts_what_it_may() {
             &room,
         )
     };
-    assert!(room.evicted.get() >= 1, "the round had to evict");
+    assert!(room.evictions() >= 1, "the round had to evict");
     for ((s, e), r) in scripts.iter_mut().zip(expected).zip(results) {
         let out = r.expect("every turn fits once the others are evicted");
         let resident = s.conv.is_resident();
@@ -1337,11 +1313,7 @@ fn a_tight_round_evicts_what_it_may() {
     }
 
     // A budget smaller than one call: the turn fails, nothing changes.
-    let tiny_room = Tight {
-        model: model.clone(),
-        limit: per_token,
-        evicted: std::cell::Cell::new(0),
-    };
+    let tiny_room = KvBudget::new(model.clone(), per_token);
     let before = scripts[0].conv.tokens().to_vec();
     let mut requests = vec![TurnRequest {
         conversation: &mut scripts[0].conv,

@@ -110,7 +110,8 @@ fn limits() -> Limits {
         max_context_tokens: 512,
         max_turn_tokens: 256,
         prefill_chunk_tokens: 64,
-        max_sessions: 8,
+        max_streams: 8,
+        max_detached_sessions: 8,
         detached_ttl: None,
     }
 }

@@ -4,7 +4,7 @@ use std::{path::Path, process::Command};
 
 use stateful_embedder::{
     conversation::Conversation,
-    model::{KvDtype, Model, ModelError},
+    model::{FloatType, Model, ModelError},
 };
 
 use crate::support::{
@@ -15,7 +15,7 @@ use crate::support::{
 #[test]
 /// The library loads through the discovery order and runs the tiny model, f32 and fp16, with the contract read off the graph.
 fn tiny_models_load_and_run() {
-    for (model, dtype) in [(common::tiny(), KvDtype::F32), (common::tiny_fp16(), KvDtype::F16)] {
+    for (model, dtype) in [(common::tiny(), FloatType::F32), (common::tiny_fp16(), FloatType::F16)] {
         let spec = model.spec();
         assert_eq!(
             (spec.layers, spec.kv_heads, spec.head_dim, spec.hidden_size),
@@ -32,7 +32,7 @@ fn tiny_models_load_and_run() {
         );
         assert!(v.iter().all(|x| x.is_finite()));
     }
-    let lib = stateful_embedder::runtime::loaded_path().expect("a library was loaded");
+    let lib = stateful_embedder::platform::onnxruntime::loaded_path().expect("a library was loaded");
     println!("ONNX Runtime loaded from {}", lib.display());
 }
 

@@ -66,7 +66,7 @@ def test_python_client_stats_and_info(pb, server):
         stub = embedder_pb2_grpc.EmbedderStub(ch)
         info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest())
         assert (info.layers, info.hidden_size, info.kv_dtype) == (2, 64, "float32")
-    stats = server.stats(pb, lambda s: s.active_sessions == 0 and s.kv_cache_bytes == 0, "the stream's cache freed")
+    stats = server.stats(pb, lambda s: s.open_streams == 0 and s.kv_cache_bytes == 0, "the stream's cache freed")
     assert stats.turns_total == len(TURNS), "the fresh server took exactly the conversation's turns"
 
 

@@ -93,7 +93,7 @@ def test_session_resumes_after_the_client_is_killed(pb):
 
         with grpc.insecure_channel(server.addr) as ch:
             stub = rpc.EmbedderStub(ch)
-            wait_stats(stub, pb2, lambda s: s.detached_sessions == 1 and s.active_sessions == 0, "detached")
+            wait_stats(stub, pb2, lambda s: s.detached_sessions == 1 and s.open_streams == 0, "detached")
 
             held = []
 
@@ -156,7 +156,7 @@ def test_grpcurl_session_resumes(pb, server):
     first.send_signal(signal.SIGINT)
     first.wait(timeout=DEADLINE)
     # The server sees the stream lost (not half-closed): the session is kept.
-    server.stats(pb, lambda s: s.detached_sessions == 1 and s.active_sessions == 0, "detached")
+    server.stats(pb, lambda s: s.detached_sessions == 1 and s.open_streams == 0, "detached")
 
     resume = json.dumps({"options": {"session_mode": "SESSION_MODE_RESUME", "session_id": "chat-42"}})
     turn = json.dumps({"turn": {"text": "now in Rust", "role": "user"}})

@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stateful_embedder::{config::Config, pb, pb::embedder_client::EmbedderClient, server, service::CENSUS_METADATA};
+use stateful_embedder::{
+    pb::{self, embedder_client::EmbedderClient},
+    server::{self, Config},
+    service::CENSUS_METADATA,
+};
 use tokio::{io::AsyncBufReadExt, sync::oneshot};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;

@@ -13,14 +13,17 @@
 //! # The budget
 //! The model's ledger ([`Model::kv_cache_bytes`]) counts every live cache,
 //! the part-built cache of a long turn, and the outputs and packed inputs of
-//! a call while it runs. Before each model call the scheduler asks
-//! [`KvBudget::make_room`] for the bytes the call will add; if the ledger
+//! a call while it runs. Before each model call the scheduler asks the
+//! budget what the call adds ([`KvBudget::call_bytes`], the ledger's own
+//! formula) and for room for it ([`KvBudget::make_room`]); if the ledger
 //! plus those bytes is over the limit, the budget drops the caches of
 //! resting conversations, least recently used first, until it fits (their
-//! token ids stay: [`Conversation::evict_cache`]). Only the engine thread
-//! makes caches, so once it has made room, nothing else can take it: the
-//! ledger never exceeds the limit. `--idle-evict-seconds` evicts the same way
-//! by age ([`KvBudget::evict_idle`]).
+//! token ids stay: [`Conversation::evict_cache`]); the scheduler may then
+//! evict the caches of the turns of its round too, counted here
+//! ([`KvBudget::record_eviction`]). Only the engine thread makes caches, so
+//! once it has made room, nothing else can take it: the ledger never
+//! exceeds the limit. `--idle-evict-seconds` evicts the same way by age
+//! ([`KvBudget::evict_idle`]).
 
 use std::{
     sync::{
@@ -30,7 +33,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{conversation::Conversation, model::Model};
+use crate::{
+    conversation::Conversation,
+    model::{Call, Model},
+    platform,
+};
 
 /// The share of the memory available at start (after the model's weights)
 /// that the default `--max-kv-bytes` gives the KV caches: the rest is for
@@ -104,7 +111,7 @@ impl Slot {
 
 /// How the resting conversations stand (for `GetStats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Census {
+pub struct Resting {
     /// Conversations whose cache covers their context (empty ones included).
     pub resident: usize,
     /// Conversations whose cache was evicted (token ids only).
@@ -122,7 +129,7 @@ pub struct KvBudget {
 }
 
 impl KvBudget {
-    /// A budget of `limit` bytes over `model`'s caches.
+    /// A budget of `limit` bytes over `model`'s caches (`u64::MAX`: no limit).
     pub fn new(model: Arc<Model>, limit: u64) -> Arc<KvBudget> {
         Arc::new(KvBudget {
             limit,
@@ -153,7 +160,14 @@ impl KvBudget {
         self.evicted_tokens.load(Ordering::Relaxed)
     }
 
-    /// Counts an eviction of `tokens` tokens.
+    /// Bytes a model call over `rows` adds at its peak (the model's ledger
+    /// formula: see [`Call`]).
+    pub fn call_bytes(&self, rows: &[Call]) -> u64 {
+        self.model.call_bytes(rows)
+    }
+
+    /// Counts an eviction of `tokens` tokens (made by the budget, or by the
+    /// scheduler among the turns of its round).
     pub fn record_eviction(&self, tokens: usize) {
         self.evictions.fetch_add(1, Ordering::Relaxed);
         self.evicted_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
@@ -257,97 +271,26 @@ impl KvBudget {
     }
 
     /// How the resting conversations stand.
-    pub fn census(&self) -> Census {
-        let mut census = Census::default();
+    pub fn resting(&self) -> Resting {
+        let mut resting = Resting::default();
         for slot in self.live() {
             match slot.with(|c| c.is_resident()) {
-                Some(true) => census.resident += 1,
-                Some(false) => census.evicted += 1,
-                None => census.resident += 1, // in a turn: it is being made resident
+                Some(true) => resting.resident += 1,
+                Some(false) => resting.evicted += 1,
+                None => resting.resident += 1, // in a turn: it is being made resident
             }
         }
-        census
-    }
-}
-
-impl crate::schedule::Room for KvBudget {
-    fn make_room(&self, need: u64) -> bool {
-        KvBudget::make_room(self, need)
-    }
-
-    fn evicted(&self, tokens: usize) {
-        self.record_eviction(tokens);
-    }
-
-    fn limit(&self) -> u64 {
-        self.limit
+        resting
     }
 }
 
 /// The bytes the default `--max-kv-bytes` allows: [`DEFAULT_BUDGET_FRACTION`]
-/// of the memory available now (the smaller of the system's `MemAvailable`
-/// and the cgroup's headroom, for a container), less `model_bytes` (the
-/// weights about to be loaded). `None` if neither can be read.
+/// of the memory available now (the smaller of the system's and the
+/// cgroup's, for a container), less `model_bytes` (weights about to be
+/// loaded). `None` if the available memory cannot be read.
 pub fn default_budget(model_bytes: u64) -> Option<u64> {
-    let available = available_memory()?;
-    let free = available.saturating_sub(model_bytes);
+    let free = platform::memory::available()?.saturating_sub(model_bytes);
     Some((free as f64 * DEFAULT_BUDGET_FRACTION) as u64)
-}
-
-/// Memory available to this process now, in bytes.
-pub fn available_memory() -> Option<u64> {
-    let system = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
-    let cgroup = cgroup_headroom();
-    match (system, cgroup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// A cgroup v2 limit less the cgroup's current use (none when unlimited).
-fn cgroup_headroom() -> Option<u64> {
-    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok();
-    let max: u64 = read("memory.max")?.trim().parse().ok()?; // "max" does not parse: unlimited
-    let current: u64 = read("memory.current")?.trim().parse().ok()?;
-    Some(max.saturating_sub(current))
-}
-
-/// Parses a byte count: a number with an optional suffix (`k`/`KiB`, `M`/`MiB`,
-/// `G`/`GiB`, powers of 1024; `KB`, `MB`, `GB`, powers of 1000).
-///
-/// # Errors
-/// A message saying what is wrong.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count (e.g. 8GiB, 512MiB, 1000000)"))?;
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "k" | "K" | "KiB" => 1024.0,
-        "M" | "MiB" => 1024.0 * 1024.0,
-        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (use KiB, MiB, GiB, KB, MB or GB)"
-            ));
-        }
-    };
-    let bytes = n * scale;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?}: a byte count must be at least 1"));
-    }
-    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -355,23 +298,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_counts_parse() {
-        assert_eq!(parse_bytes("1000"), Ok(1000));
-        assert_eq!(parse_bytes("4KiB"), Ok(4096));
-        assert_eq!(parse_bytes("1.5MiB"), Ok(1_572_864));
-        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
-        assert_eq!(parse_bytes("3GB"), Ok(3_000_000_000));
-        assert!(parse_bytes("0").is_err());
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn available_memory_is_read_here() {
-        // Linux (the only platform the server is built for) has /proc/meminfo.
-        let available = available_memory().expect("MemAvailable is readable");
-        assert!(available > 0);
+    fn the_default_budget_is_a_share_of_what_is_available() {
+        let available = platform::memory::available().expect("MemAvailable is readable");
         assert!(default_budget(0).unwrap() <= available);
-        assert!(default_budget(u64::MAX) == Some(0));
+        assert_eq!(default_budget(u64::MAX), Some(0));
     }
 }

@@ -102,13 +102,13 @@ pub async fn publish(shared: Arc<Shared>, engine: Arc<Engine>) {
     loop {
         tick.tick().await;
         let (stats, budget, model) = (engine.stats(), engine.budget(), engine.model());
-        let census = budget.census();
-        metrics::gauge!("se_open_streams").set(shared.active_sessions() as f64);
+        let resting = budget.resting();
+        metrics::gauge!("se_open_streams").set(shared.open_streams() as f64);
         metrics::gauge!("se_kv_cache_bytes").set(model.kv_cache_bytes() as f64);
         metrics::gauge!("se_kv_budget_bytes").set(budget.limit() as f64);
-        metrics::gauge!("se_resident_conversations").set(census.resident as f64);
-        metrics::gauge!("se_evicted_conversations").set(census.evicted as f64);
-        metrics::gauge!("se_detached_sessions").set(shared.sessions_table.detached() as f64);
+        metrics::gauge!("se_resident_conversations").set(resting.resident as f64);
+        metrics::gauge!("se_evicted_conversations").set(resting.evicted as f64);
+        metrics::gauge!("se_detached_sessions").set(shared.sessions.detached() as f64);
         metrics::gauge!("se_queued_texts").set(stats.queued() as f64);
         metrics::counter!("se_turns_total").absolute(stats.turns());
         metrics::counter!("se_tokens_total").absolute(stats.tokens());

@@ -19,7 +19,7 @@ use anyhow::Context;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
-use crate::service::ServiceError;
+use super::error::ServiceError;
 
 /// The token a call authenticated with (kept only to compare, never shown).
 #[derive(Clone)]

@@ -15,9 +15,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{auth::Principal, memory::Slot};
+use super::auth::Principal;
+use crate::engine::Slot;
 
-use super::ServiceError;
+use super::error::ServiceError;
 
 /// The longest id a client may choose.
 pub const MAX_SESSION_ID_LEN: usize = 128;
@@ -267,7 +268,7 @@ fn check_id(id: &str) -> Result<(), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{conversation::Conversation, memory::KvBudget, model::Model};
+    use crate::{conversation::Conversation, engine::KvBudget, model::Model};
 
     /// A session table with one session `id` held by stream 1.
     fn held(id: &str) -> Arc<Sessions> {

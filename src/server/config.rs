@@ -1,36 +1,24 @@
-//! Command line and environment: one clap struct, passed down by reference.
+//! The server's settings: one clap struct (the `serve` subcommand's flags,
+//! each with its environment variable), passed down by reference.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 
 use crate::{
     conversation::{DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS},
-    schedule::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
+    engine::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
+    service::Limits,
 };
 
-/// The default `--max-sessions`: measured safe on the tiny model (10,000
+/// The default `--max-streams`: measured safe on the tiny model (10,000
 /// open streams within the budget, health answering; BENCHMARKS.md).
-pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 
-/// A gRPC server that keeps one decoder KV cache per bidirectional stream and
-/// answers every turn with an embedding.
-#[derive(Debug, Parser)]
-#[command(name = "stateful-embedder", version, about)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the Embedder gRPC API (with health and reflection).
-    Serve(Box<Config>),
-    /// A Converse client: JSON-lines turns on stdin, one JSON line per response on stdout.
-    Converse(crate::client::ClientConfig),
-}
+/// The default `--max-detached-sessions`: a detached session costs its
+/// token ids (4 bytes a token) and a resting conversation whose cache is
+/// evictable, like an idle stream.
+pub const DEFAULT_MAX_DETACHED_SESSIONS: usize = 10_000;
 
 /// The server's settings. Every flag can also be set by its environment variable.
 #[derive(Debug, Clone, Args)]
@@ -56,17 +44,24 @@ pub struct Config {
 
     /// Most Converse streams open at once; more get RESOURCE_EXHAUSTED. An
     /// idle stream costs its token ids and a few KiB (BENCHMARKS.md), its KV
-    /// cache being evictable, so this can be large.
-    #[arg(long, env = "SE_MAX_SESSIONS", default_value_t = DEFAULT_MAX_SESSIONS)]
-    pub max_sessions: usize,
+    /// cache being evictable, so this can be large. (`--max-sessions`, its
+    /// name before 2026-12, still works.)
+    #[arg(long, alias = "max-sessions", env = "SE_MAX_STREAMS", default_value_t = DEFAULT_MAX_STREAMS)]
+    pub max_streams: usize,
+
+    /// Most resumable sessions kept detached at once (their streams lost,
+    /// waiting to be resumed); past it, a lost session is freed at once.
+    #[arg(long, env = "SE_MAX_DETACHED_SESSIONS", default_value_t = DEFAULT_MAX_DETACHED_SESSIONS)]
+    pub max_detached_sessions: usize,
 
     /// Most bytes all KV caches may hold together (live caches, part-built
-    /// ones and a running call's): e.g. 8GiB, 512MiB. When a turn needs more,
+    /// ones and a running call's): e.g. 8GiB, 512MiB, 2Gi (binary), 2G or 2GB
+    /// (decimal), or a number of bytes. When a turn needs more,
     /// idle conversations' caches are evicted (least recently used first) and
     /// rebuilt by recomputation at their next turn. Default: half the memory
     /// available at start (the cgroup's, in a container) after the model's
     /// weights.
-    #[arg(long, env = "SE_MAX_KV_BYTES", value_parser = crate::memory::parse_bytes)]
+    #[arg(long, env = "SE_MAX_KV_BYTES", value_parser = parse_bytes)]
     pub max_kv_bytes: Option<u64>,
 
     /// Evict the cache of a conversation idle this long (the stream stays
@@ -170,6 +165,14 @@ pub struct Config {
     pub onnxruntime: Option<PathBuf>,
 }
 
+/// `serve`'s flags on their own, to parse a [`Config`] from arguments.
+#[derive(Debug, Parser)]
+#[command(name = "stateful-embedder serve")]
+struct ServeArgs {
+    #[command(flatten)]
+    config: Config,
+}
+
 impl Config {
     /// The config `stateful-embedder serve ARGS…` runs with: the flags, then
     /// their environment variables, then the defaults. For running
@@ -182,12 +185,19 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let argv = ["stateful-embedder".into(), "serve".into()]
-            .into_iter()
-            .chain(args.into_iter().map(Into::into));
-        match Cli::try_parse_from(argv)?.command {
-            Command::Serve(config) => Ok(*config),
-            Command::Converse(_) => unreachable!("the first argument is `serve`"),
+        let argv = std::iter::once("serve".into()).chain(args.into_iter().map(Into::into));
+        Ok(ServeArgs::try_parse_from(argv)?.config)
+    }
+
+    /// The limits the service applies.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_context_tokens: self.max_context_tokens,
+            max_turn_tokens: self.max_turn_tokens,
+            prefill_chunk_tokens: self.prefill_chunk_tokens,
+            max_streams: self.max_streams,
+            max_detached_sessions: self.max_detached_sessions,
+            detached_ttl: self.detached_ttl(),
         }
     }
 
@@ -241,6 +251,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// A byte count: a number with an optional unit (`bytesize`'s: KiB, MiB,
+/// GiB or Ki, Mi, Gi are powers of 1024; K, M, G and KB, MB, GB powers of
+/// 1000, as Kubernetes reads them), at least 1.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let bytes = s
+        .trim()
+        .parse::<bytesize::ByteSize>()
+        .map_err(|e| format!("{s:?} is not a byte count (e.g. 8GiB, 512MiB, 1000000): {e}"))?
+        .as_u64();
+    if bytes == 0 {
+        return Err(format!("{s:?}: a byte count must be at least 1"));
+    }
+    Ok(bytes)
+}
+
 /// A number of seconds: zero or more, `inf` allowed; not NaN, not negative.
 fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -269,6 +294,28 @@ mod tests {
         let config = Config::from_serve_args(["--drain-seconds", "0.5"]).unwrap();
         assert_eq!(config.drain_timeout(), Some(Duration::from_millis(500)));
         assert!(Config::from_serve_args(["--drain-seconds", "-1"]).is_err());
+    }
+
+    /// Byte counts take binary and decimal units; nothing else.
+    #[test]
+    fn byte_counts_parse() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("4KiB"), Ok(4096));
+        assert_eq!(parse_bytes("1.5MiB"), Ok(1_572_864));
+        assert_eq!(parse_bytes("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("3GB"), Ok(3_000_000_000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+
+    /// `--max-sessions`, the old name of `--max-streams`, still works.
+    #[test]
+    fn the_old_stream_cap_flag_still_works() {
+        let config = Config::from_serve_args(["--max-sessions", "7"]).unwrap();
+        assert_eq!(config.max_streams, 7);
+        assert_eq!(config.limits().max_streams, 7);
     }
 
     /// The command line's defaults are the library's.

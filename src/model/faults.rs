@@ -1,5 +1,7 @@
-//! Test-only fault injection: the cargo feature `faults` (on in `make test`,
-//! never in `make serve`'s release build) compiles this in.
+//! Test-only fault injection in model calls: the cargo feature `faults` (on
+//! in `make test`, never in `make serve`'s release build) compiles it in;
+//! without it [`before_call`] is an empty function, so the one call site in
+//! the model's run needs no condition of its own.
 //!
 //! `SE_FAULTS` lists model calls, counted from 1 since start (the warm-up is
 //! call 1), and what happens at each: `fail:N` makes call N fail as ONNX
@@ -11,11 +13,21 @@
 //! queues behind it does not depend on how fast the machine is. For example
 //! `SE_FAULTS=hold:3,fail:4`. Unset, nothing happens.
 
+#[cfg(feature = "faults")]
 use std::{path::PathBuf, sync::OnceLock, time::Duration};
 
+/// Without the `faults` feature: nothing happens.
+#[cfg(not(feature = "faults"))]
+#[inline(always)]
+pub(crate) fn before_call(_call: u64) -> Result<(), ort::Error> {
+    Ok(())
+}
+
 /// The longest a held call waits for its gate (then it runs anyway).
+#[cfg(feature = "faults")]
 pub const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
+#[cfg(feature = "faults")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Fail,
@@ -23,6 +35,7 @@ enum Fault {
     Hold,
 }
 
+#[cfg(feature = "faults")]
 fn plan() -> &'static [(Fault, u64, u64)] {
     static PLAN: OnceLock<Vec<(Fault, u64, u64)>> = OnceLock::new();
     PLAN.get_or_init(|| {
@@ -32,6 +45,7 @@ fn plan() -> &'static [(Fault, u64, u64)] {
     })
 }
 
+#[cfg(feature = "faults")]
 fn parse(spec: &str) -> Result<Vec<(Fault, u64, u64)>, String> {
     spec.split(',')
         .filter(|s| !s.trim().is_empty())
@@ -57,7 +71,8 @@ fn parse(spec: &str) -> Result<Vec<(Fault, u64, u64)>, String> {
 ///
 /// # Panics
 /// When the plan says so.
-pub fn before_call(call: u64) -> Result<(), ort::Error> {
+#[cfg(feature = "faults")]
+pub(crate) fn before_call(call: u64) -> Result<(), ort::Error> {
     for &(fault, from, to) in plan() {
         if (from..=to).contains(&call) {
             match fault {
@@ -71,6 +86,7 @@ pub fn before_call(call: u64) -> Result<(), ort::Error> {
 }
 
 /// Waits until the call's gate file exists (or [`HOLD_LIMIT`] passes).
+#[cfg(feature = "faults")]
 fn hold(call: u64) {
     let gate = std::env::var_os("SE_FAULTS_GATE")
         .map(|dir| PathBuf::from(dir).join(call.to_string()))
@@ -81,7 +97,7 @@ fn hold(call: u64) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "faults"))]
 mod tests {
     use super::*;
 

@@ -1,0 +1,155 @@
+//! From a turn's hidden states to its vector: the rows pooled as they come
+//! out of the turn's calls ([`Pooler`]: the mean and the last of the text's
+//! rows, and the probe's last row), then standardised with the model's
+//! background statistics or its learned head, truncated and normalised
+//! ([`vectors`]).
+
+use std::ops::Range;
+
+use super::options::{ConversationOptions, Pooling, Standardize};
+use crate::model::{Hidden, Model, unit};
+
+/// Pools a turn's rows as they stream out of its calls: the mean and the
+/// last of its text rows, and the probe's last row.
+#[derive(Debug)]
+pub(crate) struct Pooler {
+    /// Rows of the turn's sequence that are the turn's text.
+    text: Range<usize>,
+    /// The row of the probe's last token, when the pooling probes.
+    probe_row: Option<usize>,
+    sum: Vec<f64>,
+    rows: usize,
+    last: Vec<f32>,
+    probe: Option<Vec<f32>>,
+}
+
+impl Pooler {
+    /// A pooler of hidden states `width` wide, over the text rows `text` of
+    /// the turn's sequence and, if any, the probe's row `probe_row`.
+    pub(crate) fn new(width: usize, text: Range<usize>, probe_row: Option<usize>) -> Self {
+        Self {
+            text,
+            probe_row,
+            sum: vec![0.0; width],
+            rows: 0,
+            last: Vec::new(),
+            probe: None,
+        }
+    }
+
+    /// The rows of the sequence whose hidden states the pooler reads: the
+    /// text's, and on to the probe's last row.
+    pub(crate) fn rows(&self) -> Range<usize> {
+        self.text.start..self.probe_row.map_or(self.text.end, |r| r + 1)
+    }
+
+    /// Takes the rows of `hidden`, the first of which is row `first` of the
+    /// turn's sequence.
+    pub(crate) fn add_rows(&mut self, hidden: &Hidden, first: usize) {
+        for r in 0..hidden.rows() {
+            let (index, row) = (first + r, hidden.row(r));
+            if self.text.contains(&index) {
+                for (s, v) in self.sum.iter_mut().zip(row) {
+                    *s += f64::from(*v);
+                }
+                self.rows += 1;
+                self.last.clear();
+                self.last.extend_from_slice(row);
+            }
+            if self.probe_row == Some(index) {
+                self.probe = Some(row.to_vec());
+            }
+        }
+    }
+
+    fn mean(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f64;
+        self.sum.iter().map(|s| (s / n) as f32).collect()
+    }
+}
+
+/// The pooled vectors of one turn, before standardisation.
+#[derive(Debug, Clone, PartialEq)]
+enum Pooled {
+    /// One vector, with the name of its background statistics.
+    One(&'static str, Vec<f32>),
+    /// [`Pooling::ProbeMean`]'s two.
+    ProbeMean { probe: Vec<f32>, mean: Vec<f32> },
+}
+
+/// A turn's embedding, and its mean beside it when the options ask, from
+/// everything `pooler` took.
+pub(crate) fn vectors(model: &Model, options: &ConversationOptions, pooler: Pooler) -> (Vec<f32>, Option<Vec<f32>>) {
+    let Pooler { last, probe, .. } = &pooler;
+    let turn_mean = options.include_turn_mean.then(|| {
+        postprocess(
+            model,
+            options,
+            Pooled::One("mean", pooler.mean()),
+            options.turn_mean_dimensions(model),
+        )
+    });
+    let probe = || {
+        probe
+            .clone()
+            .expect("a pooling that probes has its probe row in the turn's call")
+    };
+    let pooled = match options.pooling {
+        Pooling::Mean => Pooled::One("mean", pooler.mean()),
+        Pooling::LastToken => Pooled::One("last_token", last.clone()),
+        Pooling::Probe => Pooled::One("probe", probe()),
+        Pooling::ProbeMean => Pooled::ProbeMean {
+            mean: pooler.mean(),
+            probe: probe(),
+        },
+    };
+    let embedding = postprocess(model, options, pooled, options.output_dimensions(model));
+    (embedding, turn_mean)
+}
+
+/// Standardises one pooled vector with the statistics named `key`,
+/// keeping `dims` components. (The head has no single-vector form: a lone
+/// vector under [`Standardize::Head`], `include_turn_mean`'s, is z-scored.)
+fn standardized(model: &Model, options: &ConversationOptions, key: &str, mut v: Vec<f32>, dims: usize) -> Vec<f32> {
+    let stats = model.embedding_stats().get(key);
+    match options.standardize {
+        Standardize::None => {}
+        Standardize::Zscore | Standardize::Head => stats.apply(&mut v),
+        Standardize::Whiten => v = stats.whiten(&v, dims),
+    }
+    v.truncate(dims);
+    v
+}
+
+/// Standardises (as the options say), truncates to `dims` and normalises a
+/// turn's pooled vectors.
+fn postprocess(model: &Model, options: &ConversationOptions, pooled: Pooled, dims: usize) -> Vec<f32> {
+    let v = match pooled {
+        Pooled::One(key, v) => standardized(model, options, key, v, dims),
+        Pooled::ProbeMean { probe, mean } if options.standardize == Standardize::Head => {
+            model.embedding_head().apply(&probe, &mean)
+        }
+        Pooled::ProbeMean { probe, mean } => {
+            // Each part takes half the dimensions (the probe the odd one),
+            // each normalised: side by side, neither outweighs the other.
+            let mut v = unit(standardized(model, options, "probe", probe, dims.div_ceil(2)));
+            v.extend(unit(standardized(model, options, "mean", mean, dims / 2)));
+            v
+        }
+    };
+    truncate_and_normalize(v, dims, options.normalize)
+}
+
+/// Truncates to `dims` and L2-normalises if asked.
+pub fn truncate_and_normalize(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> {
+    v.truncate(dims);
+    if normalize {
+        let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            for x in &mut v {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+    }
+    v
+}

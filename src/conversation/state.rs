@@ -1,0 +1,137 @@
+//! One conversation's state: the token ids of its context, the KV cache
+//! behind them (all of them, or none after an eviction), its options.
+
+use std::sync::Arc;
+
+use super::options::{ConversationOptions, OptionsError};
+use crate::model::{KvCache, Model};
+
+/// One conversation over a shared [`Model`]: its own tokens and KV cache.
+///
+/// It is `Send`: the server moves it into the engine thread with each turn
+/// and gets it back with the result. Dropping it frees its cache.
+#[derive(Debug)]
+pub struct Conversation {
+    model: Arc<Model>,
+    options: ConversationOptions,
+    tokens: Vec<u32>,
+    cache: KvCache,
+    peak_kv_bytes: u64,
+    turns: u64,
+}
+
+impl Conversation {
+    /// A new, empty conversation on `model`.
+    ///
+    /// # Errors
+    /// [`OptionsError`] when the options do not suit this model.
+    pub fn new(model: &Arc<Model>, options: ConversationOptions) -> Result<Conversation, OptionsError> {
+        options.validate(model)?;
+        Ok(Conversation {
+            cache: model.empty_cache(),
+            model: model.clone(),
+            options,
+            tokens: Vec::new(),
+            peak_kv_bytes: 0,
+            turns: 0,
+        })
+    }
+
+    /// Moves the conversation out, leaving an empty one on the same model
+    /// and options in its place.
+    pub(crate) fn take(&mut self) -> Conversation {
+        let empty = Conversation {
+            cache: self.model.empty_cache(),
+            model: self.model.clone(),
+            options: self.options.clone(),
+            tokens: Vec::new(),
+            peak_kv_bytes: 0,
+            turns: 0,
+        };
+        std::mem::replace(self, empty)
+    }
+
+    /// Drops the context and its cache; returns how many tokens were released.
+    /// The next turn's embedding equals a fresh conversation's.
+    pub fn reset(&mut self) -> usize {
+        let released = self.tokens.len();
+        self.tokens.clear();
+        self.cache = self.model.empty_cache();
+        released
+    }
+
+    /// Drops the cache to free its memory and keeps the token ids: the
+    /// next turn rebuilds the cache (by prefilling the tokens) before it
+    /// runs, and its embedding is what it would have been. Returns the bytes
+    /// freed (0 when nothing was cached).
+    pub fn evict_cache(&mut self) -> u64 {
+        if self.cache.is_empty() {
+            return 0;
+        }
+        let freed = self.cache.bytes();
+        self.cache = self.model.empty_cache();
+        freed
+    }
+
+    /// Whether the cache covers the context (false after
+    /// [`Conversation::evict_cache`], until the next turn rebuilds it).
+    pub fn is_resident(&self) -> bool {
+        self.cache.len() == self.tokens.len()
+    }
+
+    /// Turns this conversation has taken (a reset does not count them down).
+    pub fn turns(&self) -> u64 {
+        self.turns
+    }
+
+    /// Tokens in the context (the next position).
+    pub fn context_len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The context's token ids, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Bytes of KV cache this conversation holds.
+    pub fn kv_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+
+    /// The most KV bytes this conversation has held at once after a turn.
+    pub fn peak_kv_bytes(&self) -> u64 {
+        self.peak_kv_bytes
+    }
+
+    /// The conversation's options.
+    pub fn options(&self) -> &ConversationOptions {
+        &self.options
+    }
+
+    /// The model it runs on.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The KV cache of the context.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Takes a turn's state after its last call: `sequence` (the turn's
+    /// tokens, after the kept or rebuilt context when `from_empty`) joins
+    /// the context, and `cache` (which covers exactly the new context)
+    /// replaces the old one.
+    pub(super) fn adopt(&mut self, sequence: Vec<u32>, from_empty: bool, cache: KvCache) {
+        if from_empty {
+            self.tokens = sequence;
+        } else {
+            self.tokens.extend_from_slice(&sequence);
+        }
+        debug_assert_eq!(cache.len(), self.tokens.len(), "the cache covers exactly the context");
+        self.cache = cache;
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        self.turns += 1;
+    }
+}

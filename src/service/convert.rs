@@ -1,0 +1,128 @@
+//! Proto messages to the domain's types and back: enum numbers (unknown
+//! ones are INVALID_ARGUMENT, never a panic), session and `Embed` options
+//! over the server's defaults, a turn's output on the wire.
+
+use super::{error::ServiceError, shared::Limits};
+use crate::{
+    conversation::{ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
+    pb,
+};
+
+fn pooling(value: i32) -> Result<Pooling, ServiceError> {
+    match pb::Pooling::try_from(value) {
+        Ok(pb::Pooling::Unspecified) => Ok(Pooling::default()),
+        Ok(pb::Pooling::Mean) => Ok(Pooling::Mean),
+        Ok(pb::Pooling::LastToken) => Ok(Pooling::LastToken),
+        Ok(pb::Pooling::Probe) => Ok(Pooling::Probe),
+        Ok(pb::Pooling::ProbeMean) => Ok(Pooling::ProbeMean),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "pooling",
+            value,
+        }),
+    }
+}
+
+/// The standardisation asked for; unset, the pooling's default.
+fn standardize(value: i32, pooling: Pooling) -> Result<Standardize, ServiceError> {
+    match pb::Standardize::try_from(value) {
+        Ok(pb::Standardize::Unspecified) => Ok(Standardize::default_for(pooling)),
+        Ok(pb::Standardize::Zscore) => Ok(Standardize::Zscore),
+        Ok(pb::Standardize::None) => Ok(Standardize::None),
+        Ok(pb::Standardize::Head) => Ok(Standardize::Head),
+        Ok(pb::Standardize::Whiten) => Ok(Standardize::Whiten),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "standardize",
+            value,
+        }),
+    }
+}
+
+fn input_type(value: i32) -> Result<InputType, ServiceError> {
+    match pb::InputType::try_from(value) {
+        Ok(pb::InputType::Unspecified) => Ok(InputType::Raw),
+        Ok(pb::InputType::Query) => Ok(InputType::Query),
+        Ok(pb::InputType::Document) => Ok(InputType::Document),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "input_type",
+            value,
+        }),
+    }
+}
+
+fn overflow(value: i32) -> Result<Overflow, ServiceError> {
+    match pb::Overflow::try_from(value) {
+        Ok(pb::Overflow::Unspecified | pb::Overflow::Slide) => Ok(Overflow::Slide),
+        Ok(pb::Overflow::Reject) => Ok(Overflow::Reject),
+        Ok(pb::Overflow::Reset) => Ok(Overflow::Reset),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "overflow",
+            value,
+        }),
+    }
+}
+
+/// An `Embed` request's options over the server's defaults (a stream's:
+/// the same pooling and standardisation; each text is a one-turn
+/// conversation).
+pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Result<ConversationOptions, ServiceError> {
+    let pooling = pooling(req.pooling)?;
+    Ok(ConversationOptions {
+        pooling,
+        dimensions: dimensions(req.dimensions),
+        normalize: req.normalize.unwrap_or(true),
+        standardize: standardize(req.standardize, pooling)?,
+        input_type: input_type(req.input_type)?,
+        ..base
+    })
+}
+
+fn dimensions(value: u32) -> Option<usize> {
+    (value != 0).then_some(value as usize)
+}
+
+impl Limits {
+    /// Session options from the wire, over the server's defaults.
+    pub fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, ServiceError> {
+        let base = self.default_options();
+        if o.max_context_tokens as usize > self.max_context_tokens {
+            return Err(ServiceError::WindowOverCap {
+                asked: o.max_context_tokens as usize,
+                cap: self.max_context_tokens,
+            });
+        }
+        let pooling = pooling(o.pooling)?;
+        Ok(ConversationOptions {
+            pooling,
+            dimensions: dimensions(o.dimensions),
+            normalize: o.normalize.unwrap_or(true),
+            max_context_tokens: if o.max_context_tokens == 0 {
+                base.max_context_tokens
+            } else {
+                o.max_context_tokens as usize
+            },
+            overflow: overflow(o.overflow)?,
+            keep_tokens: o.keep_tokens as usize,
+            include_turn_mean: o.include_turn_mean,
+            standardize: standardize(o.standardize, pooling)?,
+            input_type: input_type(o.input_type)?,
+            ..base
+        })
+    }
+}
+
+/// A count for one of the proto's u32 fields (they cannot overflow in
+/// practice, but a count never wraps).
+pub fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A turn's output on the wire.
+pub(super) fn embedding(out: TurnOutput) -> pb::Embedding {
+    pb::Embedding {
+        values: out.embedding,
+        turn_tokens: saturating_u32(out.turn_tokens),
+        context_tokens: saturating_u32(out.context_tokens),
+        dropped_tokens: saturating_u32(out.dropped_tokens),
+        turn_mean: out.turn_mean.unwrap_or_default(),
+    }
+}
