@@ -109,9 +109,14 @@ $(VENV)/.bench-installed: bench/requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-cache-dir --no-binary llama-cpp-python -r bench/requirements.txt
 	@touch $@
 
-lint:
+# buf checks the proto (lint, and no wire-breaking change against
+# proto/baseline.binpb: see buf.yaml); its CLI comes from PyPI (buf-bin, in
+# models/requirements.txt).
+lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against proto/baseline.binpb
 
 clean-models:
 	rm -rf $(REAL) $(TINY)
