@@ -8,17 +8,16 @@ use std::{
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use stateful_embedder::pb::{self, embedder_client::EmbedderClient};
-use tokio_stream::StreamExt;
 use tonic::{
     Code, Request,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use crate::support::{
     DEADLINE,
     proxy::Proxy,
-    server::{Launch, TestServer},
+    server::{Launch, TestServer, wait_health},
     stream::{create, options, resume, turn},
 };
 
@@ -74,21 +73,7 @@ async fn tls_channel(port: u16, pki: &Pki, with_identity: bool) -> Result<Channe
 
 /// Waits on the health Watch over `channel` (bounded) until SERVING.
 async fn serving(channel: &Channel) {
-    let mut health = HealthClient::new(channel.clone());
-    let mut watch = health
-        .watch(HealthCheckRequest { service: String::new() })
-        .await
-        .expect("health watch over TLS")
-        .into_inner();
-    let serving = async {
-        while let Some(status) = watch.next().await {
-            if status.expect("a health status").status == 1 {
-                return;
-            }
-        }
-        panic!("the health watch ended before SERVING");
-    };
-    tokio::time::timeout(DEADLINE, serving).await.expect("SERVING in time");
+    wait_health(channel.clone(), ServingStatus::Serving).await;
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {

@@ -46,6 +46,19 @@ def spawn(args, **kwargs):
     return subprocess.Popen(args, preexec_fn=default_signals, **kwargs)  # noqa: PLW1509
 
 
+def wait_stats(stub, pb2, done, what):
+    """Polls GetStats over `stub` (bounded by DEADLINE) until `done` holds; returns them."""
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        stats = stub.GetStats(pb2.GetStatsRequest(), timeout=DEADLINE)
+        if done(stats):
+            return stats
+        assert time.monotonic() < deadline, f"{what}: {stats}"
+        time.sleep(0.02)
+
+
 class Lines:
     """A process's output, line by line, each read bounded by DEADLINE (a
     process that stops writing fails the test, it never hangs it)."""
@@ -133,18 +146,9 @@ class Server:
 
     def stats(self, pb, done=lambda s: True, what="stats"):
         """Polls GetStats (bounded by DEADLINE) until `done` holds; returns them."""
-        import time  # noqa: PLC0415
-
         pb2, rpc = pb
-        deadline = time.monotonic() + DEADLINE
         with self.channel() as ch:
-            stub = rpc.EmbedderStub(ch)
-            while True:
-                stats = stub.GetStats(pb2.GetStatsRequest(), timeout=DEADLINE)
-                if done(stats):
-                    return stats
-                assert time.monotonic() < deadline, f"{what}: {stats}"
-                time.sleep(0.02)
+            return wait_stats(rpc.EmbedderStub(ch), pb2, done, what)
 
     def stop(self):
         self.proc.kill()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import DEADLINE, GEN, VENV_BIN, Lines, Server, spawn
+from conftest import DEADLINE, GEN, VENV_BIN, Lines, Server, spawn, wait_stats
 
 TEXTS = [
     "def add(a, b):\n    return a + b",
@@ -55,16 +55,6 @@ def unbroken(pb, addr):
     with grpc.insecure_channel(addr) as ch:
         out = list(rpc.EmbedderStub(ch).Converse(iter(reqs), timeout=60))
     return [np.array(r.embedding.values, dtype=np.float32) for r in out]
-
-
-def wait_stats(stub, pb2, done, what):
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        stats = stub.GetStats(pb2.GetStatsRequest(), timeout=DEADLINE)
-        if done(stats):
-            return stats
-        assert time.monotonic() < deadline, f"{what}: {stats}"
-        time.sleep(0.02)
 
 
 def test_session_resumes_after_the_client_is_killed(pb):

@@ -187,23 +187,7 @@ impl TestServer {
 
     /// Waits on the health Watch (bounded) until the overall status is `want`.
     pub async fn wait_health(&self, want: ServingStatus) {
-        let mut health = HealthClient::new(self.channel().await);
-        let mut watch = health
-            .watch(HealthCheckRequest { service: String::new() })
-            .await
-            .expect("health watch")
-            .into_inner();
-        let reached = async {
-            while let Some(status) = watch.next().await {
-                if status.expect("health status").status() == want {
-                    return;
-                }
-            }
-            panic!("the health watch ended before {want:?}");
-        };
-        tokio::time::timeout(DEADLINE, reached)
-            .await
-            .unwrap_or_else(|_| panic!("{want:?} within {DEADLINE:?}"));
+        wait_health(self.channel().await, want).await;
     }
 
     /// The port it listens on.
@@ -337,6 +321,27 @@ impl Drop for TestServer {
             }
         }
     }
+}
+
+/// Waits on the health Watch over `channel` (bounded) until the overall
+/// status is `want` (over TLS too: the channel is the caller's).
+pub async fn wait_health(channel: Channel, want: ServingStatus) {
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let reached = async {
+        while let Some(status) = watch.next().await {
+            if status.expect("health status").status() == want {
+                return;
+            }
+        }
+        panic!("the health watch ended before {want:?}");
+    };
+    tokio::time::timeout(DEADLINE, reached)
+        .await
+        .unwrap_or_else(|_| panic!("{want:?} within {DEADLINE:?}"));
 }
 
 /// GetStats with the census (see [`TestServer::census`]).
