@@ -28,22 +28,33 @@ GEN = Path(__file__).resolve().parent / "gen"
 DEADLINE = 60
 
 
-def default_signals():
-    """Gives a child process the default disposition of the signals a test
-    may send it. A job started in the background by a non-interactive shell
-    (`make test &`, nohup, CI) inherits SIGINT and SIGQUIT ignored, and
-    programs such as grpcurl (Go) keep an ignored SIGINT ignored; so every
-    child a test signals starts from the defaults, however the suite was
-    launched."""
+def _unignored(signum, frame):
+    """Stands in for SIG_IGN in this process (see below)."""
+
+
+def give_children_default_signals():
+    """A job started in the background by a non-interactive shell (`make
+    test &`, nohup, CI) inherits SIGINT and SIGQUIT ignored (nohup adds
+    SIGHUP), and an ignored signal stays ignored across exec: programs such
+    as grpcurl (Go) keep it so, and a test's interrupt would do nothing.
+    Each such signal gets a handler that does nothing instead: this process
+    still ignores it, and every child starts from the default disposition
+    (exec resets handled signals). No code runs between fork and exec
+    (`preexec_fn` is not safe beside grpcio's threads: a child died in
+    abseil's mutex code before exec)."""
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _unignored)
+
+
+give_children_default_signals()
 
 
 def spawn(args, **kwargs):
-    """subprocess.Popen with default signal dispositions and, unless told
-    otherwise, no stdin (a test must not depend on the suite's stdin)."""
+    """subprocess.Popen with, unless told otherwise, no stdin (a test must
+    not depend on the suite's stdin)."""
     kwargs.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.Popen(args, preexec_fn=default_signals, **kwargs)  # noqa: PLW1509
+    return subprocess.Popen(args, **kwargs)
 
 
 def wait_stats(stub, pb2, done, what):

@@ -18,12 +18,16 @@ from conftest import DEADLINE, ROOT, VENV_BIN
 IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 
 
-def as_a_background_job():
-    """What `nohup cmd &` from a script gives a process: a session of its
-    own (no controlling terminal) and SIGINT, SIGQUIT and SIGHUP ignored."""
-    os.setsid()
-    for sig in IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
+# What `nohup cmd &` from a script gives a process: a session of its own
+# (no controlling terminal) and SIGINT, SIGQUIT and SIGHUP ignored. Set by a
+# trampoline that execs the command (no preexec_fn: no Python code between
+# fork and exec beside grpcio's threads).
+AS_A_BACKGROUND_JOB = [
+    sys.executable, "-c",
+    "import os, signal, sys\n"
+    f"for sig in {[int(s) for s in IGNORED]}: signal.signal(sig, signal.SIG_IGN)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n",
+]
 
 
 def ignored_signals(pid):
@@ -35,40 +39,46 @@ def ignored_signals(pid):
 
 def run_as_a_background_job(args, timeout):
     return subprocess.run(
-        args, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-        preexec_fn=as_a_background_job, env={**os.environ, "CI": "true", "TERM": "dumb"},  # noqa: PLW1509
+        [*AS_A_BACKGROUND_JOB, *args], cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=timeout, start_new_session=True, env={**os.environ, "CI": "true", "TERM": "dumb"},
     )
 
 
 def test_children_start_with_default_signals_whatever_the_suite_inherited(server):
     """Under a background job's signal dispositions, a Go program (grpcurl)
     started plainly keeps SIGINT ignored (so an interrupt does nothing: the
-    failure this suite once had), and one started by conftest.spawn has it
-    back at the default."""
+    failure this suite once had); once conftest is imported, the process
+    still ignores it and a child started by conftest.spawn has it back at
+    the default."""
     script = (
         "import subprocess, sys, json\n"
-        "sys.path.insert(0, sys.argv[2])\n"
-        "from conftest import spawn\n"
         "args = [sys.argv[1], '-plaintext', '-d', '@', sys.argv[3], 'embedder.v1.Embedder/Converse']\n"
         "plain = subprocess.Popen(args, stdin=subprocess.PIPE)\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from conftest import spawn\n"
         "spawned = spawn(args, stdin=subprocess.PIPE)\n"
         "print(json.dumps([plain.pid, spawned.pid]), flush=True)\n"
         "sys.stdin.readline()\n"
         "plain.kill(); spawned.kill()\n"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", script, str(Path(VENV_BIN) / "grpcurl"), str(ROOT / "tests/python"), server.addr],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=as_a_background_job,  # noqa: PLW1509
+        [*AS_A_BACKGROUND_JOB, sys.executable, "-c", script, str(Path(VENV_BIN) / "grpcurl"),
+         str(ROOT / "tests/python"), server.addr],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         import json  # noqa: PLC0415
 
         plain, spawned = json.loads(parent.stdout.readline())
-        assert signal.SIGINT in ignored_signals(parent.pid), "the background job's condition is real"
-        assert signal.SIGINT in ignored_signals(plain), "a plain child keeps SIGINT ignored"
+        assert signal.SIGINT in ignored_signals(plain), "a plain child keeps SIGINT ignored (the condition is real)"
         assert not ignored_signals(spawned) & set(IGNORED), "a spawned child has the defaults back"
+        # The suite's own process still ignores them: a stray Ctrl-C in
+        # the shell that started it in the background does not stop it.
+        os.kill(parent.pid, signal.SIGINT)
+        os.kill(parent.pid, signal.SIGHUP)
     finally:
         parent.communicate("\n", timeout=DEADLINE)
+    assert parent.returncode == 0, "SIGINT and SIGHUP did nothing to the suite's process"
 
 
 def test_signal_dependent_python_tests_pass_as_a_background_job():
