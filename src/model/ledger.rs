@@ -303,8 +303,9 @@ mod census {
 
     pub(crate) struct CallGuard<'a>(std::marker::PhantomData<&'a ()>);
 
+    /// Braced, not a unit struct: both builds construct it with `default()`.
     #[derive(Debug, Default)]
-    pub(crate) struct Entry;
+    pub(crate) struct Entry {}
 
     impl Census {
         pub(crate) fn call(&self) -> CallGuard<'_> {
@@ -312,7 +313,7 @@ mod census {
         }
 
         pub(crate) fn entry(&self, _values: &[&DynValue]) -> Entry {
-            Entry
+            Entry {}
         }
 
         pub(crate) fn release(&self, _entry: &mut Entry, also: impl FnOnce()) {
