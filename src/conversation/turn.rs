@@ -341,20 +341,22 @@ impl Turn {
         } = *p;
         let c = &mut self.conversation;
         sequence.truncate(sequence.len() - probe);
-        c.adopt(
-            sequence,
-            from_empty,
-            cache.expect("the last call made the turn's cache"),
-        );
         let (embedding, turn_mean) = pooling::vectors(c.model(), c.options(), pooler);
-        self.state = State::Over(Ok(TurnOutput {
+        let output = TurnOutput {
             embedding,
             turn_mean,
             turn_tokens: turn.len(),
-            context_tokens: c.context_len(),
+            context_tokens: if from_empty {
+                sequence.len()
+            } else {
+                c.context_len() + sequence.len()
+            },
             dropped_tokens: dropped,
             rebuilt_tokens: rebuilt,
-        }));
+        };
+        let cache = cache.expect("the last call made the turn's cache");
+        c.adopt(sequence, from_empty, cache, &output);
+        self.state = State::Over(Ok(output));
     }
 }
 

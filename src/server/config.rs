@@ -74,6 +74,32 @@ pub struct Config {
     #[arg(long, env = "SE_DETACHED_TTL_SECONDS", default_value_t = 300.0, value_parser = parse_seconds)]
     pub detached_ttl_seconds: f64,
 
+    /// Where resumable sessions live: `memory` (this process only: a
+    /// replica that goes away takes its detached sessions with it) or a
+    /// Redis/Valkey URL, `redis://host:port[/db]` or `rediss://…` (TLS),
+    /// shared by every replica: a session is written there after every turn
+    /// before the answer goes, resumed on any replica, handed off on a
+    /// drain. A password may be in the URL or in `--session-store-password-file`.
+    #[arg(long, env = "SE_SESSION_STORE", default_value = "memory")]
+    pub session_store: String,
+
+    /// A file holding the session store's password (AUTH), read at start
+    /// and never logged.
+    #[arg(long, env = "SE_SESSION_STORE_PASSWORD_FILE")]
+    pub session_store_password_file: Option<PathBuf>,
+
+    /// With a shared session store: how long a stream's hold on its session
+    /// lasts without a refresh (refreshed every third of it). A replica that
+    /// crashes leaves its sessions resumable elsewhere within this time.
+    #[arg(long, env = "SE_SESSION_LEASE_SECONDS", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub session_lease_seconds: f64,
+
+    /// With a shared session store: the longest one call to it may take; a
+    /// store slower than that fails the turn (or the session's CREATE or
+    /// RESUME) in-band with UNAVAILABLE, the conversation unchanged.
+    #[arg(long, env = "SE_SESSION_STORE_TIMEOUT_SECONDS", default_value_t = 2.0, value_parser = parse_seconds)]
+    pub session_store_timeout_seconds: f64,
+
     /// Most tokens in one turn (ChatML markers included); longer turns get an
     /// in-band RESOURCE_EXHAUSTED error.
     #[arg(long, env = "SE_MAX_TURN_TOKENS", default_value_t = DEFAULT_MAX_CONTEXT_TOKENS)]
@@ -187,6 +213,46 @@ impl Config {
     {
         let argv = std::iter::once("serve".into()).chain(args.into_iter().map(Into::into));
         Ok(ServeArgs::try_parse_from(argv)?.config)
+    }
+
+    /// The shared session store the flags ask for (`None`: `memory`).
+    ///
+    /// # Errors
+    /// When the URL is not a Redis URL, the password file cannot be read,
+    /// or shared sessions are asked for with resumable sessions off.
+    pub fn session_store(&self) -> anyhow::Result<Option<std::sync::Arc<crate::service::RedisStore>>> {
+        if self.session_store == "memory" {
+            return Ok(None);
+        }
+        let Some(detached_ttl) = self.detached_ttl() else {
+            anyhow::bail!(
+                "--session-store {} needs resumable sessions: --detached-ttl-seconds is 0",
+                "<url>"
+            );
+        };
+        let password = match &self.session_store_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading --session-store-password-file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let seconds = |s: f64, what: &str| {
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| anyhow::anyhow!("{what} must be more than 0 seconds"))
+        };
+        crate::service::RedisStore::new(crate::service::StoreConfig {
+            url: self.session_store.clone(),
+            password,
+            timeout: seconds(self.session_store_timeout_seconds, "--session-store-timeout-seconds")?,
+            lease: seconds(self.session_lease_seconds, "--session-lease-seconds")?,
+            detached_ttl,
+        })
+        .map(Some)
     }
 
     /// The limits the service applies.
@@ -327,5 +393,34 @@ mod tests {
         assert_eq!(config.max_turn_tokens, options.max_turn_tokens);
         assert_eq!(config.prefill_chunk_tokens, options.prefill_chunk_tokens);
         assert_eq!(config.batch_limits(), BatchLimits::default());
+    }
+
+    /// `memory` is the default and needs no store; a URL of another scheme,
+    /// or shared sessions with sessions off, refuse to start, and no error
+    /// shows the URL's password.
+    #[tokio::test]
+    async fn session_store_flags_are_checked() {
+        let store = |args: &[&str]| Config::from_serve_args(args.iter().copied()).unwrap().session_store();
+        assert!(store(&[]).unwrap().is_none(), "memory by default");
+        assert!(store(&["--session-store", "redis://127.0.0.1:1/0"]).unwrap().is_some());
+        assert!(
+            store(&["--session-store", "rediss://user:pw@host:6380"])
+                .unwrap()
+                .is_some()
+        );
+        for args in [
+            &["--session-store", "http://user:s3cret-pw@host:6379"][..],
+            &[
+                "--session-store",
+                "redis://user:s3cret-pw@host:6379",
+                "--detached-ttl-seconds",
+                "0",
+            ],
+            &["--session-store", "redis://h", "--session-lease-seconds", "0"],
+        ] {
+            let e = store(args).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+            assert!(e.contains("--session") || e.contains("--detached"), "{e}");
+        }
     }
 }

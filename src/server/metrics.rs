@@ -71,6 +71,14 @@ fn describe() {
     );
     describe_gauge!("se_detached_sessions", "resumable sessions waiting for a new stream");
     describe_gauge!("se_queued_texts", "turns and Embed texts queued or running");
+    describe_gauge!(
+        "se_session_store_up",
+        "1 if the shared session store's last call succeeded (1 without one)"
+    );
+    describe_counter!(
+        "se_session_store_errors_total",
+        "calls to the shared session store that failed"
+    );
     describe_counter!("se_turns_total", "turns and Embed texts embedded");
     describe_counter!("se_tokens_total", "tokens those turns prefilled");
     describe_counter!("se_model_calls_total", "model calls run");
@@ -110,6 +118,8 @@ pub async fn publish(shared: Arc<Shared>, engine: Arc<Engine>) {
         metrics::gauge!("se_evicted_conversations").set(resting.evicted as f64);
         metrics::gauge!("se_detached_sessions").set(shared.sessions.detached() as f64);
         metrics::gauge!("se_queued_texts").set(stats.queued() as f64);
+        let store_up = shared.sessions.store().is_none_or(|s| s.is_up());
+        metrics::gauge!("se_session_store_up").set(if store_up { 1.0 } else { 0.0 });
         metrics::counter!("se_turns_total").absolute(stats.turns());
         metrics::counter!("se_tokens_total").absolute(stats.tokens());
         metrics::counter!("se_model_calls_total").absolute(model.calls());

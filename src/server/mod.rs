@@ -58,7 +58,11 @@ pub async fn run(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let shared = Shared::new(config.limits());
+    let store = config.session_store()?;
+    if store.is_some() {
+        tracing::info!("resumable sessions in the shared session store");
+    }
+    let shared = Shared::new(config.limits(), store);
 
     let tokens = match &config.auth_token_file {
         Some(path) => {

@@ -31,6 +31,14 @@ impl std::fmt::Debug for Principal {
     }
 }
 
+impl Principal {
+    /// The hex SHA-256 of the token: what a stored session keeps of its
+    /// creator (never the token).
+    pub fn fingerprint(&self) -> String {
+        super::store::owner_hash(&self.0)
+    }
+}
+
 impl PartialEq for Principal {
     fn eq(&self, other: &Self) -> bool {
         bool::from(self.0.ct_eq(&other.0))

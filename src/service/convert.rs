@@ -116,6 +116,19 @@ pub fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// A turn's output read back from the wire (a stored last answer; what it
+/// rebuilt is not kept).
+pub(super) fn output(e: pb::Embedding) -> TurnOutput {
+    TurnOutput {
+        embedding: e.values,
+        turn_mean: (!e.turn_mean.is_empty()).then_some(e.turn_mean),
+        turn_tokens: e.turn_tokens as usize,
+        context_tokens: e.context_tokens as usize,
+        dropped_tokens: e.dropped_tokens as usize,
+        rebuilt_tokens: 0,
+    }
+}
+
 /// A turn's output on the wire.
 pub(super) fn embedding(out: TurnOutput) -> pb::Embedding {
     pb::Embedding {

@@ -57,6 +57,13 @@ pub enum ServiceError {
     /// SIGINT/SIGTERM: new streams and calls are refused while open streams drain.
     #[error("the server is shutting down and takes no new requests")]
     Draining,
+    /// The server drains: a stream holding a session of the shared store is
+    /// ended, for the client to resume the session on another replica.
+    #[error("the server is draining: resume session {id:?} on another replica")]
+    HandedOff {
+        /// The session (also in the `se-resume-session` trailer).
+        id: String,
+    },
     /// The drain deadline passed with the stream still open.
     #[error("server shutting down")]
     ShuttingDown,
@@ -116,6 +123,33 @@ pub enum ServiceError {
         "a resumed session keeps its own options: leave every SessionOptions field but session_id and session_mode unset"
     )]
     ResumeWithOptions,
+    /// The shared session store is unreachable or failing (bounded by
+    /// `--session-store-timeout-seconds`): retry.
+    #[error(
+        "the session store is unavailable ({reason}); the conversation is unchanged: retry, or resume the session later"
+    )]
+    StoreUnavailable {
+        /// What the store call ran into (never a credential).
+        reason: String,
+    },
+    /// This stream no longer holds its session: its lease in the store
+    /// lapsed (the store was unreachable longer than the lease) and the
+    /// session may be held elsewhere.
+    #[error("this stream no longer holds session {id:?} (its lease lapsed): resume it")]
+    SessionLost {
+        /// The id.
+        id: String,
+    },
+    /// What the store holds for a session is not a session this server can
+    /// resume (a truncated token list, a foreign value, a newer format,
+    /// another model's session).
+    #[error("session {id:?} cannot be resumed: {reason}")]
+    SessionCorrupt {
+        /// The id.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The server's own default options do not suit the model (a start-up check makes this unreachable).
     #[error("the server's default session options are invalid")]
     Defaults(#[source] OptionsError),
@@ -154,9 +188,13 @@ impl ServiceError {
             ServiceError::SessionExists { .. } => kind(AlreadyExists, "session_exists"),
             ServiceError::SessionNotFound { .. } => kind(NotFound, "session_not_found"),
             ServiceError::Unauthenticated => kind(Unauthenticated, "unauthenticated"),
+            ServiceError::StoreUnavailable { .. } => kind(Unavailable, "store_unavailable"),
+            ServiceError::SessionLost { .. } => kind(Unavailable, "session_lost"),
+            ServiceError::SessionCorrupt { .. } => kind(DataLoss, "session_corrupt"),
             ServiceError::Loading => kind(Unavailable, "loading"),
             ServiceError::Draining => kind(Unavailable, "draining"),
             ServiceError::ShuttingDown => kind(Unavailable, "shutting_down"),
+            ServiceError::HandedOff { .. } => kind(Unavailable, "handed_off"),
             ServiceError::EngineStopped(EngineStopped) => kind(Unavailable, "engine_stopped"),
             ServiceError::TooManyStreams { .. } => kind(ResourceExhausted, "too_many_streams"),
             ServiceError::MessageTooLarge(_) => kind(ResourceExhausted, "message_too_large"),

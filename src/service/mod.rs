@@ -25,6 +25,7 @@ mod convert;
 mod error;
 mod sessions;
 mod shared;
+mod store;
 mod stream;
 
 pub use auth::{Principal, Tokens, interceptor};
@@ -32,7 +33,8 @@ pub use convert::{embed_options, saturating_u32};
 pub use error::{ErrorChain, ServiceError, rewrite_decode_statuses};
 pub use sessions::{MAX_SESSION_ID_LEN, Sessions};
 pub use shared::{Limits, Shared};
-pub use stream::Responses;
+pub use store::{RedisStore, StoreConfig, StoreError};
+pub use stream::{RESUME_TRAILER, Responses};
 
 use std::{sync::Arc, time::Duration};
 
@@ -107,6 +109,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
             inbound: request.into_inner(),
             responses_tx,
             cancel: self.shared.root.child_token(),
+            draining: self.shared.draining.clone(),
             slot,
             session_id: None,
             principal,
@@ -206,6 +209,8 @@ impl pb::embedder_server::Embedder for EmbedderService {
             rebuilt_tokens_total: stats.rebuilt_tokens(),
             queue_wait_us_total: micros(stats.queue_wait_total()),
             queue_wait_us_max: micros(stats.queue_wait_max()),
+            session_store_up: self.shared.sessions.store().is_none_or(|s| s.is_up()),
+            session_store_errors_total: self.shared.sessions.store().map_or(0, |s| s.errors()),
         });
         if let Some(s) = snapshot {
             let metadata = response.metadata_mut();

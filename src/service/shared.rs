@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::sessions::Sessions;
+use super::{sessions::Sessions, store::RedisStore};
 use crate::{conversation::ConversationOptions, engine::Engine};
 
 /// Server-wide limits the service applies.
@@ -61,14 +61,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Fresh state for a server with these limits.
-    pub fn new(limits: Limits) -> Arc<Shared> {
+    /// Fresh state for a server with these limits, its resumable sessions
+    /// in `store` when one is given.
+    pub fn new(limits: Limits, store: Option<Arc<RedisStore>>) -> Arc<Shared> {
         Arc::new(Shared {
             engine: OnceLock::new(),
             streams: Arc::new(Semaphore::new(limits.max_streams)),
             root: CancellationToken::new(),
             draining: CancellationToken::new(),
-            sessions: Sessions::new(limits.detached_ttl, limits.max_detached_sessions),
+            sessions: Sessions::new(limits.detached_ttl, limits.max_detached_sessions, store),
             limits,
         })
     }

@@ -23,6 +23,12 @@ use crate::{
     pb::{self, converse_request::Action, converse_response::Result as ResponseBody},
 };
 
+/// A conversation's context, turns and last output, to put back.
+type Snapshot = (Vec<u32>, u64, Option<TurnOutput>);
+
+/// The trailer that names the session a handed-off stream held.
+pub const RESUME_TRAILER: &str = "se-resume-session";
+
 /// A fresh stream id (for logs and the session table).
 pub(super) fn next_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -65,6 +71,9 @@ enum Ending {
     HalfClosed,
     ClientGone,
     ShuttingDown,
+    /// The server drains and the stream's session is in a shared store:
+    /// ended at once, for the client to resume it on another replica.
+    HandedOff,
     InboundError,
     EngineStopped,
 }
@@ -126,6 +135,8 @@ pub(super) struct ConverseTask {
     pub(super) responses_tx: mpsc::Sender<Result<pb::ConverseResponse, Status>>,
     /// Cancelled after the server's drain deadline.
     pub(super) cancel: CancellationToken,
+    /// Cancelled when the server starts draining (hands off shared sessions).
+    pub(super) draining: CancellationToken,
     /// Where the conversation rests between turns (the engine has it during one).
     pub(super) slot: Arc<Slot>,
     /// The resumable session this stream holds, if any.
@@ -170,9 +181,11 @@ impl ConverseTask {
 
     /// The next request, or how the stream ended instead.
     async fn next_request(&mut self) -> Result<pb::ConverseRequest, Ending> {
+        let draining = self.draining.clone();
         let message = tokio::select! {
             biased;
             () = self.cancel.cancelled() => return Err(self.shutting_down().await),
+            () = draining.cancelled(), if self.shares() => return Err(self.hand_off().await),
             () = self.responses_tx.closed() => return Err(Ending::ClientGone),
             m = self.inbound.message() => m,
         };
@@ -208,9 +221,10 @@ impl ConverseTask {
                 }
             }
             Some(Action::Options(_)) => Err(ServiceError::OptionsNotFirst),
-            Some(Action::Reset(_)) => Ok(self.reset()),
+            Some(Action::Reset(_)) => self.reset().await,
             Some(Action::Turn(turn)) => {
                 let asked = Instant::now();
+                let before = self.snapshot();
                 let job = self.engine.turn(self.slot.clone(), turn.text, turn.role);
                 let reply = tokio::select! {
                     biased;
@@ -220,12 +234,15 @@ impl ConverseTask {
                 };
                 metrics::histogram!("se_turn_seconds").record(asked.elapsed().as_secs_f64());
                 match reply {
-                    Ok(result) => result
-                        .map(|out| {
+                    // A session's turn is answered once the store has it.
+                    Ok(Ok(out)) => match self.persist(before).await {
+                        Ok(()) => {
                             tally.turn(&out);
-                            ResponseBody::Embedding(embedding(out))
-                        })
-                        .map_err(ServiceError::from),
+                            Ok(ResponseBody::Embedding(embedding(out)))
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Ok(Err(e)) => Err(ServiceError::from(e)),
                     Err(stopped) => {
                         self.end_with(ServiceError::from(stopped)).await;
                         return Err(Ending::EngineStopped);
@@ -244,7 +261,7 @@ impl ConverseTask {
         match ending {
             // Ended once the responses have all gone out; kept if not.
             Ending::HalfClosed if self.half_close.arm(id) => "ends when its responses are out",
-            Ending::HalfClosed | Ending::ClientGone | Ending::InboundError => {
+            Ending::HalfClosed | Ending::ClientGone | Ending::InboundError | Ending::HandedOff => {
                 self.sessions.detach(id, self.stream_id);
                 "detached"
             }
@@ -264,6 +281,19 @@ impl ConverseTask {
         }
         self.end_with(ServiceError::ShuttingDown).await;
         Ending::ShuttingDown
+    }
+
+    /// Ends a shared session's stream on a drain, right after its in-flight
+    /// turn: UNAVAILABLE, with the session's id in the `se-resume-session`
+    /// trailer, for the client to resume it on another replica.
+    async fn hand_off(&self) -> Ending {
+        let id = self.session_id.clone().unwrap_or_default();
+        let mut status = ServiceError::HandedOff { id: id.clone() }.to_status();
+        if let Ok(value) = id.parse() {
+            status.metadata_mut().insert(RESUME_TRAILER, value);
+        }
+        let _ = self.responses_tx.send(Err(status)).await;
+        Ending::HandedOff
     }
 
     /// Ends the stream with `error`'s status (a failed send: the client is gone anyway).
@@ -287,9 +317,17 @@ impl ConverseTask {
                 if *o != bare {
                     return Err(ServiceError::ResumeWithOptions);
                 }
+                let defaults = self.limits.default_options();
                 let slot = self
                     .sessions
-                    .resume(&o.session_id, self.stream_id, self.principal.as_ref())?;
+                    .resume(
+                        &o.session_id,
+                        self.stream_id,
+                        self.principal.as_ref(),
+                        &self.engine,
+                        &defaults,
+                    )
+                    .await?;
                 self.session_id = Some(o.session_id.clone());
                 // The lost stream's last turn may still be in the engine.
                 slot.rested().await;
@@ -302,7 +340,8 @@ impl ConverseTask {
                 let slot = self.engine.budget().slot(conversation);
                 let id = self
                     .sessions
-                    .create(&o.session_id, slot.clone(), self.stream_id, self.principal.clone())?;
+                    .create(&o.session_id, slot.clone(), self.stream_id, self.principal.clone())
+                    .await?;
                 self.slot = slot;
                 self.session_id = Some(id.clone());
                 id
@@ -320,15 +359,49 @@ impl ConverseTask {
                 session_id,
                 context_tokens: saturating_u32(c.context_len()),
                 turns: c.turns(),
+                last_embedding: c.last_output().cloned().map(embedding),
             })
             .expect("no turn holds the conversation while options are applied");
         Ok(ResponseBody::Ready(ready))
     }
 
-    fn reset(&mut self) -> ResponseBody {
+    async fn reset(&mut self) -> Result<ResponseBody, ServiceError> {
+        let before = self.snapshot();
         let released = self.slot.with(Conversation::reset).unwrap_or(0);
-        ResponseBody::Reset(pb::ResetDone {
+        self.persist(before).await?;
+        Ok(ResponseBody::Reset(pb::ResetDone {
             released_tokens: saturating_u32(released),
-        })
+        }))
+    }
+
+    /// Whether the stream's conversation is a session kept in a shared
+    /// store: then every change is written there before it is answered, and
+    /// a drain hands the stream off.
+    fn shares(&self) -> bool {
+        self.session_id.is_some() && self.sessions.store().is_some()
+    }
+
+    /// The context's token ids and turns before a change, to put back if the
+    /// store does not take the change (only for a shared session).
+    fn snapshot(&self) -> Option<Snapshot> {
+        if !self.shares() {
+            return None;
+        }
+        self.slot
+            .with(|c| (c.tokens().to_vec(), c.turns(), c.last_output().cloned()))
+    }
+
+    /// Writes a shared session's new state to the store; if the store does
+    /// not take it, the conversation goes back to `before` (its cache
+    /// dropped, rebuilt at the next turn) and the change fails in-band.
+    async fn persist(&self, before: Option<Snapshot>) -> Result<(), ServiceError> {
+        let (Some(id), Some((tokens, turns, last))) = (&self.session_id, before) else {
+            return Ok(());
+        };
+        let written = self.sessions.persist(id, self.stream_id).await;
+        if written.is_err() {
+            self.slot.with(|c| c.roll_back(tokens, turns, last));
+        }
+        written
     }
 }

