@@ -16,7 +16,7 @@ SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIA
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
-.PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory soak quality lint clean-models
+.PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory bench-sessions soak quality lint clean-models
 
 serve: setup
 	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
@@ -70,6 +70,7 @@ bench: setup $(VENV)/.bench-installed
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
 	$(MAKE) --no-print-directory bench-memory
+	$(MAKE) --no-print-directory bench-sessions
 
 # BENCHMARKS.md section 8 alone: rebuild cost, the budget under load, 10,000
 # open streams (about 10 minutes; `make bench` runs it too).
@@ -77,6 +78,14 @@ bench-memory: setup tiny-model
 	$(PY) models/prepare.py real --variants f32
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/memory.py
+
+# BENCHMARKS.md section 9 alone: sessions in a shared store (a Valkey it
+# starts itself): turn latency memory vs redis, a resume on a cold replica,
+# store bytes per session, a drain of 100 resumable streams (about 5 minutes).
+bench-sessions: setup
+	$(PY) models/prepare.py real --variants f32
+	$(CARGO) build --release --bins --features bench
+	$(PY) bench/sessions.py
 
 # Load and faults for a while (RELIABILITY.md; not part of `make test`): 200
 # streams x 200 turns on the tiny model with cancels and SIGKILLed clients,
