@@ -374,21 +374,36 @@ impl Sessions {
     /// Detaches the session `id` held by `stream` (its stream was lost): kept
     /// for the TTL, then freed, unless a stream resumes it first.
     pub fn detach(self: &Arc<Self>, id: &str, stream: u64) {
-        let Some(ttl) = self.ttl else { return };
+        let lease = self.detach_here(id, stream);
+        self.let_go(id, lease, true);
+    }
+
+    /// Detaches the shared session `id` held by `stream` on a drain, and
+    /// returns once the store has its lease back: the client told to resume
+    /// elsewhere finds it free.
+    pub async fn hand_off(self: &Arc<Self>, id: &str, stream: u64) {
+        if let (Some(store), Some(lease)) = (&self.store, self.detach_here(id, stream))
+            && let Err(e) = store.let_go(id, &lease.holder, true).await
+        {
+            tracing::warn!(error = %e, "a handed-off session's lease was not released; it lapses on its own");
+        }
+    }
+
+    /// Detaches the session here (see [`Sessions::detach`]); returns its
+    /// lease in the store, for the caller to let go.
+    fn detach_here(self: &Arc<Self>, id: &str, stream: u64) -> Option<Lease> {
+        let ttl = self.ttl?;
         let mut table = self.table();
         let detached = table.values().filter(|e| e.holder.is_none()).count();
-        let Some(entry) = table.get_mut(id).filter(|e| e.holder == Some(stream)) else {
-            return;
-        };
+        let entry = table.get_mut(id).filter(|e| e.holder == Some(stream))?;
         let lease = entry.lease.take();
-        self.let_go(id, lease, true);
         if detached >= self.max_detached {
             tracing::warn!(
                 max = self.max_detached,
                 "too many detached sessions: this lost session is freed, not kept"
             );
             table.remove(id);
-            return;
+            return lease;
         }
         entry.holder = None;
         entry.generation += 1;
@@ -406,6 +421,7 @@ impl Sessions {
                 tracing::info!("a detached session's TTL passed; freed");
             }
         });
+        lease
     }
 
     /// Whether session `id` is here, and which stream holds it (`None`: detached).

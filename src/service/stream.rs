@@ -288,6 +288,8 @@ impl ConverseTask {
     /// trailer, for the client to resume it on another replica.
     async fn hand_off(&self) -> Ending {
         let id = self.session_id.clone().unwrap_or_default();
+        // The lease back in the store first, so that the resume finds it free.
+        self.sessions.hand_off(&id, self.stream_id).await;
         let mut status = ServiceError::HandedOff { id: id.clone() }.to_status();
         if let Ok(value) = id.parse() {
             status.metadata_mut().insert(RESUME_TRAILER, value);
