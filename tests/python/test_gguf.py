@@ -1,0 +1,331 @@
+"""A GGUF the user brings is converted as itself, or refused with the reason.
+
+`prepare.py real --gguf FILE` once installed the cached default model
+whatever FILE held. These tests write small random-weight Qwen2 GGUFs with
+the `gguf` package (the real tokenizer's vocabulary, copied from the default
+model's GGUF; each weight type the conversion reads), convert them with the
+model tool, and check the result against what was written:
+
+- config.json names the file's own sha256, layers and sizes (no substitution);
+- the ONNX graph's hidden states equal a numpy forward pass written here from
+  Qwen2's description (RMSNorm, q/k/v with bias, rotate-half RoPE, grouped-
+  query causal attention, SwiGLU) on the weights as written, dequantised by
+  the gguf package (the format's reference): within 1e-4 of the largest
+  value, in f32; the same forward with RoPE on interleaved pairs fails it;
+- the server serves the converted model, and its MEAN vector of a text is the
+  mean of the reference's rows;
+- a file the tool cannot convert (another architecture, a missing tensor)
+  fails with a message naming what is missing, and nothing is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEADLINE, MODELS, Server
+
+PREPARE = MODELS / "prepare.py"
+# The conversion is exact up to float32 rounding: the bound is relative to
+# the largest hidden value (its scale), and sits far below what a real
+# mistake gives (RoPE on the wrong pairs: above 1e-2, asserted below).
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Dims:
+    layers: int = 2
+    hidden: int = 64
+    ffn: int = 96
+    heads: int = 4
+    kv_heads: int = 2
+    theta: float = 1_000_000.0
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+def default_gguf() -> str:
+    out = subprocess.run(
+        [sys.executable, str(PREPARE), "gguf-path"], check=True, capture_output=True, text=True, timeout=1800
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    """The default model's tokenizer metadata (tokens, types, merges)."""
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    r = GGUFReader(default_gguf())
+
+    def strings(key):
+        f = r.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    types = r.fields["tokenizer.ggml.token_type"]
+    return {
+        "tokens": strings("tokenizer.ggml.tokens"),
+        "types": [int(types.parts[i][0]) for i in types.data],
+        "merges": strings("tokenizer.ggml.merges"),
+    }
+
+
+def random_weights(d: Dims, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """Hugging Face layout ([out, in] for a Linear), float32."""
+    rng = np.random.default_rng(seed)
+
+    def lin(out, inp):
+        return (rng.standard_normal((out, inp)) * 0.08).astype(np.float32)
+
+    def vec(n, around=0.0, spread=0.05):
+        return (around + rng.standard_normal(n) * spread).astype(np.float32)
+
+    hd = d.head_dim
+    w = {
+        "token_embd.weight": (rng.standard_normal((vocab, d.hidden)) * 0.5).astype(np.float32),
+        "output_norm.weight": vec(d.hidden, 1.0, 0.1),
+    }
+    for i in range(d.layers):
+        p = f"blk.{i}."
+        w |= {
+            p + "attn_norm.weight": vec(d.hidden, 1.0, 0.1),
+            p + "attn_q.weight": lin(d.heads * hd, d.hidden),
+            p + "attn_q.bias": vec(d.heads * hd, 0.0, 0.1),
+            p + "attn_k.weight": lin(d.kv_heads * hd, d.hidden),
+            p + "attn_k.bias": vec(d.kv_heads * hd, 0.0, 0.1),
+            p + "attn_v.weight": lin(d.kv_heads * hd, d.hidden),
+            p + "attn_v.bias": vec(d.kv_heads * hd, 0.0, 0.1),
+            p + "attn_output.weight": lin(d.hidden, d.heads * hd),
+            p + "ffn_norm.weight": vec(d.hidden, 1.0, 0.1),
+            p + "ffn_gate.weight": lin(d.ffn, d.hidden),
+            p + "ffn_up.weight": lin(d.ffn, d.hidden),
+            p + "ffn_down.weight": lin(d.hidden, d.ffn),
+        }
+    return w
+
+
+def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch="qwen2", name="Fixture Qwen2", drop=()):
+    """Writes the weights as a GGUF (matrices as `kind`, norms and biases in
+    F32 as llama.cpp keeps them); returns the weights as the file holds them
+    (dequantised by the gguf package)."""
+    import gguf  # noqa: PLC0415
+    from gguf import GGMLQuantizationType as Q  # noqa: PLC0415
+
+    qtype = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}[kind]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_context_length(32768)
+    w.add_embedding_length(d.hidden)
+    w.add_feed_forward_length(d.ffn)
+    w.add_block_count(d.layers)
+    w.add_head_count(d.heads)
+    w.add_head_count_kv(d.kv_heads)
+    w.add_rope_freq_base(d.theta)
+    w.add_layer_norm_rms_eps(d.eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(vocabulary["tokens"])
+    w.add_token_types(vocabulary["types"])
+    w.add_token_merges(vocabulary["merges"])
+    held = {}
+    for tname, value in weights.items():
+        if tname in drop:
+            continue
+        if value.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(tname, value)
+            held[tname] = value
+        elif qtype == Q.F16:
+            w.add_tensor(tname, value.astype(np.float16))
+            held[tname] = value.astype(np.float16).astype(np.float32)
+        else:
+            raw = gguf.quants.quantize(value, qtype)
+            w.add_tensor(tname, raw, raw_dtype=qtype)
+            held[tname] = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(value.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
+def reference(w, d: Dims, ids, interleaved=False) -> np.ndarray:
+    """Qwen2's last hidden states for `ids`, in float64, from its description
+    (`interleaved`: RoPE on adjacent pairs, GPT-J's way, the wrong one for
+    Qwen2 — the negative control)."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    hd, nh, nkv = d.head_dim, d.heads, d.kv_heads
+    t = len(ids)
+    x = w["token_embd.weight"][ids]
+    pos = np.arange(t)
+    inv = 1.0 / d.theta ** (np.arange(0, hd, 2) / hd)
+    ang = pos[:, None] * inv[None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope(v):  # [heads, t, hd]: the halves rotated (Hugging Face's rotate_half)
+        if interleaved:
+            a, b = v[..., 0::2], v[..., 1::2]
+            out = np.empty_like(v)
+            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, b * cos + a * sin
+            return out
+        a, b = v[..., : hd // 2], v[..., hd // 2 :]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    def rms(v, g):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + d.eps) * g
+
+    causal = np.triu(np.full((t, t), -np.inf), 1)
+    for i in range(d.layers):
+        p = f"blk.{i}."
+        h = rms(x, w[p + "attn_norm.weight"])
+        q = (h @ w[p + "attn_q.weight"].T + w[p + "attn_q.bias"]).reshape(t, nh, hd).transpose(1, 0, 2)
+        k = (h @ w[p + "attn_k.weight"].T + w[p + "attn_k.bias"]).reshape(t, nkv, hd).transpose(1, 0, 2)
+        v = (h @ w[p + "attn_v.weight"].T + w[p + "attn_v.bias"]).reshape(t, nkv, hd).transpose(1, 0, 2)
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(1, 0, 2).reshape(t, nh * hd)
+        x = x + o @ w[p + "attn_output.weight"].T
+        h = rms(x, w[p + "ffn_norm.weight"])
+        g, u = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+    return rms(x, w["output_norm.weight"])
+
+
+def onnx_hidden(model: Path, d: Dims, ids) -> np.ndarray:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feed = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+    }
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+    for i in range(d.layers):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, d.kv_heads, 0, d.head_dim), dtype=np.float32)
+    return sess.run(["last_hidden_state"], feed)[0][0]
+
+
+def prepare(gguf: Path, tmp: Path, *extra: str):
+    env = {**os.environ, "SE_CACHE_DIR": str(tmp / "cache")}
+    return subprocess.run(
+        [sys.executable, str(PREPARE), "real", "--gguf", str(gguf), "--out", str(tmp / "out"), *extra],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+
+
+def relative(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def token_ids(tokenizer_json: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    return Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
+
+
+TEXT = "def add(a, b):\n    return a + b  # the sum, 42 times"
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0"])
+def test_a_given_gguf_is_converted_as_itself(kind, vocabulary, tmp_path):
+    d = Dims()
+    weights = random_weights(d, len(vocabulary["tokens"]), seed=7)
+    path = tmp_path / f"fixture-{kind}.gguf"
+    held = write_gguf(path, d, vocabulary, weights, kind, name=f"Fixture Qwen2 {kind}")
+    done = prepare(path, tmp_path, "--head-pairs", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+
+    cfg = json.loads((out / "config.json").read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert cfg["source"]["gguf_sha256"] == digest, cfg
+    assert cfg["name"] == f"fixture-qwen2-{kind.lower().replace('_', '-')}-{digest[:12]}", cfg
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == (d.layers, d.hidden), cfg
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (d.heads, d.kv_heads), cfg
+
+    ids = token_ids(out / "tokenizer.json", TEXT)
+    assert len(ids) > 10
+    want = reference(held, d, ids)
+    got = onnx_hidden(out / "model.onnx", d, ids)
+    assert got.shape == want.shape
+    assert relative(got, want) <= TOLERANCE, f"{kind}: {relative(got, want):.2e}"
+    # The negative control: the bound catches RoPE rotating the wrong pairs.
+    broken = reference(held, d, ids, interleaved=True)
+    assert relative(got, broken) > 1e-2, f"{kind}: the bound would not see interleaved RoPE ({relative(got, broken):.2e})"
+
+
+def test_the_server_serves_a_converted_gguf(vocabulary, tmp_path, pb):
+    """`serve` on the converted directory: GetModelInfo names the file's
+    model, and Embed's raw MEAN vector is the reference's mean over the text."""
+    import grpc  # noqa: PLC0415
+
+    pb2, rpc = pb
+    d = Dims(layers=3, hidden=64, ffn=128, heads=8, kv_heads=2)
+    weights = random_weights(d, len(vocabulary["tokens"]), seed=11)
+    path = tmp_path / "served.gguf"
+    held = write_gguf(path, d, vocabulary, weights, "F32", name="Served Fixture")
+    done = prepare(path, tmp_path, "--head-pairs", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    ids = token_ids(out / "tokenizer.json", TEXT)
+    want = reference(held, d, ids).mean(axis=0)
+
+    server = Server(model=out)
+    try:
+        with server.channel() as ch:
+            stub = rpc.EmbedderStub(ch)
+            info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=DEADLINE)
+            assert (info.layers, info.hidden_size, info.kv_heads) == (3, 64, 2), info
+            assert info.name.startswith("served-fixture-"), info.name
+            reply = stub.Embed(
+                pb2.EmbedRequest(
+                    texts=[TEXT], pooling=pb2.POOLING_MEAN, normalize=False, standardize=pb2.STANDARDIZE_NONE
+                ),
+                timeout=DEADLINE,
+            )
+    except grpc.RpcError as e:
+        pytest.fail(f"the server failed on the converted model: {e.code()} {e.details()}")
+    finally:
+        server.stop()
+    [emb] = reply.embeddings
+    assert emb.turn_tokens == len(ids)
+    got = np.array(emb.values, dtype=np.float64)
+    assert got.shape == want.shape
+    assert relative(got, want) <= TOLERANCE, f"{relative(got, want):.2e}"
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("qwen3", "architecture 'qwen3'"),
+        ("missing", "'blk.1.ffn_up.weight'"),
+    ],
+)
+def test_a_gguf_the_tool_cannot_convert_is_refused(case, expect, vocabulary, tmp_path):
+    d = Dims()
+    weights = random_weights(d, len(vocabulary["tokens"]), seed=3)
+    path = tmp_path / f"{case}.gguf"
+    if case == "qwen3":
+        write_gguf(path, d, vocabulary, weights, "F32", arch="qwen3")
+    else:
+        write_gguf(path, d, vocabulary, weights, "F32", drop={"blk.1.ffn_up.weight"})
+    done = prepare(path, tmp_path)
+    assert done.returncode != 0
+    assert "cannot be converted" in done.stderr and expect in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "nothing is installed for a file the tool refused"
