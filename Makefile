@@ -14,7 +14,7 @@ TEST_VARIANTS ?= f32,fp16,int8,q4,q8
 SERVE_VARIANT ?= f32
 SERVE_FILE := $(if $(filter f32,$(SERVE_VARIANT)),model.onnx,model_$(SERVE_VARIANT).onnx)
 # `make serve GGUF=path/to/model.gguf` converts and serves exactly that file
-# (a Qwen2-architecture GGUF; see models/README.md) from models/gguf-<its name>.
+# (a Qwen2- or Qwen3-architecture GGUF; see models/README.md) from models/gguf-<its name>.
 GGUF    ?=
 SERVE_DIR := $(if $(GGUF),models/gguf-$(basename $(notdir $(GGUF))),$(REAL))
 ADDR    ?= 127.0.0.1:50051

@@ -1,8 +1,10 @@
-"""Reads a Qwen2 GGUF: architecture facts, float32 weights and the tokenizer.
+"""Reads a Qwen2 or Qwen3 GGUF: architecture facts, float32 weights and the
+tokenizer.
 
-A GGUF this module cannot read as a Qwen2 decoder (another architecture,
-missing tensors or metadata, another tokenizer) raises `Unsupported` naming
-what is missing: the model tool converts the given file or nothing.
+A GGUF this module cannot read as one of those decoders (another
+architecture, missing tensors or metadata, another tokenizer, a tensor type
+the gguf package cannot dequantise) raises `Unsupported` naming what is
+missing: the model tool converts the given file or nothing.
 
 The tokenizer is rebuilt from the GGUF's own tokens, merges and token types
 into the Hugging Face tokenizers format, with the Qwen2 pre-tokenizer. Nothing
@@ -24,21 +26,22 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# The tensors of each layer (blk.N.<name>) a Qwen2 decoder has.
-LAYER_TENSORS = [
+# The tensors of each layer (blk.N.<name>) of each architecture converted.
+COMMON_TENSORS = [
     "attn_norm.weight",
     "attn_q.weight",
-    "attn_q.bias",
     "attn_k.weight",
-    "attn_k.bias",
     "attn_v.weight",
-    "attn_v.bias",
     "attn_output.weight",
     "ffn_norm.weight",
     "ffn_gate.weight",
     "ffn_up.weight",
     "ffn_down.weight",
 ]
+LAYER_TENSORS = {
+    "qwen2": [*COMMON_TENSORS, "attn_q.bias", "attn_k.bias", "attn_v.bias"],
+    "qwen3": [*COMMON_TENSORS, "attn_q_norm.weight", "attn_k_norm.weight"],
+}
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -72,31 +75,44 @@ class GgufSource:
 
     def arch(self) -> Arch:
         a = self.field("general.architecture")
-        if a != "qwen2":
-            raise Unsupported(f"architecture {a!r}: this tool converts qwen2 (Qwen2, Qwen2.5) decoders only")
-        hidden = int(self.field("qwen2.embedding_length"))
-        heads = int(self.field("qwen2.attention.head_count"))
-        kv_heads = int(self.field("qwen2.attention.head_count_kv"))
-        # The GGUF's own head size when it states one (models whose head size
-        # is not hidden / heads do); else Qwen2's hidden / heads.
-        key_length = self.reader.fields.get("qwen2.attention.key_length")
+        if a not in LAYER_TENSORS:
+            raise Unsupported(
+                f"architecture {a!r}: this tool converts {' and '.join(LAYER_TENSORS)} (Qwen2, Qwen2.5, Qwen3) decoders only"
+            )
+        hidden = int(self.field(f"{a}.embedding_length"))
+        heads = int(self.field(f"{a}.attention.head_count"))
+        kv_heads = int(self.field(f"{a}.attention.head_count_kv"))
+        # The GGUF's own head size when it states one (Qwen3's is not
+        # hidden / heads); else hidden / heads.
+        key_length = self.reader.fields.get(f"{a}.attention.key_length")
         head_dim = int(key_length.contents()) if key_length is not None else hidden // heads
+        value_length = self.reader.fields.get(f"{a}.attention.value_length")
+        if value_length is not None and int(value_length.contents()) != head_dim:
+            raise Unsupported(f"value_length {int(value_length.contents())} differs from key_length {head_dim}")
         if "blk.0.attn_k.weight" not in self.tensors:
             raise Unsupported("it has no tensor 'blk.0.attn_k.weight'")
         k_rows = int(self.tensors["blk.0.attn_k.weight"].shape.tolist()[-1])
         if k_rows != kv_heads * head_dim:
             raise Unsupported(f"blk.0.attn_k.weight has {k_rows} rows, not kv_heads {kv_heads} x head_dim {head_dim}")
+        if heads % kv_heads != 0:
+            raise Unsupported(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            raise Unsupported("its metadata has no 'tokenizer.ggml.tokens'")
+        scaling = self.optional_field(f"{a}.rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise Unsupported(f"RoPE scaling {scaling!r} is not converted")
         return Arch(
-            layers=int(self.field("qwen2.block_count")),
+            layers=int(self.field(f"{a}.block_count")),
             hidden=hidden,
-            ffn=int(self.field("qwen2.feed_forward_length")),
+            ffn=int(self.field(f"{a}.feed_forward_length")),
             heads=heads,
             kv_heads=kv_heads,
             head_dim=head_dim,
             vocab=len(self.reader.fields["tokenizer.ggml.tokens"].data),
-            rope_theta=float(self.field("qwen2.rope.freq_base")),
-            rms_eps=float(self.field("qwen2.attention.layer_norm_rms_epsilon")),
-            max_positions=int(self.field("qwen2.context_length")),
+            rope_theta=float(self.field(f"{a}.rope.freq_base")),
+            rms_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon")),
+            max_positions=int(self.field(f"{a}.context_length")),
+            architecture=a,
         )
 
     def check(self, arch: Arch) -> None:
@@ -104,7 +120,7 @@ class GgufSource:
         layer, and a byte-level BPE tokenizer with its pre-tokenizer."""
         names = ["token_embd.weight", "output_norm.weight"]
         for i in range(arch.layers):
-            names += [f"blk.{i}.{t}" for t in LAYER_TENSORS]
+            names += [f"blk.{i}.{t}" for t in LAYER_TENSORS[arch.architecture]]
         missing = [n for n in names if n not in self.tensors]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -136,17 +152,27 @@ class GgufSource:
 
     def weights(self, arch: Arch, lm_head: bool = False, progress=None) -> Weights:
         layers = []
+        qwen3 = arch.architecture == "qwen3"
         for i in range(arch.layers):
             p = f"blk.{i}."
+
+            def bias(name, p=p):  # Qwen2's, not Qwen3's
+                return None if qwen3 else self.tensor(p + name)
+
+            def norm(name, p=p):  # Qwen3's, not Qwen2's
+                return self.tensor(p + name) if qwen3 else None
+
             layers.append(
                 Layer(
                     attn_norm=self.tensor(p + "attn_norm.weight"),
                     q_w=self.tensor(p + "attn_q.weight"),
-                    q_b=self.tensor(p + "attn_q.bias"),
+                    q_b=bias("attn_q.bias"),
                     k_w=self.tensor(p + "attn_k.weight"),
-                    k_b=self.tensor(p + "attn_k.bias"),
+                    k_b=bias("attn_k.bias"),
                     v_w=self.tensor(p + "attn_v.weight"),
-                    v_b=self.tensor(p + "attn_v.bias"),
+                    v_b=bias("attn_v.bias"),
+                    q_norm=norm("attn_q_norm.weight"),
+                    k_norm=norm("attn_k_norm.weight"),
                     o_w=self.tensor(p + "attn_output.weight"),
                     ffn_norm=self.tensor(p + "ffn_norm.weight"),
                     gate_w=self.tensor(p + "ffn_gate.weight"),

