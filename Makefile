@@ -67,6 +67,7 @@ real-model: setup
 
 tiny-model: setup
 	$(PY) models/prepare.py tiny
+	$(PY) models/prepare.py tiny --arch qwen3
 
 # Every comparison of BENCHMARKS.md in one run (not part of `make test`).
 bench: setup $(VENV)/.bench-installed
@@ -138,4 +139,4 @@ lint: setup
 	$(VENV)/bin/buf breaking --against proto/baseline.binpb
 
 clean-models:
-	rm -rf $(REAL) $(TINY)
+	rm -rf $(REAL) $(TINY) $(TINY)-qwen3

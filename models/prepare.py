@@ -2,7 +2,7 @@
 """Prepares the models stateful-embedder serves and tests with.
 
     prepare.py real  [--gguf FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR] [--head-pairs N]
-    prepare.py tiny  [--out DIR]
+    prepare.py tiny  [--arch qwen2|qwen3] [--out DIR]
     prepare.py import EXPORT_DIR --out DIR
     prepare.py check MODEL_DIR_OR_ONNX
     prepare.py gguf-path
@@ -13,8 +13,10 @@ and writes the ONNX decoder (optimum / onnx-community I/O contract, no lm_head),
 tokenizer.json and config.json. With `--gguf FILE` it converts exactly that
 file (a Qwen2- or Qwen3-architecture GGUF of any size), cached under the file's own
 sha256 and installed as models/<name>-<sha256 prefix>; a file it cannot
-convert is an error that names what is missing, never a substitution. `tiny` writes a 2-layer random-weight model
-with the same contract and the real tokenizer: the fast test fixture.
+convert is an error that names what is missing, never a substitution.
+`tiny` writes a 2-layer random-weight model with the same contract and the
+real tokenizer: the fast test fixture (`--arch qwen3`: the same in Qwen3's
+architecture, models/tiny-qwen3).
 `import` adopts an existing optimum export. `check` verifies the contract.
 Beside every model go templates.json (the input types and the probe),
 embedding_stats.safetensors (the background statistics the server
@@ -377,35 +379,45 @@ def prepare_real(args) -> None:
 
 
 def prepare_tiny(args) -> None:
+    """The random-weight test fixtures with the real tokenizer: `qwen2` (the
+    tiny model most tests run on) or `qwen3` (per-head q/k norms, no biases,
+    head_dim 32, not hidden / heads = 16)."""
     import numpy as np
 
     from gguf_source import GgufSource
     from qwen_onnx import Arch, build, random_weights
 
     gguf = fetch_gguf()
-    cached = cache_dir() / "models" / f"tiny-{GGUF_SHA256[:12]}-v{TOOL_VERSION}-seed{TINY_SEED}"
+    qwen3 = args.arch == "qwen3"
+    key = f"tiny-{GGUF_SHA256[:12]}-v{TOOL_VERSION}-seed{TINY_SEED}" + ("-qwen3" if qwen3 else "")
+    cached = cache_dir() / "models" / key
     cached.mkdir(parents=True, exist_ok=True)
     src = GgufSource(str(gguf))
     real = src.arch()
     arch = Arch(
-        layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, vocab=real.vocab,
+        layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=32 if qwen3 else 16, vocab=real.vocab,
         rope_theta=real.rope_theta, rms_eps=real.rms_eps, max_positions=real.max_positions,
+        architecture=args.arch,
     )
+    name = f"tiny-random-{args.arch}"
     if not (cached / "tokenizer.json").exists():
         write_json(cached / "tokenizer.json", src.tokenizer_json(), indent=None)
-    for kv, name in ((np.float32, "f32"), (np.float16, "fp16")):
-        path = cached / VARIANT_FILES[name]
+    for kv, variant in ((np.float32, "f32"), (np.float16, "fp16")):
+        path = cached / VARIANT_FILES[variant]
         if not path.exists():
-            with Step(f"building the tiny {name} model (seed {TINY_SEED})"):
+            with Step(f"building the {name} {variant} model (seed {TINY_SEED})"):
                 save_model(build(arch, random_weights(arch, TINY_SEED), kv), path)
-    path = cached / "model_logits.onnx"
-    if not path.exists():
-        with Step("building the tiny model with an lm_head (for the import test)"):
-            save_model(build(arch, random_weights(arch, TINY_SEED), np.float32, lm_head=True), path)
-    write_config(cached, arch, "tiny-random-qwen2", {"seed": TINY_SEED, "gguf_sha256": GGUF_SHA256})
-    ensure_profile(cached, "tiny-random-qwen2", log, head_limit=TINY_HEAD_PAIRS)
-    out = Path(args.out)
-    install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, "model.onnx", "model_fp16.onnx", "model_logits.onnx"])
+    files = ["model.onnx", "model_fp16.onnx"]
+    if not qwen3:
+        files.append("model_logits.onnx")
+        path = cached / "model_logits.onnx"
+        if not path.exists():
+            with Step("building the tiny model with an lm_head (for the import test)"):
+                save_model(build(arch, random_weights(arch, TINY_SEED), np.float32, lm_head=True), path)
+    write_config(cached, arch, name, {"seed": TINY_SEED, "gguf_sha256": GGUF_SHA256})
+    ensure_profile(cached, name, log, head_limit=TINY_HEAD_PAIRS)
+    out = Path(args.out) if args.out else HERE / ("tiny-qwen3" if qwen3 else "tiny")
+    install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, *files])
     report(out)
 
 
@@ -558,8 +570,9 @@ def main(argv=None) -> None:
         help="fit the learned head on at most this many pairs per set (default: all; "
         "only for a model without a shipped head)",
     )
-    p = sub.add_parser("tiny", help="the random-weight test fixture with the real tokenizer")
-    p.add_argument("--out", default=str(HERE / "tiny"))
+    p = sub.add_parser("tiny", help="a random-weight test fixture with the real tokenizer")
+    p.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2")
+    p.add_argument("--out", help="where to install (default models/tiny, or models/tiny-qwen3)")
     p = sub.add_parser("import", help="adopt an optimum / onnx-community export directory")
     p.add_argument("export")
     p.add_argument("--out", required=True)

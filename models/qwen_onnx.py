@@ -320,15 +320,20 @@ def build(arch: Arch, w: Weights, kv_dtype=np.float32, lm_head: bool = False) ->
 
 
 def random_weights(arch: Arch, seed: int) -> Weights:
-    """Seeded random weights with sane scales, for the tiny test fixture."""
+    """Seeded random weights with sane scales, for the tiny test fixtures
+    (Qwen2's q/k/v biases, or Qwen3's per-head q/k norms, by `arch`)."""
     rng = np.random.default_rng(seed)
     h, f, d = arch.hidden, arch.ffn, arch.head_dim
+    qwen3 = arch.architecture == "qwen3"
 
     def lin(out: int, inp: int) -> np.ndarray:
         return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
 
-    def norm() -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+    def norm(n: int = h) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n: int) -> np.ndarray | None:
+        return None if qwen3 else (0.1 * rng.standard_normal(n)).astype(np.float32)
 
     layers = []
     for _ in range(arch.layers):
@@ -336,16 +341,18 @@ def random_weights(arch: Arch, seed: int) -> Weights:
             Layer(
                 attn_norm=norm(),
                 q_w=lin(arch.heads * d, h),
-                q_b=(0.1 * rng.standard_normal(arch.heads * d)).astype(np.float32),
+                q_b=bias(arch.heads * d),
                 k_w=lin(arch.kv_heads * d, h),
-                k_b=(0.1 * rng.standard_normal(arch.kv_heads * d)).astype(np.float32),
+                k_b=bias(arch.kv_heads * d),
                 v_w=lin(arch.kv_heads * d, h),
-                v_b=(0.1 * rng.standard_normal(arch.kv_heads * d)).astype(np.float32),
+                v_b=bias(arch.kv_heads * d),
                 o_w=lin(h, arch.heads * d),
                 ffn_norm=norm(),
                 gate_w=lin(f, h),
                 up_w=lin(f, h),
                 down_w=lin(h, f),
+                q_norm=norm(d) if qwen3 else None,
+                k_norm=norm(d) if qwen3 else None,
             )
         )
     embed = rng.standard_normal((arch.vocab, h)).astype(np.float32)

@@ -2,8 +2,9 @@
 //! they share is in `support`.
 //!
 //! Models: `models/tiny` (random weights, real tokenizer and contract) for
-//! most tests; `models/qwen2.5-coder-0.5b-instruct` for the real-model ones.
-//! `make test` prepares both, and every test runs in every `cargo test`: a
+//! most tests, `models/tiny-qwen3` (the same in Qwen3's architecture) for the
+//! oracle on it, `models/qwen2.5-coder-0.5b-instruct` for the real-model
+//! ones. `make test` prepares them all, and every test runs in every `cargo test`: a
 //! missing model fails its tests (with "run `make models`"), never skips them.
 //! The tests need the `faults` feature (`make test` turns it on): its fault
 //! plans and its census of live KV tensors are how they see inside. Cargo.toml

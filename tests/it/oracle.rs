@@ -1027,8 +1027,7 @@ fn batched_round(model: &Arc<Model>, scripts: &mut [Script], turns: &[(&str, &st
 /// slides, batched twice in a row, then continued one by one: every turn meets
 /// the oracle, and the batched rounds take one call per group of similar
 /// lengths.
-fn batch_suite(file: &str, tol: Tolerance, label: &str) {
-    let model = common::tiny_private(file);
+fn batch_suite(model: Arc<Model>, tol: Tolerance, label: &str) {
     let hidden = model.spec().hidden_size;
     let slide = ConversationOptions {
         max_context_tokens: 64,
@@ -1106,13 +1105,28 @@ fn batch_suite(file: &str, tol: Tolerance, label: &str) {
 #[test]
 /// Batched turns meet the oracle on the tiny f32 model, one call per round.
 fn tiny_f32_batched_oracle() {
-    batch_suite("model.onnx", F32, "tiny f32");
+    batch_suite(common::tiny_private("model.onnx"), F32, "tiny f32");
 }
 
 #[test]
 /// Batched turns meet the oracle on the tiny fp16 model (fp16 KV copied in and out).
 fn tiny_fp16_batched_oracle() {
-    batch_suite("model_fp16.onnx", FP16, "tiny fp16");
+    batch_suite(common::tiny_private("model_fp16.onnx"), FP16, "tiny fp16");
+}
+
+#[test]
+/// Qwen3's architecture (models/tiny-qwen3: per-head q/k norms, no biases,
+/// head_dim 32 over hidden 64 and 4 heads) meets the oracle like Qwen2's:
+/// the whole suite in f32 and fp16, batched rounds, and the f32 bound's
+/// negative controls. (tests/python/test_gguf.py checks the graph itself
+/// against a numpy forward pass.)
+fn tiny_qwen3_oracle() {
+    let f32 = common::tiny_qwen3("model.onnx");
+    assert_eq!(f32.spec().head_dim, 32, "the fixture's head_dim is not hidden / heads");
+    run_suite(&f32, F32, "tiny qwen3 f32");
+    f32_bound_rejects_broken_caches(&f32, "tiny qwen3 f32");
+    batch_suite(f32, F32, "tiny qwen3 f32");
+    run_suite(&common::tiny_qwen3("model_fp16.onnx"), FP16, "tiny qwen3 fp16");
 }
 
 #[test]

@@ -17,6 +17,10 @@ pub fn tiny_dir() -> PathBuf {
     root().join("models/tiny")
 }
 
+pub fn tiny_qwen3_dir() -> PathBuf {
+    root().join("models/tiny-qwen3")
+}
+
 pub fn real_dir() -> PathBuf {
     root().join("models/qwen2.5-coder-0.5b-instruct")
 }
@@ -51,6 +55,12 @@ pub fn tiny_dims() -> usize {
 pub fn tiny_fp16() -> Arc<Model> {
     static CELL: OnceLock<Arc<Model>> = OnceLock::new();
     load(&CELL, tiny_dir(), "model_fp16.onnx")
+}
+
+/// The tiny fixture in Qwen3's architecture (`file`: model.onnx or
+/// model_fp16.onnx), an instance of its own.
+pub fn tiny_qwen3(file: &str) -> Arc<Model> {
+    Model::open(model_file(tiny_qwen3_dir(), file), &ModelOptions::default()).expect("the tiny qwen3 model loads")
 }
 
 /// The real f32 model, shared.
