@@ -476,6 +476,21 @@ def hand_written(path):
     return HAND_MARKER + "\n\n## Analysis\n\n(none yet)"
 
 
+def write_section(path, begin, end, text):
+    """Puts `text` (a section from `begin` to `end`, markers included) into
+    the report at `path`: in place of the old one, or before the hand-written
+    part (bench/memory.py and bench/sessions.py write theirs this way)."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + text + rest.split(end, 1)[1]
+    else:
+        marker = "<!-- Hand-written from here on"
+        i = doc.find(marker)
+        doc = doc[:i] + text + "\n\n" + doc[i:] if i >= 0 else doc + "\n" + text + "\n"
+    path.write_text(doc)
+
+
 def kept_sections(path):
     """The sections other scripts measure (bench/memory.py, bench/sessions.py),
     verbatim from the existing report."""

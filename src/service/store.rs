@@ -339,11 +339,15 @@ impl RedisStore {
         outcome
     }
 
-    /// Creates session `id`, held by `holder`.
-    ///
-    /// # Errors
-    /// [`StoreError::Exists`], [`StoreError::Unavailable`].
-    pub async fn create(&self, id: &str, holder: &str, stored: &Stored) -> Result<(), StoreError> {
+    /// Runs `script` (CREATE or WRITE) with `holder`, the lease and expiry
+    /// times, and `stored` encoded: the arguments both scripts take.
+    async fn invoke_with_state<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        id: &str,
+        holder: &str,
+        stored: &Stored,
+    ) -> Result<T, StoreError> {
         let (meta, tokens) = stored.encode();
         let (lease, expiry) = (Self::ms(self.config.lease).to_string(), self.held_expiry().to_string());
         let args = [
@@ -354,7 +358,15 @@ impl RedisStore {
             &tokens,
             &stored.last,
         ];
-        let answer: String = self.invoke(&SCRIPTS.create, id, &args).await?;
+        self.invoke(script, id, &args).await
+    }
+
+    /// Creates session `id`, held by `holder`.
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`], [`StoreError::Unavailable`].
+    pub async fn create(&self, id: &str, holder: &str, stored: &Stored) -> Result<(), StoreError> {
+        let answer: String = self.invoke_with_state(&SCRIPTS.create, id, holder, stored).await?;
         match answer.as_str() {
             "ok" => Ok(()),
             "exists" | "held" => Err(StoreError::Exists),
@@ -395,17 +407,7 @@ impl RedisStore {
     /// # Errors
     /// [`StoreError::LeaseLost`], [`StoreError::Unavailable`].
     pub async fn write(&self, id: &str, holder: &str, stored: &Stored) -> Result<(), StoreError> {
-        let (meta, tokens) = stored.encode();
-        let (lease, expiry) = (Self::ms(self.config.lease).to_string(), self.held_expiry().to_string());
-        let args = [
-            holder.as_bytes(),
-            lease.as_bytes(),
-            expiry.as_bytes(),
-            meta.as_bytes(),
-            &tokens,
-            &stored.last,
-        ];
-        let written: i64 = self.invoke(&SCRIPTS.write, id, &args).await?;
+        let written: i64 = self.invoke_with_state(&SCRIPTS.write, id, holder, stored).await?;
         if written == 1 {
             Ok(())
         } else {
