@@ -1,4 +1,5 @@
-"""Background statistics of the model's pooled vectors, and the templates.
+"""Background statistics of the model's pooled vectors, its learned head,
+and its card (embedding.json: how the model embeds).
 
 Raw decoder hidden states are anisotropic: a few outlier dimensions carry
 most of every vector's norm, so raw cosines mostly compare those dimensions.
@@ -25,7 +26,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 BACKGROUND = HERE / "background.jsonl"
-TEMPLATES = HERE / "templates.json"
+CARDS = HERE / "cards"
+# The card of a base model (and the templates and probe every card shares
+# unless it says otherwise).
+BASE_CARD = CARDS / "base.json"
+CARD_FILE = "embedding.json"
+CARD_FORMAT = "1"
 STATS_FORMAT = 3
 MAX_TOKENS = 512
 
@@ -72,8 +78,23 @@ class Transform:
 
 
 def load_templates(model_dir: Path | None = None) -> dict:
-    path = model_dir / "templates.json" if model_dir and (model_dir / "templates.json").exists() else TEMPLATES
-    return json.loads(path.read_text())
+    """The input types and probe: the model's card when model_dir has one,
+    else the base card's."""
+    path = model_dir / CARD_FILE if model_dir and (model_dir / CARD_FILE).exists() else BASE_CARD
+    card = json.loads(path.read_text())
+    return {"input_types": card["input_types"], "probe": card["probe"]}
+
+
+def base_card() -> dict:
+    return json.loads(BASE_CARD.read_text())
+
+
+def card_file(name: str, card: dict, source: str) -> dict:
+    """The card as the server reads it (src/model/card.rs)."""
+    keys = ("pooling", "end_token", "normalize", "dimensions", "input_types", "probe")
+    out = {"format": CARD_FORMAT, "model": name, "source": source}
+    out.update({k: card[k] for k in keys if card.get(k) is not None})
+    return out
 
 
 def write_background(sets: dict, n_docs: int = 400, n_queries: int = 400, n_conversations: int = 120) -> None:
@@ -393,18 +414,33 @@ class QwenEmbed:
         return self.q.embed(items, self.probe)
 
 
-def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None = None) -> None:
-    """templates.json, embedding_stats.safetensors and
-    embedding_head.safetensors in model_dir. The statistics are recomputed
-    when missing or made from another corpus, probe, format or model; the
-    head is taken from models/heads/<name>.safetensors when one is shipped
-    for this model, probe, pairs and tool version, and fitted here otherwise
-    (head_limit caps the pairs per set)."""
+def write_card(model_dir: Path, card: dict) -> None:
+    """embedding.json in model_dir, rewritten (atomically, a new file) only
+    when it says something else."""
+    path = model_dir / CARD_FILE
+    text = json.dumps(card, indent=1, ensure_ascii=False) + "\n"
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None = None,
+                   card: dict | None = None, source: str = "models/cards/base.json") -> None:
+    """embedding.json (the card: `card`, the base card when None),
+    embedding_stats.safetensors and, for a card whose pooling is
+    probe_mean, embedding_head.safetensors in model_dir. The statistics are
+    recomputed when missing or made from another corpus, probe, format or
+    model; the head is taken from models/heads/<name>.safetensors when one is
+    shipped for this model, probe, pairs and tool version, and fitted here
+    otherwise (head_limit caps the pairs per set). An embedding-tuned model
+    (another pooling) has its own vector and gets no head fitted."""
     import shutil
 
-    tpl = model_dir / "templates.json"
-    if not tpl.exists() or tpl.read_bytes() != TEMPLATES.read_bytes():
-        shutil.copyfile(TEMPLATES, tpl)
+    card = base_card() if card is None else card
+    write_card(model_dir, card_file(name, card, source))
+    needs_head = card["pooling"] == "probe_mean"
     stats = model_dir / "embedding_stats.safetensors"
     if stats.exists():
         have = read_safetensors_metadata(stats)
@@ -418,7 +454,7 @@ def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None
             shutil.copyfile(shipped, head)
     elif head.exists() and not head_matches(head, name):
         head.unlink()
-    if stats.exists() and head.exists():
+    if stats.exists() and (head.exists() or not needs_head):
         return
     from pooled import Qwen
 
@@ -429,7 +465,7 @@ def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None
         tmp = stats.with_suffix(".tmp")
         write_stats(model_dir, name, tmp, background)
         tmp.replace(stats)
-    if not head.exists():
+    if needs_head and not head.exists():
         n = len(head_pairs()) if head_limit is None else head_limit * len(HEAD_PAIR_COUNTS)
         log(f"fitting the learned head on up to {n} pairs ({name}; no head is shipped for it)")
         tmp = head.with_suffix(".tmp")

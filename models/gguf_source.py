@@ -14,7 +14,7 @@ is guessed: a GGUF without tokenizer metadata is an error.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, PoolingType
 from gguf.quants import _type_traits as quant_traits
 from gguf.quants import dequantize
 
@@ -188,6 +188,27 @@ class GgufSource:
             final_norm=self.tensor("output_norm.weight"),
             lm_head=self.tensor("output.weight") if lm_head else None,
         )
+
+    def pooling(self, arch: Arch) -> tuple[str | None, str | None]:
+        """What the GGUF says of its own pooling, as llama.cpp reads it: the
+        card's pooling ("end_token", "last_token", "mean"; None when it
+        states none, a base model) and the end token appended after the text
+        (tokenizer.ggml.add_eos_token's EOS; None when none is appended)."""
+        kind = self.optional_field(f"{arch.architecture}.pooling_type")
+        end = None
+        if self.optional_field("tokenizer.ggml.add_eos_token"):
+            eos = self.optional_field("tokenizer.ggml.eos_token_id")
+            if eos is None:
+                raise Unsupported("it asks for an EOS token after the text (add_eos_token) but names none")
+            end = self.string_array("tokenizer.ggml.tokens")[int(eos)]
+        if kind is None or int(kind) == PoolingType.NONE:
+            return None, end
+        kind = PoolingType(int(kind))
+        if kind == PoolingType.LAST:
+            return ("end_token" if end else "last_token"), end
+        if kind == PoolingType.MEAN:
+            return "mean", end
+        raise Unsupported(f"pooling type {kind.name}: a causal decoder's stateful vectors are served with LAST or MEAN pooling only")
 
     def tokenizer_json(self) -> dict:
         model = self.field("tokenizer.ggml.model")

@@ -18,11 +18,16 @@ convert is an error that names what is missing, never a substitution.
 real tokenizer: the fast test fixture (`--arch qwen3`: the same in Qwen3's
 architecture, models/tiny-qwen3).
 `import` adopts an existing optimum export. `check` verifies the contract.
-Beside every model go templates.json (the input types and the probe),
-embedding_stats.safetensors (the background statistics the server
-standardises with) and embedding_head.safetensors (the learned head of
+Beside every model go embedding.json (its card: how it embeds: its pooling,
+end token, normalisation, Matryoshka widths, input-type templates and
+probe), embedding_stats.safetensors (the background statistics the server
+standardises with) and, for a base model whose card's pooling is
+probe_mean, embedding_head.safetensors (the learned head of
 POOLING_PROBE_MEAN: shipped in models/heads/ for the real model, fitted here
-for any other); see embedding_stats.py. The server requires all three.
+for any other); see embedding_stats.py. A GGUF's card comes from its own
+metadata (llama.cpp's pooling_type and add_eos_token) and, for a known
+embedding model, models/cards/ (its instructions and widths); `--card FILE`
+states it by hand. The server requires the card and the statistics.
 
 Everything prepared is cached under $SE_CACHE_DIR (default
 ~/.cache/stateful-embedder), keyed by the source's sha256 and TOOL_VERSION, and
@@ -71,7 +76,8 @@ VARIANT_FILES = {
 # f32 weights are just under protobuf's 2 GiB; keep them beside the graph.
 EXTERNAL_DATA_OVER = 1 << 30
 # Beside every model: the embedding profile (embedding_stats.py).
-PROFILE_FILES = ["embedding_stats.safetensors", "embedding_head.safetensors", "templates.json"]
+# (The head only when the card's pooling is probe_mean.)
+PROFILE_FILES = ["embedding_stats.safetensors", "embedding_head.safetensors", "embedding.json"]
 # Pairs per set the tiny test model's head is fitted on (its head only has to
 # work, not to be good: the weights are random).
 TINY_HEAD_PAIRS = 64
@@ -354,11 +360,15 @@ def prepare_real(args) -> None:
         src.check(arch)
     except Unsupported as e:
         raise SystemExit(f"{gguf}: cannot be converted: {e}") from None
+    label = src.optional_field("general.name") or gguf.stem
+    # The card before any conversion: a file whose pooling cannot be served
+    # is refused before it costs anything.
+    card, card_source = gguf_card(src, arch, REAL_NAME if default else label, args.card)
+    log(f"card: pooling {card['pooling']}, end token {card.get('end_token')!r}, widths {card['dimensions']} ({card_source})")
     if default:
         name = REAL_NAME
         cached = cache_dir() / "models" / f"{REAL_NAME}-{GGUF_SHA256[:12]}-v{TOOL_VERSION}"
     else:
-        label = src.optional_field("general.name") or gguf.stem
         name = f"{slug(label)}-{digest[:12]}"
         cached = cache_dir() / "models" / f"{name}-v{TOOL_VERSION}"
         log(f"{gguf.name}: {label!r}, {arch.layers} layers, hidden {arch.hidden}, sha256 {digest[:12]}… (not the default model)")
@@ -370,12 +380,52 @@ def prepare_real(args) -> None:
     build_variants(src, arch, cached, sorted(set(variants) | {"f32"}))
     source = {"gguf_sha256": digest, "gguf_name": src.optional_field("general.name") or ""}
     write_config(cached, arch, name, source)
-    with Step("checking the embedding statistics, head and templates"):
-        ensure_profile(cached, name, log, head_limit=args.head_pairs)
+    with Step("checking the card, the embedding statistics and the head"):
+        ensure_profile(cached, name, log, head_limit=args.head_pairs, card=card, source=card_source)
     out = Path(args.out) if args.out else HERE / name
     with Step(f"installing into {out}"):
         install(cached, out, ["tokenizer.json", "config.json", *PROFILE_FILES, *(VARIANT_FILES[v] for v in variants)])
     report(out)
+
+
+def gguf_card(src, arch, label: str, card_path: str | None) -> tuple[dict, str]:
+    """The card of a GGUF: the base card (probe + mean through the learned
+    head), or the GGUF's own pooling when its metadata states one; a known
+    embedding model's card from models/cards/ (matched on the start of its
+    general.name) adds its instructions, widths and pooling; `card_path`
+    (--card) overrides any of it. Widths over the model's hidden size are
+    dropped. Returns the card and where it came from."""
+    from gguf_source import Unsupported
+    from embedding_stats import CARDS, base_card
+
+    card, sources = base_card(), []
+    known = None
+    for path in sorted(CARDS.glob("*.json")):
+        c = json.loads(path.read_text())
+        if c.get("match") and label.lower().startswith(c["match"]):
+            known = (path, c)
+    if known:
+        path, c = known
+        card.update({k: v for k, v in c.items() if k != "match"})
+        sources.append(f"models/cards/{path.name} (its general.name {label!r})")
+    try:
+        pooling, end = src.pooling(arch)
+    except Unsupported as e:
+        raise SystemExit(f"{src.path}: cannot be converted: {e}") from None
+    if pooling:
+        card["pooling"] = pooling
+        if end:
+            card["end_token"] = end
+        sources.append(f"the GGUF's pooling_type ({pooling}{', end token ' + repr(end) if end else ''})")
+    if card_path:
+        given = json.loads(Path(card_path).read_text())
+        unknown = set(given) - {"pooling", "end_token", "normalize", "dimensions", "input_types", "probe"}
+        if unknown:
+            raise SystemExit(f"{card_path}: unknown card fields {sorted(unknown)}")
+        card.update(given)
+        sources.append(f"--card {Path(card_path).name}")
+    card["dimensions"] = [d for d in card["dimensions"] if d <= arch.hidden]
+    return card, "; ".join(sources) or "models/cards/base.json (a base model: its GGUF states no pooling)"
 
 
 def prepare_tiny(args) -> None:
@@ -564,6 +614,11 @@ def main(argv=None) -> None:
     )
     p.add_argument("--variants", default="f32", help="comma-separated: f32,fp16,int8,q4,q8 (default f32)")
     p.add_argument("--out", help=f"where to install (default models/{REAL_NAME}, or models/<name>-<sha256> for --gguf)")
+    p.add_argument(
+        "--card",
+        help="a JSON card for the model (any of pooling, end_token, normalize, dimensions, input_types, probe) "
+        "over what its GGUF and models/cards/ say",
+    )
     p.add_argument(
         "--head-pairs",
         type=int,

@@ -15,9 +15,9 @@
 //!   available memory).
 //! * [`model`]: the decoder: one ONNX Runtime session, its I/O contract
 //!   ([`model::ModelSpec`]), forward passes alone and batched, the KV cache
-//!   ([`model::KvCache`]) and the ledger of its bytes, the tokenizer, and the
-//!   embedding profile shipped beside the model (statistics, learned head,
-//!   templates).
+//!   ([`model::KvCache`]) and the ledger of its bytes, the tokenizer, and
+//!   what is shipped beside the model: its card ([`model::Card`]: pooling,
+//!   end token, widths, templates, probe), statistics and learned head.
 //! * [`conversation`]: one conversation ([`conversation::Conversation`]) and
 //!   one turn of it (planned once, run call by call, adopted), its options,
 //!   and pooling into vectors.
@@ -56,7 +56,7 @@
 //! let first: Vec<f32> = conv.embed("def add(a, b):\n    return a + b")?;
 //! let second = conv.embed("Now make it subtract.")?; // sees the first turn too
 //! // The defaults: the probe's and the mean's vectors through the learned head.
-//! assert_eq!(first.len(), model.embedding_head().dimensions);
+//! assert_eq!(first.len(), model.embedding_head().expect("a base model has its head").dimensions);
 //! assert!(conv.context_len() > 0);
 //! conv.reset();
 //! assert_eq!(conv.embed("def add(a, b):\n    return a + b")?, first);

@@ -3,7 +3,7 @@
 //! (the window and what happens when a turn does not fit), checked against
 //! a model once, when the conversation is made.
 
-use crate::model::Model;
+use crate::model::{Model, NativePooling};
 
 /// The default context window, when neither client nor server sets one.
 pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 8192;
@@ -21,7 +21,7 @@ pub enum Pooling {
     Mean,
     /// The hidden state of the turn's last text token.
     LastToken,
-    /// The model's probe (a fixed suffix from `templates.json`, e.g.
+    /// The model's probe (a fixed suffix from the model card `embedding.json`, e.g.
     /// `In one sentence, the text above is about: "`) run after the turn's
     /// tokens, its last token's hidden state: a summary of the whole
     /// conversation. The probe's tokens never join the context: they ride at
@@ -37,14 +37,44 @@ pub enum Pooling {
     /// conversation (QUALITY.md). Costs what [`Pooling::Probe`] costs.
     #[default]
     ProbeMean,
+    /// The hidden state of the model's end token (its card's `end_token`,
+    /// e.g. `<|endoftext|>`) appended after the turn: the native vector of
+    /// last-token embedding models such as Qwen3-Embedding. Like the probe,
+    /// the end token rides at the end of the turn's own call and its row is
+    /// cut from the new cache, so after turn k the vector is the model's own
+    /// embedding of the whole conversation so far. The raw state
+    /// ([`Standardize::None`]) only.
+    EndToken,
 }
 
 impl Pooling {
-    /// Whether the model's probe runs for this pooling.
-    pub fn probes(self) -> bool {
+    /// Whether tokens ride after the turn's for this pooling (the probe or
+    /// the end token), their last row pooled and their rows cut from the
+    /// new cache.
+    pub fn appends(self) -> bool {
         match self {
-            Pooling::Probe | Pooling::ProbeMean => true,
+            Pooling::Probe | Pooling::ProbeMean | Pooling::EndToken => true,
             Pooling::Mean | Pooling::LastToken => false,
+        }
+    }
+
+    /// The tokens that ride after the turn on `model`: the probe's, the end
+    /// token, or none.
+    pub fn appended(self, model: &Model) -> &[u32] {
+        match self {
+            Pooling::Probe | Pooling::ProbeMean => model.probe_ids(),
+            Pooling::EndToken => model.end_ids(),
+            Pooling::Mean | Pooling::LastToken => &[],
+        }
+    }
+
+    /// A model card's pooling.
+    pub fn native(pooling: NativePooling) -> Pooling {
+        match pooling {
+            NativePooling::ProbeMean => Pooling::ProbeMean,
+            NativePooling::EndToken => Pooling::EndToken,
+            NativePooling::LastToken => Pooling::LastToken,
+            NativePooling::Mean => Pooling::Mean,
         }
     }
 }
@@ -73,12 +103,18 @@ pub enum Standardize {
 }
 
 impl Standardize {
-    /// The standardisation a pooling gets when none is asked for: the best
-    /// measured for it (QUALITY.md).
-    pub fn default_for(pooling: Pooling) -> Standardize {
+    /// The standardisation a pooling gets on `model` when none is asked
+    /// for: the model's own vector ([`Standardize::None`]) for the pooling
+    /// its card names, unless that is [`Pooling::ProbeMean`] (a base model);
+    /// otherwise the best measured for it (QUALITY.md), and whitening for
+    /// [`Pooling::ProbeMean`] on a model without a learned head.
+    pub fn default_for(pooling: Pooling, model: &Model) -> Standardize {
+        let native = Pooling::native(model.card().pooling);
         match pooling {
-            Pooling::ProbeMean => Standardize::Head,
-            Pooling::Probe => Standardize::Whiten,
+            Pooling::EndToken => Standardize::None,
+            p if p == native && p != Pooling::ProbeMean => Standardize::None,
+            Pooling::ProbeMean if model.embedding_head().is_some() => Standardize::Head,
+            Pooling::ProbeMean | Pooling::Probe => Standardize::Whiten,
             Pooling::Mean | Pooling::LastToken => Standardize::Zscore,
         }
     }
@@ -98,7 +134,7 @@ pub enum InputType {
 }
 
 impl InputType {
-    /// The template's name in `templates.json`, if any.
+    /// The template's name in the model card (`embedding.json`), if any.
     pub fn template_name(self) -> Option<&'static str> {
         match self {
             InputType::Raw => None,
@@ -168,6 +204,20 @@ impl Default for ConversationOptions {
     }
 }
 
+impl ConversationOptions {
+    /// The defaults on `model`: its card's pooling, standardised as
+    /// [`Standardize::default_for`] says, normalised as the card says.
+    pub fn for_model(model: &Model) -> Self {
+        let pooling = Pooling::native(model.card().pooling);
+        Self {
+            pooling,
+            standardize: Standardize::default_for(pooling, model),
+            normalize: model.card().normalize,
+            ..Self::default()
+        }
+    }
+}
+
 /// Options that cannot work with this model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionsError {
@@ -203,6 +253,15 @@ pub enum OptionsError {
         "standardize HEAD needs pooling PROBE_MEAN (the head is fitted on the probe's and the mean's vectors together)"
     )]
     HeadNeedsProbeMean,
+    /// The learned head was asked for on a model that has none.
+    #[error("standardize HEAD: this model has no learned head (its card's pooling is {0}; see GetModelInfo)")]
+    NoHead(&'static str),
+    /// END_TOKEN on a model whose card names no end token.
+    #[error("pooling END_TOKEN: this model's card names no end token")]
+    NoEndToken,
+    /// END_TOKEN with a standardisation: it is the model's own vector.
+    #[error("pooling END_TOKEN is the model's own vector: standardize must be NONE (or unset)")]
+    EndTokenIsRaw,
 }
 
 impl ConversationOptions {
@@ -214,6 +273,17 @@ impl ConversationOptions {
         let spec = model.spec();
         if self.standardize == Standardize::Head && self.pooling != Pooling::ProbeMean {
             return Err(OptionsError::HeadNeedsProbeMean);
+        }
+        if self.standardize == Standardize::Head && model.embedding_head().is_none() {
+            return Err(OptionsError::NoHead(model.card().pooling.name()));
+        }
+        if self.pooling == Pooling::EndToken {
+            if model.end_ids().is_empty() {
+                return Err(OptionsError::NoEndToken);
+            }
+            if self.standardize != Standardize::None {
+                return Err(OptionsError::EndTokenIsRaw);
+            }
         }
         let max = self.max_dimensions(model);
         if let Some(d) = self.dimensions
@@ -245,7 +315,7 @@ impl ConversationOptions {
     pub fn max_dimensions(&self, model: &Model) -> usize {
         let hidden = model.spec().hidden_size;
         match (self.pooling, self.standardize) {
-            (_, Standardize::Head) => model.embedding_head().dimensions,
+            (_, Standardize::Head) => model.embedding_head().map_or(hidden, |h| h.dimensions),
             (Pooling::ProbeMean, _) => 2 * hidden,
             _ => hidden,
         }

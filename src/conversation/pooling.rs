@@ -1,8 +1,8 @@
 //! From a turn's hidden states to its vector: the rows pooled as they come
 //! out of the turn's calls ([`Pooler`]: the mean and the last of the text's
-//! rows, and the probe's last row), then standardised with the model's
-//! background statistics or its learned head, truncated and normalised
-//! ([`vectors`]).
+//! rows, and the last row of the probe or the end token), then standardised
+//! with the model's background statistics or its learned head, truncated
+//! and normalised ([`vectors`]).
 
 use std::ops::Range;
 
@@ -10,12 +10,14 @@ use super::options::{ConversationOptions, Pooling, Standardize};
 use crate::model::{Hidden, Model, unit};
 
 /// Pools a turn's rows as they stream out of its calls: the mean and the
-/// last of its text rows, and the probe's last row.
+/// last of its text rows, and the last row of what rides after them (the
+/// probe or the end token).
 #[derive(Debug)]
 pub(crate) struct Pooler {
     /// Rows of the turn's sequence that are the turn's text.
     text: Range<usize>,
-    /// The row of the probe's last token, when the pooling probes.
+    /// The row of the last token riding after the text (the probe's or the
+    /// end token), when the pooling appends one.
     probe_row: Option<usize>,
     sum: Vec<f64>,
     rows: usize,
@@ -92,12 +94,14 @@ pub(crate) fn vectors(model: &Model, options: &ConversationOptions, pooler: Pool
     let probe = || {
         probe
             .clone()
-            .expect("a pooling that probes has its probe row in the turn's call")
+            .expect("a pooling that appends has its last row in the turn's call")
     };
     let pooled = match options.pooling {
         Pooling::Mean => Pooled::One("mean", pooler.mean()),
         Pooling::LastToken => Pooled::One("last_token", last.clone()),
         Pooling::Probe => Pooled::One("probe", probe()),
+        // The end token's row: the model's own vector (validated: raw).
+        Pooling::EndToken => Pooled::One("end_token", probe()),
         Pooling::ProbeMean => Pooled::ProbeMean {
             mean: pooler.mean(),
             probe: probe(),
@@ -111,11 +115,11 @@ pub(crate) fn vectors(model: &Model, options: &ConversationOptions, pooler: Pool
 /// keeping `dims` components. (The head has no single-vector form: a lone
 /// vector under [`Standardize::Head`], `include_turn_mean`'s, is z-scored.)
 fn standardized(model: &Model, options: &ConversationOptions, key: &str, mut v: Vec<f32>, dims: usize) -> Vec<f32> {
-    let stats = model.embedding_stats().get(key);
+    let stats = || model.embedding_stats().get(key);
     match options.standardize {
         Standardize::None => {}
-        Standardize::Zscore | Standardize::Head => stats.apply(&mut v),
-        Standardize::Whiten => v = stats.whiten(&v, dims),
+        Standardize::Zscore | Standardize::Head => stats().apply(&mut v),
+        Standardize::Whiten => v = stats().whiten(&v, dims),
     }
     v.truncate(dims);
     v
@@ -126,9 +130,10 @@ fn standardized(model: &Model, options: &ConversationOptions, key: &str, mut v: 
 fn postprocess(model: &Model, options: &ConversationOptions, pooled: Pooled, dims: usize) -> Vec<f32> {
     let v = match pooled {
         Pooled::One(key, v) => standardized(model, options, key, v, dims),
-        Pooled::ProbeMean { probe, mean } if options.standardize == Standardize::Head => {
-            model.embedding_head().apply(&probe, &mean)
-        }
+        Pooled::ProbeMean { probe, mean } if options.standardize == Standardize::Head => model
+            .embedding_head()
+            .expect("validated: STANDARDIZE_HEAD only on a model with a head")
+            .apply(&probe, &mean),
         Pooled::ProbeMean { probe, mean } => {
             // Each part takes half the dimensions (the probe the odd one),
             // each normalised: side by side, neither outweighs the other.

@@ -471,11 +471,12 @@ fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> 
     sequence.extend_from_slice(&turn.ids);
     let text = offset + turn.text.start..offset + turn.text.end;
     let (mut probe_row, mut probe) = (None, 0);
-    if o.pooling.probes() {
-        // The probe rides at the end of the turn's call; its last row is
-        // the probe's vector, and its rows are cut from the new cache (no
-        // row of the turn attended to them: the cache is the turn's alone).
-        let ids = model.probe_ids();
+    if o.pooling.appends() {
+        // The probe (or the end token) rides at the end of the turn's call;
+        // its last row is the pooled vector, and its rows are cut from the
+        // new cache (no row of the turn attended to them: the cache is the
+        // turn's alone).
+        let ids = o.pooling.appended(model);
         sequence.extend_from_slice(ids);
         probe_row = Some(sequence.len() - 1);
         probe = ids.len();

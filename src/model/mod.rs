@@ -24,12 +24,14 @@
 //!   ([`Model::ledger_snapshot`]);
 //! * `broken` (test builds): calls broken on purpose, for the tests'
 //!   negative controls;
-//! * `profile`: the embedding statistics, learned head and templates
-//!   shipped beside the model ([`EmbeddingStats`], [`EmbeddingHead`],
-//!   [`Templates`]).
+//! * `card`: the model's card, how it embeds ([`Card`]: its pooling, end
+//!   token, normalisation, Matryoshka widths, templates and probe);
+//! * `profile`: the embedding statistics and the learned head shipped
+//!   beside the model ([`EmbeddingStats`], [`EmbeddingHead`]).
 
 #[cfg(feature = "faults")]
 mod broken;
+mod card;
 mod contract;
 mod faults;
 mod forward;
@@ -38,14 +40,14 @@ mod ledger;
 mod profile;
 mod tokenizer;
 
+pub use card::{CARD_FILE, Card, NativePooling, Template, Templates};
 pub use contract::{FloatType, ModelSpec};
 use contract::{discover, read_config};
 pub use kv::KvCache;
 pub use ledger::{Call, Snapshot as LedgerSnapshot};
 use ledger::{Held, Ledger, Reservation};
 pub use profile::{
-    EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, TEMPLATES_FILE, Template,
-    Templates, Whitening, unit,
+    EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, Whitening, unit,
 };
 
 use std::{
@@ -103,7 +105,7 @@ pub enum ModelError {
         /// What is missing or wrong.
         reason: String,
     },
-    /// The embedding statistics or templates beside the model are missing or wrong.
+    /// The card, embedding statistics or head beside the model are missing or wrong.
     #[error("{path}: {reason}")]
     Profile {
         /// The file.
@@ -154,9 +156,11 @@ pub struct Model {
     /// Model calls (`Session::run`) so far.
     calls: AtomicU64,
     stats: EmbeddingStats,
-    head: EmbeddingHead,
-    templates: Templates,
+    head: Option<EmbeddingHead>,
+    card: Card,
     probe_ids: Vec<u32>,
+    /// The card's end token, as the one id it must be.
+    end_ids: Vec<u32>,
 }
 
 impl Model {
@@ -218,10 +222,45 @@ impl Model {
         )?;
         // The embedding profile after the contract: a graph that is not a
         // decoder gets the contract's message (e.g. "run prepare.py import").
-        let templates = Templates::read(&dir.join(TEMPLATES_FILE))?;
-        let probe_ids = tokenizer.encode(&templates.probe)?;
+        let card_path = dir.join(CARD_FILE);
+        let card = Card::read(&card_path, &name)?;
+        let probe_ids = tokenizer.encode(&card.templates.probe)?;
+        let end_ids = match &card.end_token {
+            None => Vec::new(),
+            Some(token) => vec![tokenizer.token_id(token).ok_or_else(|| ModelError::Profile {
+                path: card_path.clone(),
+                reason: format!("the end token {token:?} is not one token of tokenizer.json"),
+            })?],
+        };
         let stats = EmbeddingStats::read(&dir.join(STATS_FILE), spec.hidden_size, &name)?;
-        let head = EmbeddingHead::read(&dir.join(HEAD_FILE), spec.hidden_size, &name, &templates.probe)?;
+        // The head is the vector of a PROBE_MEAN card; beside another card
+        // it is optional (an embedding-tuned model has its own vector).
+        let head_path = dir.join(HEAD_FILE);
+        let head = if card.pooling == NativePooling::ProbeMean || head_path.exists() {
+            Some(EmbeddingHead::read(
+                &head_path,
+                spec.hidden_size,
+                &name,
+                &card.templates.probe,
+            )?)
+        } else {
+            None
+        };
+        let width = match (&head, card.pooling) {
+            (Some(head), NativePooling::ProbeMean) => head.dimensions,
+            _ => spec.hidden_size,
+        };
+        if let Some(&widest) = card.dimensions.last()
+            && widest > width
+        {
+            return Err(ModelError::Profile {
+                path: card_path,
+                reason: format!(
+                    "Matryoshka width {widest} is over the {width} components of the model's {} vector",
+                    card.pooling.name()
+                ),
+            });
+        }
         let io = IoNames {
             past: (0..spec.layers)
                 .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
@@ -249,8 +288,9 @@ impl Model {
             calls: AtomicU64::new(0),
             stats,
             head,
-            templates,
+            card,
             probe_ids,
+            end_ids,
         }))
     }
 
@@ -269,14 +309,25 @@ impl Model {
         &self.stats
     }
 
-    /// The learned head of [`crate::conversation::Pooling::ProbeMean`].
-    pub fn embedding_head(&self) -> &EmbeddingHead {
-        &self.head
+    /// The learned head of [`crate::conversation::Pooling::ProbeMean`]
+    /// (always there when the card's pooling is PROBE_MEAN).
+    pub fn embedding_head(&self) -> Option<&EmbeddingHead> {
+        self.head.as_ref()
     }
 
-    /// Its input-type templates and probe.
+    /// Its card: how it embeds.
+    pub fn card(&self) -> &Card {
+        &self.card
+    }
+
+    /// Its input-type templates and probe (the card's).
     pub fn templates(&self) -> &Templates {
-        &self.templates
+        &self.card.templates
+    }
+
+    /// The card's end token as ids (one, or none when the card names none).
+    pub fn end_ids(&self) -> &[u32] {
+        &self.end_ids
     }
 
     /// The probe's token ids.

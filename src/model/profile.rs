@@ -12,12 +12,11 @@
 //!   fitted with a contrastive loss on docstring → code pairs and
 //!   conversations (`models/head_pairs.jsonl`). It carries its own whitening,
 //!   so it is exactly what was fitted whatever the local statistics.
-//! * `templates.json`: the input types (`query`, `document`) as templates
-//!   around the text, and the probe suffix of [`crate::conversation::Pooling::Probe`].
 //!
-//! All three are required: a model without them, or with a profile of
-//! another width, model or probe, does not load (a silently raw vector is a
-//! silently worse embedding).
+//! The statistics are required; the head is required when the model's card
+//! (`embedding.json`, see the `card` module) makes PROBE_MEAN its pooling. A
+//! model without them, or with a profile of another width, model or probe,
+//! does not load (a silently raw vector is a silently worse embedding).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -27,8 +26,6 @@ use super::ModelError;
 pub const STATS_FILE: &str = "embedding_stats.safetensors";
 /// The learned head's file beside the model.
 pub const HEAD_FILE: &str = "embedding_head.safetensors";
-/// The templates file beside the model.
-pub const TEMPLATES_FILE: &str = "templates.json";
 /// The statistics format this server reads.
 pub const STATS_FORMAT: &str = "3";
 /// The head format this server reads.
@@ -200,7 +197,7 @@ impl EmbeddingHead {
         let file = ProfileFile::read(path, HEAD_FORMAT, name, "the embedding head")?;
         if file.field("probe") != probe {
             return Err(file.bad(format!(
-                "the head was fitted with the probe {:?}, not this model's {probe:?} (templates.json)",
+                "the head was fitted with the probe {:?}, not this model's {probe:?} (embedding.json)",
                 file.field("probe")
             )));
         }
@@ -326,86 +323,6 @@ fn parse_safetensors(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Tensors)
         tensors.insert(name, (view.shape().to_vec(), values));
     }
     Ok((meta, tensors))
-}
-
-/// A template around a turn's text: `prefix` + text + `suffix`, each part
-/// tokenised on its own; only the text's tokens are pooled.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Template {
-    /// Text before the turn's.
-    pub prefix: String,
-    /// Text after the turn's.
-    pub suffix: String,
-}
-
-impl Template {
-    fn parse(name: &str, template: &str) -> Result<Template, String> {
-        let mut parts = template.split("{text}");
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(prefix), Some(suffix), None) => Ok(Template {
-                prefix: prefix.to_string(),
-                suffix: suffix.to_string(),
-            }),
-            _ => Err(format!(
-                "input type {name:?}: the template must hold \"{{text}}\" exactly once"
-            )),
-        }
-    }
-
-    /// The template as written in the file.
-    pub fn text(&self) -> String {
-        format!("{}{{text}}{}", self.prefix, self.suffix)
-    }
-}
-
-/// The templates of `templates.json`.
-#[derive(Debug, Clone)]
-pub struct Templates {
-    /// Input type name → template.
-    pub input_types: BTreeMap<String, Template>,
-    /// The probe's text (appended after a turn for [`crate::conversation::Pooling::Probe`]).
-    pub probe: String,
-}
-
-impl Templates {
-    /// Reads `templates.json`.
-    ///
-    /// # Errors
-    /// [`ModelError::Profile`] when it is missing or malformed, or lacks the
-    /// `query` and `document` input types or a non-empty probe.
-    pub fn read(path: &Path) -> Result<Templates, ModelError> {
-        let bad = |reason: String| ModelError::Profile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        #[derive(serde::Deserialize)]
-        struct File {
-            input_types: BTreeMap<String, String>,
-            probe: String,
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            bad(format!(
-                "cannot read the templates ({e}); run `make models` to write them"
-            ))
-        })?;
-        let file: File = serde_json::from_str(&text).map_err(|e| bad(format!("invalid templates: {e}")))?;
-        let mut input_types = BTreeMap::new();
-        for (name, t) in &file.input_types {
-            input_types.insert(name.clone(), Template::parse(name, t).map_err(bad)?);
-        }
-        for required in ["query", "document"] {
-            if !input_types.contains_key(required) {
-                return Err(bad(format!("no {required:?} input type")));
-            }
-        }
-        if file.probe.is_empty() {
-            return Err(bad("the probe is empty".to_string()));
-        }
-        Ok(Templates {
-            input_types,
-            probe: file.probe,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -596,18 +513,5 @@ mod tests {
         assert!(missing_file.contains("make models"), "{missing_file}");
         let garbage = write(b"\x05\0\0\0\0\0\0\0{nope");
         assert!(EmbeddingStats::read(garbage.path(), 3, "m").is_err());
-    }
-
-    #[test]
-    fn templates_need_text_once() {
-        assert_eq!(
-            Template::parse("q", "Q: {text}!").unwrap(),
-            Template {
-                prefix: "Q: ".into(),
-                suffix: "!".into()
-            }
-        );
-        assert!(Template::parse("q", "no placeholder").is_err());
-        assert!(Template::parse("q", "{text}{text}").is_err());
     }
 }

@@ -140,6 +140,12 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(TokenizerError::Encode)
     }
 
+    /// The id of `token` when it is one token of the vocabulary (an added
+    /// token such as `<|endoftext|>` included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -54,7 +54,7 @@ pub(super) fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
     let model = Model::open(&config.model, &options)
         .with_context(|| format!("loading the model {}", config.model.display()))?;
     log_variant_advice(&model);
-    let mut warm = Conversation::new(&model, config.limits().default_options())
+    let mut warm = Conversation::new(&model, config.limits().default_options(&model))
         .context("the server's --max-context-tokens / --prefill-chunk-tokens do not suit the model")?;
     warm.turn("Warm-up: def add(a, b):\n    return a + b", "user")
         .context("the warm-up turn failed")?;

@@ -5,16 +5,19 @@
 use super::{error::ServiceError, shared::Limits};
 use crate::{
     conversation::{ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
+    model::Model,
     pb,
 };
 
-fn pooling(value: i32) -> Result<Pooling, ServiceError> {
+/// The pooling asked for; unset, `default` (the model's).
+fn pooling(value: i32, default: Pooling) -> Result<Pooling, ServiceError> {
     match pb::Pooling::try_from(value) {
-        Ok(pb::Pooling::Unspecified) => Ok(Pooling::default()),
+        Ok(pb::Pooling::Unspecified) => Ok(default),
         Ok(pb::Pooling::Mean) => Ok(Pooling::Mean),
         Ok(pb::Pooling::LastToken) => Ok(Pooling::LastToken),
         Ok(pb::Pooling::Probe) => Ok(Pooling::Probe),
         Ok(pb::Pooling::ProbeMean) => Ok(Pooling::ProbeMean),
+        Ok(pb::Pooling::EndToken) => Ok(Pooling::EndToken),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "pooling",
             value,
@@ -22,10 +25,21 @@ fn pooling(value: i32) -> Result<Pooling, ServiceError> {
     }
 }
 
-/// The standardisation asked for; unset, the pooling's default.
-fn standardize(value: i32, pooling: Pooling) -> Result<Standardize, ServiceError> {
+/// A pooling on the wire.
+pub fn pooling_on_wire(p: Pooling) -> pb::Pooling {
+    match p {
+        Pooling::Mean => pb::Pooling::Mean,
+        Pooling::LastToken => pb::Pooling::LastToken,
+        Pooling::Probe => pb::Pooling::Probe,
+        Pooling::ProbeMean => pb::Pooling::ProbeMean,
+        Pooling::EndToken => pb::Pooling::EndToken,
+    }
+}
+
+/// The standardisation asked for; unset, the pooling's default on `model`.
+fn standardize(value: i32, pooling: Pooling, model: &Model) -> Result<Standardize, ServiceError> {
     match pb::Standardize::try_from(value) {
-        Ok(pb::Standardize::Unspecified) => Ok(Standardize::default_for(pooling)),
+        Ok(pb::Standardize::Unspecified) => Ok(Standardize::default_for(pooling, model)),
         Ok(pb::Standardize::Zscore) => Ok(Standardize::Zscore),
         Ok(pb::Standardize::None) => Ok(Standardize::None),
         Ok(pb::Standardize::Head) => Ok(Standardize::Head),
@@ -61,16 +75,21 @@ fn overflow(value: i32) -> Result<Overflow, ServiceError> {
     }
 }
 
-/// An `Embed` request's options over the server's defaults (a stream's:
-/// the same pooling and standardisation; each text is a one-turn
+/// An `Embed` request's options over the server's defaults on `model` (a
+/// stream's: the same pooling and standardisation; each text is a one-turn
 /// conversation).
-pub fn embed_options(req: &pb::EmbedRequest, base: ConversationOptions) -> Result<ConversationOptions, ServiceError> {
-    let pooling = pooling(req.pooling)?;
+pub fn embed_options(
+    req: &pb::EmbedRequest,
+    limits: &Limits,
+    model: &Model,
+) -> Result<ConversationOptions, ServiceError> {
+    let base = limits.default_options(model);
+    let pooling = pooling(req.pooling, base.pooling)?;
     Ok(ConversationOptions {
         pooling,
         dimensions: dimensions(req.dimensions),
-        normalize: req.normalize.unwrap_or(true),
-        standardize: standardize(req.standardize, pooling)?,
+        normalize: req.normalize.unwrap_or(base.normalize),
+        standardize: standardize(req.standardize, pooling, model)?,
         input_type: input_type(req.input_type)?,
         ..base
     })
@@ -81,20 +100,20 @@ fn dimensions(value: u32) -> Option<usize> {
 }
 
 impl Limits {
-    /// Session options from the wire, over the server's defaults.
-    pub fn session_options(&self, o: &pb::SessionOptions) -> Result<ConversationOptions, ServiceError> {
-        let base = self.default_options();
+    /// Session options from the wire, over the server's defaults on `model`.
+    pub fn session_options(&self, o: &pb::SessionOptions, model: &Model) -> Result<ConversationOptions, ServiceError> {
+        let base = self.default_options(model);
         if o.max_context_tokens as usize > self.max_context_tokens {
             return Err(ServiceError::WindowOverCap {
                 asked: o.max_context_tokens as usize,
                 cap: self.max_context_tokens,
             });
         }
-        let pooling = pooling(o.pooling)?;
+        let pooling = pooling(o.pooling, base.pooling)?;
         Ok(ConversationOptions {
             pooling,
             dimensions: dimensions(o.dimensions),
-            normalize: o.normalize.unwrap_or(true),
+            normalize: o.normalize.unwrap_or(base.normalize),
             max_context_tokens: if o.max_context_tokens == 0 {
                 base.max_context_tokens
             } else {
@@ -103,7 +122,7 @@ impl Limits {
             overflow: overflow(o.overflow)?,
             keep_tokens: o.keep_tokens as usize,
             include_turn_mean: o.include_turn_mean,
-            standardize: standardize(o.standardize, pooling)?,
+            standardize: standardize(o.standardize, pooling, model)?,
             input_type: input_type(o.input_type)?,
             ..base
         })

@@ -276,7 +276,10 @@ fn options_kind(e: &OptionsError) -> Kind {
         | OptionsError::Window { .. }
         | OptionsError::Keep { .. }
         | OptionsError::Chunk
-        | OptionsError::HeadNeedsProbeMean => kind(Code::InvalidArgument, "options"),
+        | OptionsError::HeadNeedsProbeMean
+        | OptionsError::NoHead(_)
+        | OptionsError::NoEndToken
+        | OptionsError::EndTokenIsRaw => kind(Code::InvalidArgument, "options"),
     }
 }
 

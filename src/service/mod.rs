@@ -43,8 +43,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{conversation::Conversation, engine::Engine, pb};
-use convert::embedding;
+use crate::{
+    conversation::{Conversation, Pooling},
+    engine::Engine,
+    pb,
+};
+use convert::{embedding, pooling_on_wire};
 use sessions::OnHalfClose;
 use stream::ConverseTask;
 
@@ -96,8 +100,8 @@ impl pb::embedder_server::Embedder for EmbedderService {
         let stream_id = stream::next_id();
         let peer = request.remote_addr();
         let principal = request.extensions().get::<Principal>().cloned();
-        let conversation =
-            Conversation::new(engine.model(), self.shared.limits.default_options()).map_err(ServiceError::Defaults)?;
+        let conversation = Conversation::new(engine.model(), self.shared.limits.default_options(engine.model()))
+            .map_err(ServiceError::Defaults)?;
         let slot = engine.budget().slot(conversation);
         let (responses_tx, responses_rx) = mpsc::channel(16);
         let (on_half_close, half_close) = OnHalfClose::new(self.shared.sessions.clone(), stream_id);
@@ -128,7 +132,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         self.refuse_if_draining()?;
         let engine = self.engine()?;
         let req = request.into_inner();
-        let options = embed_options(&req, self.shared.limits.default_options())?;
+        let options = embed_options(&req, &self.shared.limits, engine.model())?;
         if req.texts.is_empty() {
             return Err(ServiceError::NoTexts.into());
         }
@@ -165,8 +169,15 @@ impl pb::embedder_server::Embedder for EmbedderService {
                 .collect(),
             probe: model.templates().probe.clone(),
             stats_corpus_sha256: model.embedding_stats().corpus_sha256.clone(),
-            head_dimensions: saturating_u32(model.embedding_head().dimensions),
-            head_pairs_sha256: model.embedding_head().pairs_sha256.clone(),
+            head_dimensions: model.embedding_head().map_or(0, |h| saturating_u32(h.dimensions)),
+            head_pairs_sha256: model
+                .embedding_head()
+                .map_or_else(String::new, |h| h.pairs_sha256.clone()),
+            pooling: pooling_on_wire(Pooling::native(model.card().pooling)) as i32,
+            end_token: model.card().end_token.clone().unwrap_or_default(),
+            matryoshka_dimensions: model.card().dimensions.iter().map(|&d| n(d)).collect(),
+            normalize: model.card().normalize,
+            card_source: model.card().source.clone(),
             kv_budget_bytes: engine.budget().limit(),
             max_streams: n(self.shared.limits.max_streams),
             max_detached_sessions: n(self.shared.limits.max_detached_sessions),

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{sessions::Sessions, store::RedisStore};
-use crate::{conversation::ConversationOptions, engine::Engine};
+use crate::{conversation::ConversationOptions, engine::Engine, model::Model};
 
 /// Server-wide limits the service applies.
 #[derive(Debug, Clone)]
@@ -31,14 +31,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The options a stream (and an Embed, and the warm-up turn) starts with:
-    /// the one place the server's session defaults are built.
-    pub fn default_options(&self) -> ConversationOptions {
+    /// The options a stream (and an Embed, and the warm-up turn) starts with
+    /// on `model` (its card's pooling and normalisation): the one place the
+    /// server's session defaults are built.
+    pub fn default_options(&self, model: &Model) -> ConversationOptions {
         ConversationOptions {
             max_context_tokens: self.max_context_tokens,
             max_turn_tokens: self.max_turn_tokens,
             prefill_chunk_tokens: self.prefill_chunk_tokens,
-            ..ConversationOptions::default()
+            ..ConversationOptions::for_model(model)
         }
     }
 }

@@ -319,7 +319,7 @@ impl ConverseTask {
                 if *o != bare {
                     return Err(ServiceError::ResumeWithOptions);
                 }
-                let defaults = self.limits.default_options();
+                let defaults = self.limits.default_options(self.engine.model());
                 let slot = self
                     .sessions
                     .resume(
@@ -337,7 +337,7 @@ impl ConverseTask {
                 o.session_id.clone()
             }
             pb::SessionMode::Create => {
-                let options = self.limits.session_options(o)?;
+                let options = self.limits.session_options(o, self.engine.model())?;
                 let conversation = Conversation::new(self.engine.model(), options)?;
                 let slot = self.engine.budget().slot(conversation);
                 let id = self
@@ -350,7 +350,7 @@ impl ConverseTask {
             }
         };
         if mode == pb::SessionMode::Unspecified {
-            let options = self.limits.session_options(o)?;
+            let options = self.limits.session_options(o, self.engine.model())?;
             self.slot.replace(Conversation::new(self.engine.model(), options)?);
         }
         let ready = self

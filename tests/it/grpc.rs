@@ -186,7 +186,7 @@ async fn quality_options_over_the_wire() {
         .unwrap()
         .into_inner();
     let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(models::tiny_dir().join("templates.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(models::tiny_dir().join("embedding.json")).unwrap()).unwrap();
     assert_eq!(
         info.input_types["query"],
         file["input_types"]["query"].as_str().unwrap()
@@ -197,6 +197,11 @@ async fn quality_options_over_the_wire() {
     );
     assert_eq!(info.probe, file["probe"].as_str().unwrap());
     assert_eq!(info.stats_corpus_sha256.len(), 64, "{info:?}");
+    // The card: a base model's (PROBE_MEAN through its head), with an end token.
+    assert_eq!(info.pooling, pb::Pooling::ProbeMean as i32, "{info:?}");
+    assert_eq!(info.end_token, file["end_token"].as_str().unwrap());
+    assert!(info.normalize && info.matryoshka_dimensions.is_empty(), "{info:?}");
+    assert!(info.card_source.contains("base.json"), "{info:?}");
 
     let text = "Return the sum of two numbers.";
     for (pooling, standardize, input_type) in [
@@ -209,6 +214,11 @@ async fn quality_options_over_the_wire() {
         ),
         (pb::Pooling::LastToken, pb::Standardize::None, pb::InputType::Document),
         (pb::Pooling::ProbeMean, pb::Standardize::Head, pb::InputType::Query),
+        (
+            pb::Pooling::EndToken,
+            pb::Standardize::Unspecified,
+            pb::InputType::Query,
+        ),
         (
             pb::Pooling::ProbeMean,
             pb::Standardize::Whiten,
@@ -237,6 +247,7 @@ async fn quality_options_over_the_wire() {
             pb::Pooling::LastToken => Pooling::LastToken,
             pb::Pooling::Mean => Pooling::Mean,
             pb::Pooling::ProbeMean | pb::Pooling::Unspecified => Pooling::ProbeMean,
+            pb::Pooling::EndToken => Pooling::EndToken,
         };
         let o = ConversationOptions {
             pooling: pooling_,
@@ -245,7 +256,7 @@ async fn quality_options_over_the_wire() {
                 pb::Standardize::Head => Standardize::Head,
                 pb::Standardize::Zscore => Standardize::Zscore,
                 pb::Standardize::Whiten => Standardize::Whiten,
-                pb::Standardize::Unspecified => Standardize::default_for(pooling_),
+                pb::Standardize::Unspecified => Standardize::default_for(pooling_, &model),
             },
             input_type: match input_type {
                 pb::InputType::Query => InputType::Query,
@@ -358,7 +369,7 @@ async fn quality_options_over_the_wire() {
         );
         assert_eq!(
             embedding(&responses[1]).values.len(),
-            model.embedding_head().dimensions,
+            model.embedding_head().expect("a base model has its head").dimensions,
             "the session goes on with the defaults"
         );
     }

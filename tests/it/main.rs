@@ -12,6 +12,7 @@
 //! unit tests; `make test` runs both.
 
 mod bad_input;
+mod card;
 mod faults;
 mod grpc;
 mod memory;

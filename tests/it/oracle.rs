@@ -201,6 +201,16 @@ fn defaults() -> ConversationOptions {
     }
 }
 
+/// END_TOKEN: the card's end token after each turn, its raw state (the
+/// native vector of a last-token embedding model).
+fn end_token() -> ConversationOptions {
+    ConversationOptions {
+        pooling: Pooling::EndToken,
+        standardize: Standardize::None,
+        ..opts()
+    }
+}
+
 /// Evicts the cache before every other turn; the next turn rebuilds it (in
 /// chunks of `chunk`) and must meet the oracle, with the tokens it recomputed.
 fn evicting_script(model: &Arc<Model>, o: ConversationOptions, tol: Tolerance, label: &str) {
@@ -238,11 +248,13 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         (64, 512, Pooling::Mean),
         (8192, 7, Pooling::Probe),
         (8192, 7, Pooling::ProbeMean),
+        (8192, 7, Pooling::EndToken),
+        (64, 512, Pooling::EndToken),
     ] {
-        let base = if pooling == Pooling::ProbeMean {
-            defaults()
-        } else {
-            opts()
+        let base = match pooling {
+            Pooling::ProbeMean => defaults(),
+            Pooling::EndToken => end_token(),
+            _ => opts(),
         };
         let o = ConversationOptions {
             max_context_tokens: window,
@@ -336,7 +348,13 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     }
     assert!(resets > 0, "a window of 40 tokens must have overflowed");
     // Raw vectors (no standardisation), every pooling.
-    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe, Pooling::ProbeMean] {
+    for pooling in [
+        Pooling::Mean,
+        Pooling::LastToken,
+        Pooling::Probe,
+        Pooling::ProbeMean,
+        Pooling::EndToken,
+    ] {
         let o = ConversationOptions {
             pooling,
             standardize: Standardize::None,
@@ -379,7 +397,7 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
     s.report(&format!("{label} probe_mean zscore"));
     // The learned head (the defaults), full and truncated, with the turn mean
     // (z-scored) beside it.
-    let head_dims = model.embedding_head().dimensions;
+    let head_dims = model.embedding_head().expect("a base model has its head").dimensions;
     for dims in [None, Some(5)] {
         let o = ConversationOptions {
             dimensions: dims,
@@ -637,7 +655,11 @@ fn real_f32_oracle() {
     // The defaults (PROBE_MEAN through the learned head), the probe whitened
     // and PROBE_MEAN whitened, over a conversation.
     for (pooling, standardize, want_len) in [
-        (Pooling::ProbeMean, Standardize::Head, model.embedding_head().dimensions),
+        (
+            Pooling::ProbeMean,
+            Standardize::Head,
+            model.embedding_head().expect("a base model has its head").dimensions,
+        ),
         (Pooling::Probe, Standardize::Whiten, 384),
         (Pooling::ProbeMean, Standardize::Whiten, 768),
     ] {
@@ -822,7 +844,7 @@ fn invalid_options_are_refused() {
             max: hidden
         }
     );
-    let head_dims = model.embedding_head().dimensions;
+    let head_dims = model.embedding_head().expect("a base model has its head").dimensions;
     assert_eq!(
         bad(ConversationOptions {
             dimensions: Some(head_dims + 1),
@@ -866,7 +888,7 @@ fn invalid_options_are_refused() {
         }),
         OptionsError::Keep { .. }
     ));
-    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe] {
+    for pooling in [Pooling::Mean, Pooling::LastToken, Pooling::Probe, Pooling::EndToken] {
         assert_eq!(
             bad(ConversationOptions {
                 pooling,
@@ -874,6 +896,16 @@ fn invalid_options_are_refused() {
                 ..opts()
             }),
             OptionsError::HeadNeedsProbeMean
+        );
+    }
+    for standardize in [Standardize::Zscore, Standardize::Whiten] {
+        assert_eq!(
+            bad(ConversationOptions {
+                pooling: Pooling::EndToken,
+                standardize,
+                ..opts()
+            }),
+            OptionsError::EndTokenIsRaw
         );
     }
 }
@@ -1035,7 +1067,8 @@ fn batch_suite(model: Arc<Model>, tol: Tolerance, label: &str) {
         ..opts()
     };
     let mut scripts = vec![
-        Script::new(&model, opts(), tol),
+        // The end token cut from a batched row (beside rows that append nothing).
+        Script::new(&model, end_token(), tol),
         Script::new(&model, opts(), tol),
         Script::new(
             &model,

@@ -35,17 +35,20 @@ fn wire_pooling(v: i32) -> Option<Pooling> {
         1 => Pooling::LastToken,
         2 => Pooling::Mean,
         3 => Pooling::Probe,
+        5 => Pooling::EndToken,
         _ => return None,
     })
 }
 
-/// The standardisation a wire value asks for; unset, the pooling's default.
+/// The standardisation a wire value asks for; unset, the pooling's default
+/// (the tiny model's card: PROBE_MEAN, a head, an end token).
 fn wire_standardize(v: i32, pooling: Pooling) -> Option<Standardize> {
     Some(match v {
         0 => match pooling {
             Pooling::ProbeMean => Standardize::Head,
             Pooling::Probe => Standardize::Whiten,
             Pooling::Mean | Pooling::LastToken => Standardize::Zscore,
+            Pooling::EndToken => Standardize::None,
         },
         1 => Standardize::None,
         2 => Standardize::Zscore,
@@ -78,8 +81,16 @@ fn wire_overflow(v: i32) -> Option<Overflow> {
 /// options cannot work.
 fn expected_dimensions(o: &ConversationOptions) -> Option<usize> {
     let hidden = 64;
-    let head = profile::of(&common::tiny_dir()).head.matrix.cols;
+    let head = profile::of(&common::tiny_dir())
+        .head
+        .as_ref()
+        .expect("the tiny model has a head")
+        .matrix
+        .cols;
     if o.standardize == Standardize::Head && o.pooling != Pooling::ProbeMean {
+        return None;
+    }
+    if o.pooling == Pooling::EndToken && o.standardize != Standardize::None {
         return None;
     }
     let max = match (o.pooling, o.standardize) {
@@ -118,7 +129,7 @@ fn limits() -> Limits {
 
 /// Wire enum values: the known ones, and numbers no version defines.
 fn enum_value() -> impl Strategy<Value = i32> {
-    prop_oneof![0..5i32, any::<i32>()]
+    prop_oneof![0..6i32, any::<i32>()]
 }
 
 fn session_options() -> impl Strategy<Value = pb::SessionOptions> {
@@ -202,7 +213,7 @@ proptest! {
     fn session_options_are_accepted_as_asked_or_refused_clearly(o in session_options()) {
         let model = common::tiny();
         let limits = limits();
-        match limits.session_options(&o) {
+        match limits.session_options(&o, &model) {
             Ok(options) => {
                 let pooling = wire_pooling(o.pooling).expect("an unknown pooling was refused");
                 prop_assert_eq!(options.pooling, pooling);
@@ -255,7 +266,7 @@ proptest! {
         let req = pb::EmbedRequest { texts: vec!["x".into()], pooling, standardize, input_type, dimensions, normalize };
         let known = wire_pooling(pooling)
             .is_some_and(|p| wire_standardize(standardize, p).is_some() && wire_input_type(input_type).is_some());
-        match embed_options(&req, limits().default_options()) {
+        match embed_options(&req, &limits(), &model) {
             Ok(o) => {
                 prop_assert!(known);
                 let p = wire_pooling(pooling).unwrap();

@@ -27,7 +27,7 @@ fn tiny_models_load_and_run() {
         let v = conv.embed("Hello world").unwrap();
         assert_eq!(
             v.len(),
-            model.embedding_head().dimensions,
+            model.embedding_head().expect("a base model has its head").dimensions,
             "the defaults: PROBE_MEAN through the head"
         );
         assert!(v.iter().all(|x| x.is_finite()));

@@ -43,6 +43,8 @@ PREPARE = MODELS / "prepare.py"
 # the largest hidden value (its scale), and sits far below what a real
 # mistake gives (RoPE on the wrong pairs: above 1e-2, asserted below).
 TOLERANCE = 1e-4
+# <|endoftext|> in Qwen's vocabulary.
+ENDOFTEXT = 151643
 
 
 @dataclass
@@ -153,7 +155,7 @@ def k_quant_blocks(shape, qtype, rng) -> np.ndarray:
     return raw.reshape(rows, cols // block * size)
 
 
-def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch=None, name="Fixture Qwen2", drop=()):
+def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch=None, name="Fixture Qwen2", drop=(), pooling=None):
     """Writes the weights as a GGUF (matrices as `kind`, norms and biases in
     F32 as llama.cpp keeps them); returns the weights as the file holds them
     (dequantised by the gguf package). `Q4_K_M` is llama.cpp's mix: Q4_K,
@@ -182,6 +184,13 @@ def write_gguf(path: Path, d: Dims, vocabulary, weights, kind: str, arch=None, n
     w.add_token_list(vocabulary["tokens"])
     w.add_token_types(vocabulary["types"])
     w.add_token_merges(vocabulary["merges"])
+    if pooling is not None:
+        # What llama.cpp's converter writes for an embedding model: its
+        # pooling type, and (last-token models that append one) the EOS.
+        w.add_pooling_type(pooling)
+        if pooling == gguf.PoolingType.LAST:
+            w.add_add_eos_token(True)
+            w.add_eos_token_id(ENDOFTEXT)
     held = {}
     for tname, value in weights.items():
         if tname in drop:
@@ -407,6 +416,7 @@ def test_the_server_serves_a_converted_gguf(d, vocabulary, tmp_path, pb):
     [
         ("llama", "architecture 'llama'"),
         ("missing", "'blk.1.ffn_up.weight'"),
+        ("cls", "pooling type CLS"),
     ],
 )
 def test_a_gguf_the_tool_cannot_convert_is_refused(case, expect, vocabulary, tmp_path):
@@ -415,6 +425,10 @@ def test_a_gguf_the_tool_cannot_convert_is_refused(case, expect, vocabulary, tmp
     path = tmp_path / f"{case}.gguf"
     if case == "llama":
         write_gguf(path, d, vocabulary, weights, "F32", arch="llama")
+    elif case == "cls":
+        import gguf  # noqa: PLC0415
+
+        write_gguf(path, d, vocabulary, weights, "F32", pooling=gguf.PoolingType.CLS)
     else:
         write_gguf(path, d, vocabulary, weights, "F32", drop={"blk.1.ffn_up.weight"})
     done = prepare(path, tmp_path)
@@ -422,3 +436,87 @@ def test_a_gguf_the_tool_cannot_convert_is_refused(case, expect, vocabulary, tmp
     assert "cannot be converted" in done.stderr and expect in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "nothing is installed for a file the tool refused"
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def test_an_embedding_gguf_is_served_with_its_own_pooling(vocabulary, tmp_path, pb):
+    """A Qwen3 GGUF that says what llama.cpp's converter says of
+    Qwen3-Embedding (pooling_type LAST, an EOS appended) is prepared with
+    its own card: pooling end_token with <|endoftext|>, the known card's
+    instruction and Matryoshka widths (those up to its hidden size), and no
+    head fitted. Served, every turn of a conversation is the reference's
+    last hidden state over the whole conversation and the end token,
+    normalised; a query gets the card's instruction; without the end token
+    the vector is another one (the bound sees it)."""
+    import gguf  # noqa: PLC0415
+    import grpc  # noqa: PLC0415
+
+    pb2, rpc = pb
+    d = QWEN3
+    weights = random_weights(d, len(vocabulary["tokens"]), seed=13)
+    path = tmp_path / "embed.gguf"
+    held = write_gguf(path, d, vocabulary, weights, "F32", name="Qwen3-Embedding-Fixture", pooling=gguf.PoolingType.LAST)
+    done = prepare(path, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    card = json.loads((out / "embedding.json").read_text())
+    assert (card["pooling"], card["end_token"], card["normalize"]) == ("end_token", "<|endoftext|>", True), card
+    assert card["dimensions"] == [32, 64], card
+    assert card["input_types"]["query"].startswith("Instruct: "), card
+    assert "qwen3-embedding.json" in card["source"] and "pooling_type" in card["source"], card
+    assert not (out / "embedding_head.safetensors").exists(), "an embedding model gets no head fitted"
+
+    tokenizer = out / "tokenizer.json"
+    query = "parse a CSV line"
+    server = Server(model=out)
+    try:
+        with server.channel() as ch:
+            stub = rpc.EmbedderStub(ch)
+            info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=DEADLINE)
+            requests = [pb2.ConverseRequest(turn=pb2.Turn(text=t)) for t in TURNS]
+            answers = list(stub.Converse(iter(requests), timeout=DEADLINE))
+            queried = stub.Embed(pb2.EmbedRequest(texts=[query], input_type=pb2.INPUT_TYPE_QUERY), timeout=DEADLINE)
+    except grpc.RpcError as e:
+        pytest.fail(f"the server failed on the embedding model: {e.code()} {e.details()}")
+    finally:
+        server.stop()
+    assert info.pooling == pb2.POOLING_END_TOKEN and info.end_token == "<|endoftext|>", info
+    assert list(info.matryoshka_dimensions) == [32, 64] and info.head_dimensions == 0, info
+
+    conversation = []
+    for k, (text, answer) in enumerate(zip(TURNS, answers)):
+        conversation += token_ids(tokenizer, text)
+        assert answer.embedding.context_tokens == len(conversation), "the end token never joins the context"
+        want = unit(reference(held, d, conversation + [ENDOFTEXT])[-1])
+        got = np.array(answer.embedding.values, dtype=np.float64)
+        print(f"embedding model, turn {k + 1}: within {relative(got, want):.1e} of the model's own one-shot vector")
+        assert relative(got, want) <= TOLERANCE, f"turn {k + 1}: {relative(got, want):.2e}"
+    without = unit(reference(held, d, conversation)[-1])
+    assert relative(got, without) > 1e-2, f"without the end token: {relative(got, without):.2e}"
+
+    instruction = card["input_types"]["query"].split("{text}")[0]
+    ids = token_ids(tokenizer, instruction) + token_ids(tokenizer, query)
+    want = unit(reference(held, d, ids + [ENDOFTEXT])[-1])
+    got = np.array(queried.embeddings[0].values, dtype=np.float64)
+    assert queried.embeddings[0].turn_tokens == len(ids)
+    assert relative(got, want) <= TOLERANCE, f"query: {relative(got, want):.2e}"
+
+
+def test_a_card_given_by_hand_overrides_the_gguf(vocabulary, tmp_path):
+    """`--card FILE` states what a GGUF does not (here: mean pooling on a
+    file with no pooling metadata): the prepared card says it, and no head
+    is fitted for it."""
+    d = Dims()
+    path = tmp_path / "plain.gguf"
+    write_gguf(path, d, vocabulary, random_weights(d, len(vocabulary["tokens"]), seed=17), "F32", name="Plain")
+    given = tmp_path / "card.json"
+    given.write_text(json.dumps({"pooling": "mean", "dimensions": [16, 32, 64, 128]}))
+    done = prepare(path, tmp_path, "--card", str(given))
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((tmp_path / "out" / "embedding.json").read_text())
+    assert (card["pooling"], card["dimensions"]) == ("mean", [16, 32, 64]), card
+    assert "--card card.json" in card["source"], card
+    assert not (tmp_path / "out" / "embedding_head.safetensors").exists()

@@ -28,7 +28,7 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
 
     meta, t = es.read_safetensors(fresh)
     assert meta["corpus_sha256"] == hashlib.sha256((MODELS / "background.jsonl").read_bytes()).hexdigest()
-    probe = json.loads((MODELS / "templates.json").read_text())["probe"]
+    probe = json.loads((MODELS / "cards" / "base.json").read_text())["probe"]
     assert meta["probe_sha256"] == hashlib.sha256(probe.encode()).hexdigest()
     assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "3")
 
@@ -61,7 +61,7 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
     assert fresh.read_bytes() == installed.read_bytes(), "the head is not reproducible"
 
     meta, t = es.read_safetensors(fresh)
-    probe = json.loads((MODELS / "templates.json").read_text())["probe"]
+    probe = json.loads((MODELS / "cards" / "base.json").read_text())["probe"]
     assert meta["probe"] == probe
     assert meta["pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "1")
@@ -116,17 +116,19 @@ def test_the_shipped_head_is_current():
         ("embedding_head.safetensors", "missing"),
         ("embedding_head.safetensors", "truncated"),
         ("embedding_head.safetensors", "other_probe"),
+        ("embedding.json", "missing"),
+        ("embedding.json", "truncated"),
     ],
 )
 def test_server_refuses_a_bad_profile(tmp_path, file, damage):
-    """A model directory whose statistics or head are missing, of another
+    """A model directory whose card, statistics or head are missing, of another
     model, cut short, or (the head) fitted with another probe does not
     load: the server exits non-zero naming the file, never serving raw or
     wrongly transformed vectors."""
     require(BIN)
     d = tmp_path / "m"
     d.mkdir()
-    for f in ("model.onnx", "tokenizer.json", "config.json", "templates.json", "embedding_stats.safetensors", "embedding_head.safetensors"):
+    for f in ("model.onnx", "tokenizer.json", "config.json", "embedding.json", "embedding_stats.safetensors", "embedding_head.safetensors"):
         shutil.copyfile(require(TINY / f), d / f)
     target = d / file
     if damage == "missing":
@@ -135,10 +137,13 @@ def test_server_refuses_a_bad_profile(tmp_path, file, damage):
         cfg = json.loads((d / "config.json").read_text())
         cfg["name"] = "another-model"
         (d / "config.json").write_text(json.dumps(cfg))
+        card = json.loads((d / "embedding.json").read_text())
+        card["model"] = "another-model"  # the card follows: the statistics must be what fails
+        (d / "embedding.json").write_text(json.dumps(card))
     elif damage == "other_probe":
-        tpl = json.loads((d / "templates.json").read_text())
+        tpl = json.loads((d / "embedding.json").read_text())
         tpl["probe"] = "\nAnother probe: \""
-        (d / "templates.json").write_text(json.dumps(tpl))
+        (d / "embedding.json").write_text(json.dumps(tpl))
     else:
         target.write_bytes(target.read_bytes()[:100])
     out = subprocess.run([str(BIN), "serve", "--model", str(d), "--addr", "127.0.0.1:0"], capture_output=True, text=True, timeout=120)

@@ -49,7 +49,7 @@ pub fn tiny() -> Arc<Model> {
 /// The length of the tiny model's default vectors (PROBE_MEAN through its
 /// learned head: each of the two 64-wide vectors whitened in full, side by side).
 pub fn tiny_dims() -> usize {
-    tiny().embedding_head().dimensions
+    tiny().embedding_head().expect("a base model has its head").dimensions
 }
 
 pub fn tiny_fp16() -> Arc<Model> {

@@ -12,7 +12,8 @@ use super::profile::{self, Profile};
 
 /// The oracle: one call with an empty cache over `ids`, pooled over `span`
 /// (for a pooling that probes, also one call over `ids` followed by the
-/// probe's tokens, its last row), standardised with the model's statistics
+/// probe's tokens, its last row; for END_TOKEN, followed by the card's end
+/// token), standardised with the model's statistics
 /// or head as the options say, truncated and normalised. Written from the
 /// documented rules, not with the code under test: the statistics, head and
 /// probe are read by [`super::profile`], not by the server's loaders.
@@ -49,12 +50,15 @@ pub fn oracle_by(
         .to_path_buf();
     let profile = profile::of(&dir);
     let pool = |pooling| pool(run, ids, span.clone(), pooling);
-    let probe = || {
+    // The last row of one call over `ids` followed by `after` (the probe,
+    // or the card's end token).
+    let appended = |after: &[u32]| {
         let mut all = ids.to_vec();
-        all.extend_from_slice(&profile.probe_ids);
+        all.extend_from_slice(after);
         let n = all.len();
         run(&all, n - 1..n).remove(0)
     };
+    let probe = || appended(&profile.probe_ids);
     let hidden = model.spec().hidden_size;
     let whiten = options.standardize == Standardize::Whiten;
     let (v, dims) = match options.pooling {
@@ -62,7 +66,7 @@ pub fn oracle_by(
             let (p, m) = (probe(), pool(Pooling::Mean));
             if options.standardize == Standardize::Head {
                 // y = [unit((p - mu_p) P_p), unit((m - mu_m) P_m)] H.
-                let head = &profile.head;
+                let head = profile.head.as_ref().expect("HEAD on a model with a head");
                 let mut x = unit(head.probe_proj.affine(&p, &head.probe_mean, head.probe_proj.cols));
                 x.extend(unit(head.mean_proj.affine(&m, &head.mean_mean, head.mean_proj.cols)));
                 let zero = vec![0.0; x.len()];
@@ -84,6 +88,7 @@ pub fn oracle_by(
         single => {
             let (key, v) = match single {
                 Pooling::Probe => ("probe", probe()),
+                Pooling::EndToken => ("end_token", appended(&profile.end_ids)),
                 Pooling::Mean => ("mean", pool(Pooling::Mean)),
                 _ => ("last_token", pool(Pooling::LastToken)),
             };
@@ -100,15 +105,16 @@ pub fn oracle_by(
 /// One vector standardised with the statistics `key` (z-scored under
 /// HEAD, whitened to `k` components under WHITEN), cut to `k` components.
 fn standardized(profile: &Profile, key: &str, mut v: Vec<f32>, standardize: Standardize, k: usize) -> Vec<f32> {
-    let stats = &profile.stats[key];
+    let stats = || &profile.stats[key];
     match standardize {
         Standardize::None => {}
         Standardize::Zscore | Standardize::Head => {
+            let stats = stats();
             for (i, x) in v.iter_mut().enumerate() {
                 *x = (*x - stats.mean[i]) * stats.inv_std[i];
             }
         }
-        Standardize::Whiten => v = stats.whiten.affine(&v, &stats.mean, k),
+        Standardize::Whiten => v = stats().whiten.affine(&v, &stats().mean, k),
     }
     v.truncate(k);
     v

@@ -56,9 +56,14 @@ pub struct Head {
 #[derive(Debug)]
 pub struct Profile {
     pub stats: HashMap<String, Stats>,
-    pub head: Head,
+    /// The learned head, when the directory has one.
+    pub head: Option<Head>,
     /// The probe's ids, by the reference tokenizer.
     pub probe_ids: Vec<u32>,
+    /// The card's end token's id, when it names one.
+    pub end_ids: Vec<u32>,
+    /// The card's pooling, as written in embedding.json.
+    pub pooling: String,
     /// Input type → (prefix, suffix) around the text.
     pub input_types: HashMap<String, (String, String)>,
 }
@@ -103,17 +108,20 @@ pub fn of(dir: &Path) -> &'static Profile {
                 },
             );
         }
-        let mut h = tensors(&dir.join("embedding_head.safetensors"));
-        let mut take = |name: &str| h.remove(name).unwrap_or_else(|| panic!("no tensor {name}"));
-        let head = Head {
-            probe_mean: take("probe.mean").data,
-            probe_proj: take("probe.proj"),
-            mean_mean: take("mean.mean").data,
-            mean_proj: take("mean.proj"),
-            matrix: take("head"),
-        };
+        let head_file = dir.join("embedding_head.safetensors");
+        let head = head_file.exists().then(|| {
+            let mut h = tensors(&head_file);
+            let mut take = |name: &str| h.remove(name).unwrap_or_else(|| panic!("no tensor {name}"));
+            Head {
+                probe_mean: take("probe.mean").data,
+                probe_proj: take("probe.proj"),
+                mean_mean: take("mean.mean").data,
+                mean_proj: take("mean.proj"),
+                matrix: take("head"),
+            }
+        });
         let templates: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("templates.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("embedding.json")).unwrap()).unwrap();
         let probe = templates["probe"].as_str().expect("a probe").to_string();
         let input_types = templates["input_types"]
             .as_object()
@@ -128,6 +136,11 @@ pub fn of(dir: &Path) -> &'static Profile {
             stats,
             head,
             probe_ids: tokens::encode_in(dir, &probe),
+            end_ids: templates["end_token"]
+                .as_str()
+                .map(|t| vec![tokens::token_id_in(dir, t)])
+                .unwrap_or_default(),
+            pooling: templates["pooling"].as_str().expect("a pooling").to_string(),
             input_types,
         }))
     })

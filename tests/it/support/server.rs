@@ -46,6 +46,12 @@ impl Launch {
         }
     }
 
+    /// Serves the model in `dir` instead of models/tiny.
+    pub fn model(mut self, dir: &std::path::Path) -> Launch {
+        self.args[3] = dir.to_str().expect("a UTF-8 path").to_string();
+        self
+    }
+
     /// An environment variable for a process server.
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Launch {
         self.env.push((key.into(), value.into()));

@@ -58,6 +58,14 @@ pub fn encode_in(dir: &Path, text: &str) -> Vec<u32> {
         .to_vec()
 }
 
+/// The id of `token` as one token of the tokenizer.json in `dir` (an added
+/// token such as `<|endoftext|>`).
+pub fn token_id_in(dir: &Path, token: &str) -> u32 {
+    reference(dir)
+        .token_to_id(token)
+        .unwrap_or_else(|| panic!("{token:?} is not one token"))
+}
+
 /// A turn as the protocol documents it: raw text as it is; with a role,
 /// `<|im_start|>{role}\n{text}<|im_end|>\n`. Returns the ids and the span of
 /// the text's own tokens (what is pooled).
