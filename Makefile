@@ -122,11 +122,14 @@ $(VENV)/.quality-installed: bench/quality/requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r bench/quality/requirements.txt
 	@touch $@
 
-# llama-cpp-python compiles llama.cpp for the CPU it builds on (-march=native),
-# so a wheel from pip's cache, built on another machine, can die of SIGILL
-# here: build it from source, on this machine, every time it is installed.
-$(VENV)/.bench-installed: bench/requirements.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-cache-dir --no-binary llama-cpp-python -r bench/requirements.txt
+# llama-cpp-python compiles llama.cpp from source, on this machine, every
+# time it is installed (a wheel built elsewhere can die of SIGILL here), with
+# the CPU features this machine lists and AMX off: bench/llama_flags.py says
+# why (llama.cpp's AMX kernels died of SIGILL on Xeon VMs).
+$(VENV)/.bench-installed: bench/requirements.txt bench/llama_flags.py
+	CMAKE_ARGS="$$($(PY) bench/llama_flags.py)" $(PY) -m pip install --disable-pip-version-check -q --no-cache-dir \
+	  --no-binary llama-cpp-python --force-reinstall --no-deps llama-cpp-python==$$(sed -n 's/^llama-cpp-python==//p' bench/requirements.txt)
+	$(PY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
 	@touch $@
 
 # buf checks the proto (lint, and no wire-breaking change against
