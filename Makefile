@@ -74,6 +74,7 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) models/prepare.py real --variants $(TEST_VARIANTS)
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
+	target/release/se-bench profile --model models/qwen2.5-coder-0.5b-instruct/model.onnx > bench/profile.json
 	$(MAKE) --no-print-directory bench-memory
 	$(MAKE) --no-print-directory bench-sessions
 

@@ -19,6 +19,11 @@
 //!   turns' latency, health checked throughout, the KV bytes sampled.
 //! * `se-bench rebuild` — a short turn on a ~1,000-token context with its
 //!   cache kept, and again after the server evicted it (`--idle-evict-seconds`).
+//! * `se-bench profile` — where a short and a 45-token turn's time goes at
+//!   a few context lengths: the model call alone, the same tokens without
+//!   context, the probe's cut, a full copy of the cache, the whole turn
+//!   (MEAN raw and the default vector), and one call batched with up to 7
+//!   others (as the server's default group would).
 //! * `se-bench soak` — N streams × M short turns, a share of them cancelled
 //!   mid-turn (the stream dropped with the turn in flight, then reopened):
 //!   latency, and every error that was not one of its own cancels.
@@ -36,8 +41,8 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use stateful_embedder::{
     conversation::{Conversation, ConversationOptions, Pooling, Standardize},
-    engine::{BatchLimits, TurnRequest, run_turns},
-    model::{Model, ModelOptions},
+    engine::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, TurnRequest, run_turns},
+    model::{BatchRow, Model, ModelOptions},
     pb::{self, converse_request::Action, converse_response::Result as Reply, embedder_client::EmbedderClient},
 };
 use tokio_stream::StreamExt;
@@ -64,6 +69,24 @@ enum Cmd {
     Rebuild(RebuildArgs),
     /// Soak: many streams × many short turns, some streams cancelled mid-turn.
     Soak(SoakArgs),
+    /// Where a turn's time goes, by context length.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// The model (an ONNX file in a prepared model directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Repetitions per measurement (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Context lengths (tokens, ascending) at which the turns are timed.
+    #[arg(long, value_delimiter = ',', default_value = "250,2000,6000")]
+    contexts: Vec<usize>,
+    /// ONNX Runtime threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -270,13 +293,19 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     // Warm-up.
     Conversation::new(&model, opts.clone())?.turn(turn_text(0), "")?;
 
-    // Turn latency at turn 1..10 of a conversation of ~45-token turns (also the variants' speed).
-    let mut per_turn = Vec::new();
+    // Turn latency at turn 1..10 of a conversation of ~45-token turns (also
+    // the variants' speed), MEAN z-scored and the model's default vector
+    // (its probe rides in each turn's call), alternated.
+    let defaults = ConversationOptions::for_model(&model);
+    Conversation::new(&model, defaults.clone())?.turn(turn_text(0), "")?;
+    let (mut per_turn, mut per_turn_default) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
-        let mut conv = Conversation::new(&model, opts.clone())?;
-        for i in 0..10 {
-            let (d, _) = time(|| conv.turn(turn_text(i), ""));
-            per_turn.push(d);
+        for (o, into) in [(&opts, &mut per_turn), (&defaults, &mut per_turn_default)] {
+            let mut conv = Conversation::new(&model, o.clone())?;
+            for i in 0..10 {
+                let (d, _) = time(|| conv.turn(turn_text(i), ""));
+                into.push(d);
+            }
         }
     }
     let mut out = json!({
@@ -286,6 +315,8 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
         "rss_loaded": rss_loaded,
         "turn_tokens": ids45.len(),
         "turns_1_to_10": stats(&per_turn),
+        "turns_1_to_10_default": stats(&per_turn_default),
+        "default_pooling": format!("{:?}", defaults.pooling),
     });
 
     if let Some(reference) = &args.reference {
@@ -323,6 +354,111 @@ fn engine(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
     }
     batching(args, &model, &mut out)?;
     Ok(out)
+}
+
+/// A chat turn of about 15 tokens (the common case of our users).
+const SHORT_CHAT_TURN: &str = "Can you make this function easier to test, and add a short docstring to it?";
+
+/// `se-bench profile`: at each context length, where a turn's time goes. The
+/// model call is timed alone (`forward`: ONNX Runtime's run, which also
+/// copies past + new into `present`, plus making the inputs and reading the
+/// kept hidden rows) and on an empty cache (`forward_no_context`: what the
+/// turn's own tokens cost); the probe's cut (`cut`: the copy of the new
+/// cache without the probe's rows), a full copy of the cache (`copy_cache`:
+/// the bytes ONNX Runtime's present concat writes too, a proxy for it), the
+/// whole turn (MEAN raw, and the model's default vector with its probe),
+/// and the same call as one row of a batched call of as many rows as the
+/// server's default group takes (at most 8 within `--max-batch-tokens`; the
+/// others on the same context), per row.
+fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
+    let model = Model::open(
+        &args.model,
+        &ModelOptions {
+            threads: args.threads,
+            onnxruntime: None,
+        },
+    )?;
+    let tok = model.tokenizer();
+    let window = args.contexts.iter().copied().max().unwrap_or(0) + 2_000;
+    let sized = |o: ConversationOptions| ConversationOptions {
+        max_context_tokens: window,
+        max_turn_tokens: window,
+        ..o
+    };
+    let raw = sized(ConversationOptions {
+        pooling: Pooling::Mean,
+        standardize: Standardize::None,
+        ..ConversationOptions::default()
+    });
+    let defaults = sized(ConversationOptions::for_model(&model));
+    let (mut raw_conv, mut default_conv) = (Conversation::new(&model, raw)?, Conversation::new(&model, defaults)?);
+    let probe = model.probe_ids().to_vec();
+    let empty = model.empty_cache();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median_of = |mut f: Box<dyn FnMut() -> anyhow::Result<Duration> + '_>| -> anyhow::Result<f64> {
+        f()?; // warm-up
+        let mut v = (0..args.reps)
+            .map(|_| f().map(ms))
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    };
+    let mut rows = Vec::new();
+    let mut line = 0;
+    for &target in &args.contexts {
+        // Both conversations grow to `target` tokens (± one line) on the same text.
+        while raw_conv.context_len() + 40 < target {
+            let lines = ((target - raw_conv.context_len()) / 43).clamp(1, 100);
+            let text = (line..line + lines).map(turn_text).collect::<Vec<_>>().join("\n");
+            line += lines;
+            raw_conv.turn(&text, "")?;
+            default_conv.turn(&text, "")?;
+        }
+        for (name, text) in [("short", SHORT_CHAT_TURN), ("turn45", turn_text(0))] {
+            let ids = tok.encode(text)?;
+            let n = ids.len();
+            let context = raw_conv.context_len();
+            let mut with_probe = ids.clone();
+            with_probe.extend_from_slice(&probe);
+            let forward = median_of(Box::new(|| Ok(time(|| model.forward(&ids, raw_conv.cache(), 0..n)).0)))?;
+            let forward_no_context = median_of(Box::new(|| Ok(time(|| model.forward(&ids, &empty, 0..n)).0)))?;
+            let forward_probe = median_of(Box::new(|| {
+                Ok(time(|| model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())).0)
+            }))?;
+            let (_, probed) = model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())?;
+            let cut = median_of(Box::new(|| {
+                Ok(time(|| model.truncate(&probed, probed.len() - probe.len())).0)
+            }))?;
+            drop(probed);
+            let copy_cache = median_of(Box::new(|| {
+                Ok(time(|| model.truncate(raw_conv.cache(), raw_conv.context_len())).0)
+            }))?;
+            // As many rows as the server's default group takes (8 at most,
+            // within `--max-batch-tokens` padded slots), all on this context.
+            let group = (DEFAULT_MAX_BATCH_TOKENS / (context + n)).clamp(1, 8);
+            let batch: Vec<BatchRow<'_>> = (0..group)
+                .map(|_| BatchRow {
+                    ids: &ids,
+                    past: raw_conv.cache(),
+                    keep: 0..n,
+                    cut: 0,
+                })
+                .collect();
+            let batched = median_of(Box::new(|| Ok(time(|| model.forward_batch(&batch)).0)))? / group as f64;
+            drop(batch);
+            let turn_raw = median_of(Box::new(|| Ok(time(|| raw_conv.turn(text, "")).0)))?;
+            let turn_default = median_of(Box::new(|| Ok(time(|| default_conv.turn(text, "")).0)))?;
+            rows.push(json!({
+                "context": context, "turn": name, "turn_tokens": n, "probe_tokens": probe.len(),
+                "cache_bytes": raw_conv.kv_bytes(),
+                "forward_ms": forward, "forward_no_context_ms": forward_no_context,
+                "forward_with_probe_ms": forward_probe, "cut_ms": cut, "copy_cache_ms": copy_cache,
+                "batched_rows": group, "batched_per_row_ms": batched, "turn_mean_raw_ms": turn_raw, "turn_default_ms": turn_default,
+            }));
+            eprintln!("[profile] {}", rows.last().expect("pushed"));
+        }
+    }
+    Ok(json!({ "model": model.spec().name, "reps": args.reps, "rows": rows }))
 }
 
 /// The options of the in-process figures: MEAN pooling, z-scored (the
@@ -940,6 +1076,7 @@ fn main() -> anyhow::Result<()> {
     let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     let out = match &cli.command {
         Cmd::Engine(a) => engine(a)?,
+        Cmd::Profile(a) => profile(a)?,
         Cmd::Load(a) => rt()?.block_on(load(a))?,
         Cmd::Mixed(a) => rt()?.block_on(mixed(a))?,
         Cmd::Sessions(a) => rt()?.block_on(sessions(a))?,
