@@ -368,7 +368,7 @@ const SHORT_CHAT_TURN: &str = "Can you make this function easier to test, and ad
 /// the bytes ONNX Runtime's present concat writes too, a proxy for it), the
 /// whole turn (MEAN raw, and the model's default vector with its probe),
 /// and the same call as one row of a batched call of as many rows as the
-/// server's default group takes (at most 8 within `--max-batch-tokens`; the
+/// padded-slot bound allows (at most 8 within `--max-batch-tokens`; the
 /// others on the same context), per row.
 fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
     let model = Model::open(
@@ -433,8 +433,10 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
             let copy_cache = median_of(Box::new(|| {
                 Ok(time(|| model.truncate(raw_conv.cache(), raw_conv.context_len())).0)
             }))?;
-            // As many rows as the server's default group takes (8 at most,
-            // within `--max-batch-tokens` padded slots), all on this context.
+            // As many rows as the padded-slot bound alone allows (8 at most
+            // within `--max-batch-tokens`), all on this context: past
+            // `--max-batch-past-tokens` the server runs such turns alone, and
+            // these rows say why.
             let group = (DEFAULT_MAX_BATCH_TOKENS / (context + n)).clamp(1, 8);
             let batch: Vec<BatchRow<'_>> = (0..group)
                 .map(|_| BatchRow {

@@ -43,7 +43,8 @@ mod stats;
 
 pub use budget::{DEFAULT_BUDGET_FRACTION, KvBudget, Resting, Slot, default_budget};
 pub use schedule::{
-    BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS, TurnRequest, run_turns, run_turns_within,
+    BatchLimits, DEFAULT_MAX_BATCH_PAST_TOKENS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS, TurnRequest,
+    run_turns, run_turns_within,
 };
 pub use stats::EngineStats;
 

@@ -5,7 +5,9 @@
 //! A round plans each turn ([`Turn::start`]: tokenised once), groups the
 //! turns that fit in one call by length, and runs each group as one padded
 //! call ([`crate::model::Model::forward_batch`]): short turns share the
-//! weight reads that dominate their cost. [`BatchLimits`] bounds a group;
+//! weight reads that dominate their cost. [`BatchLimits`] bounds a group
+//! (and keeps turns on long caches out of groups, where copying their caches
+//! in and out of the batch costs what sharing saves);
 //! the `PAD_*` rules keep a group from padding more than it saves.
 //!
 //! # Rounds
@@ -50,18 +52,27 @@ pub struct BatchLimits {
     /// (the packed caches in, the batched `present.*` out): at the default,
     /// 2 × 16,384 × 24 KiB = 768 MiB on the real model in f32.
     pub max_padded_tokens: usize,
+    /// Longest cache a turn may run on and still share a call: past it, the
+    /// copies of its cache into the batch and back out cost about what the
+    /// shared weight reads save (measured on the real model in f32, 2 cores,
+    /// 2026-12-04: per row, batched vs alone, ~0.7× at 2,000 tokens of
+    /// context, 1.0× at 4,000, 1.13–1.19× at 6,000; BENCHMARKS.md).
+    pub max_past_tokens: usize,
 }
 
 /// The default [`BatchLimits::max_turns`] (`--max-batch-turns`).
 pub const DEFAULT_MAX_BATCH_TURNS: usize = 16;
 /// The default [`BatchLimits::max_padded_tokens`] (`--max-batch-tokens`).
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 16_384;
+/// The default [`BatchLimits::max_past_tokens`] (`--max-batch-past-tokens`).
+pub const DEFAULT_MAX_BATCH_PAST_TOKENS: usize = 4_096;
 
 impl Default for BatchLimits {
     fn default() -> Self {
         Self {
             max_turns: DEFAULT_MAX_BATCH_TURNS,
             max_padded_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_past_tokens: DEFAULT_MAX_BATCH_PAST_TOKENS,
         }
     }
 }
@@ -91,6 +102,7 @@ impl Group {
         let (p, n) = (self.max_past.max(past), self.max_new.max(new));
         let (real_past, real_new) = (self.sum_past + past, self.sum_new + new);
         rows <= limits.max_turns
+            && p <= limits.max_past_tokens
             && rows * (p + n) <= limits.max_padded_tokens
             && rows * n - real_new <= (real_new / 4).max(PAD_NEW_PER_TURN * (rows - 1))
             && rows * p - real_past <= (real_past / 4).max(PAD_PAST_PER_TURN * (rows - 1))
@@ -507,6 +519,7 @@ mod tests {
         BatchLimits {
             max_turns,
             max_padded_tokens,
+            ..BatchLimits::default()
         }
     }
 
@@ -546,6 +559,26 @@ mod tests {
         assert!(deep.fits(44, 10, BatchLimits::default()));
         // ... but not 300.
         assert!(!deep.fits(0, 10, BatchLimits::default()));
+    }
+
+    /// A turn on a cache longer than `max_past_tokens` runs alone (so does
+    /// every other turn that would share its call), whatever else fits; one
+    /// on a cache of exactly that length still shares.
+    #[test]
+    fn long_caches_run_alone() {
+        let at = |max_past_tokens| BatchLimits {
+            max_past_tokens,
+            ..BatchLimits::default()
+        };
+        let sizes = |limits| -> Vec<usize> {
+            group(vec![(0, 5_000, 10), (1, 5_000, 10), (2, 100, 10), (3, 120, 10)], limits)
+                .iter()
+                .map(|g| g.members.len())
+                .collect()
+        };
+        assert_eq!(sizes(at(4_096)), [1, 1, 2]);
+        assert_eq!(sizes(at(5_000)), [2, 2], "the control: at the bound they batch");
+        assert_eq!(DEFAULT_MAX_BATCH_PAST_TOKENS, BatchLimits::default().max_past_tokens);
     }
 
     /// Longest turns are grouped first, so a group's rows are alike.

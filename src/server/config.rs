@@ -7,7 +7,7 @@ use clap::{Args, Parser};
 
 use crate::{
     conversation::{DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS},
-    engine::{BatchLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
+    engine::{BatchLimits, DEFAULT_MAX_BATCH_PAST_TOKENS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TURNS},
     service::Limits,
 };
 
@@ -130,6 +130,12 @@ pub struct Config {
     /// in chunks of at most this many bytes (≥ their tokens).
     #[arg(long, env = "SE_MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
+
+    /// Longest context (tokens) a turn may run on and still share a batched
+    /// call; a turn on a longer one runs alone (past ~4,000 tokens, copying
+    /// its cache in and out of the batch costs what sharing the call saves).
+    #[arg(long, env = "SE_MAX_BATCH_PAST_TOKENS", default_value_t = DEFAULT_MAX_BATCH_PAST_TOKENS)]
+    pub max_batch_past_tokens: usize,
 
     /// Seconds open streams may go on after SIGINT/SIGTERM before they end
     /// with UNAVAILABLE; `inf` waits for every stream to end.
@@ -272,6 +278,7 @@ impl Config {
         BatchLimits {
             max_turns: self.max_batch_turns.max(1),
             max_padded_tokens: self.max_batch_tokens,
+            max_past_tokens: self.max_batch_past_tokens,
         }
     }
 

@@ -1268,6 +1268,36 @@ fn batches_group_by_shape() {
     let mut results = results.into_iter();
     a.check(ea, results.next().unwrap().unwrap());
     b.check(eb, results.next().unwrap().unwrap());
+
+    // A turn on a context longer than `max_past_tokens` runs alone; at the
+    // bound (the control) the same two turns share one call.
+    for (below, calls) in [(1, 2), (0, 1)] {
+        let max_past_tokens = a.conv.context_len().max(b.conv.context_len()) - below;
+        let (ea, eb) = (a.expect(TEXTS[5], ""), b.expect(TEXTS[5], ""));
+        let before = model.calls();
+        let results = run_turns(
+            &mut [
+                TurnRequest {
+                    conversation: &mut a.conv,
+                    text: TEXTS[5],
+                    role: "",
+                },
+                TurnRequest {
+                    conversation: &mut b.conv,
+                    text: TEXTS[5],
+                    role: "",
+                },
+            ],
+            BatchLimits {
+                max_past_tokens,
+                ..BatchLimits::default()
+            },
+        );
+        assert_eq!(model.calls() - before, calls, "max_past_tokens {max_past_tokens}");
+        let mut results = results.into_iter();
+        a.check(ea, results.next().unwrap().unwrap());
+        b.check(eb, results.next().unwrap().unwrap());
+    }
 }
 
 #[test]
