@@ -363,9 +363,11 @@ const SHORT_CHAT_TURN: &str = "Can you make this function easier to test, and ad
 /// model call is timed alone (`forward`: ONNX Runtime's run, which also
 /// copies past + new into `present`, plus making the inputs and reading the
 /// kept hidden rows) and on an empty cache (`forward_no_context`: what the
-/// turn's own tokens cost); the probe's cut (`cut`: the copy of the new
-/// cache without the probe's rows), a full copy of the cache (`copy_cache`:
-/// the bytes ONNX Runtime's present concat writes too, a proxy for it), the
+/// turn's own tokens cost); the probe's cut as a turn makes it (`cut`: in
+/// place on a long cache, see `Model::cut`) and as a copy of the kept rows
+/// (`cut_copy`), a full copy of the cache (`copy_cache`:
+/// the bytes ONNX Runtime's present concat writes too, a proxy for it),
+/// freeing a cache of that size (`drop_cache`), the
 /// whole turn (MEAN raw, and the model's default vector with its probe),
 /// and the same call as one row of a batched call of as many rows as the
 /// padded-slot bound allows (at most 8 within `--max-batch-tokens`; the
@@ -425,13 +427,26 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
             let forward_probe = median_of(Box::new(|| {
                 Ok(time(|| model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())).0)
             }))?;
-            let (_, probed) = model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())?;
+            // The probe's cut as a turn makes it (in place on a long cache,
+            // see `Model::cut`), each time on a fresh call's output, and as
+            // a copy of the kept rows (how every cut was made before).
             let cut = median_of(Box::new(|| {
+                let (_, probed) = model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())?;
+                Ok(time(|| model.cut(probed, probe.len())).0)
+            }))?;
+            let (_, probed) = model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())?;
+            let cut_copy = median_of(Box::new(|| {
                 Ok(time(|| model.truncate(&probed, probed.len() - probe.len())).0)
             }))?;
             drop(probed);
             let copy_cache = median_of(Box::new(|| {
                 Ok(time(|| model.truncate(raw_conv.cache(), raw_conv.context_len())).0)
+            }))?;
+            // Freeing a cache of the context's size (what a turn does with
+            // the cache it replaces).
+            let drop_cache = median_of(Box::new(|| {
+                let copy = model.truncate(raw_conv.cache(), raw_conv.context_len())?;
+                Ok(time(move || drop(copy)).0)
             }))?;
             // As many rows as the padded-slot bound alone allows (8 at most
             // within `--max-batch-tokens`), all on this context: past
@@ -454,7 +469,7 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
                 "context": context, "turn": name, "turn_tokens": n, "probe_tokens": probe.len(),
                 "cache_bytes": raw_conv.kv_bytes(),
                 "forward_ms": forward, "forward_no_context_ms": forward_no_context,
-                "forward_with_probe_ms": forward_probe, "cut_ms": cut, "copy_cache_ms": copy_cache,
+                "forward_with_probe_ms": forward_probe, "cut_ms": cut, "cut_copy_ms": cut_copy, "copy_cache_ms": copy_cache, "drop_cache_ms": drop_cache,
                 "batched_rows": group, "batched_per_row_ms": batched, "turn_mean_raw_ms": turn_raw, "turn_default_ms": turn_default,
             }));
             eprintln!("[profile] {}", rows.last().expect("pushed"));

@@ -421,7 +421,7 @@ impl Prefill {
         // The last call: the probe's rows leave the new cache (the batched
         // path copies each row's cache out without them).
         self.cache = Some(if last && self.probe > 0 {
-            model.truncate(&next, next.len() - self.probe)?
+            model.cut(next, self.probe)?
         } else {
             next
         });

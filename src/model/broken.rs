@@ -48,8 +48,8 @@ impl Model {
             .iter()
             .zip(&donor.tensors)
             .map(|(t, from)| match self.spec.kv_dtype {
-                FloatType::F32 => kv::splice::<f32>(t, cache.len, from, donor.len, row, heads, d),
-                FloatType::F16 => kv::splice::<half::f16>(t, cache.len, from, donor.len, row, heads, d),
+                FloatType::F32 => kv::splice::<f32>(t, (cache.len, cache.slack), from, donor.len, row, heads, d),
+                FloatType::F16 => kv::splice::<half::f16>(t, (cache.len, cache.slack), from, donor.len, row, heads, d),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.cache(&mut reserved, tensors, cache.len))

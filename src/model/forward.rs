@@ -12,6 +12,10 @@ use ort::{
 
 use std::sync::atomic::Ordering;
 
+/// [`Model::cut`] works in place when the rows it leaves unused are at most
+/// 1/64 of the cache (a 12-token probe: caches of 768 tokens and more).
+pub const IN_PLACE_CUT_RATIO: usize = 64;
+
 use super::{Call, FloatType, KvCache, Model, ModelError, faults, kv, ort_err};
 
 /// One forward pass's hidden states: `rows × hidden` row-major f32.
@@ -76,10 +80,14 @@ impl Model {
                 .map_err(ort_err("create position_ids"))?;
             inputs.push(("position_ids", pos.into()));
         }
-        let empty_shape = [1usize, self.spec.kv_heads, 0, self.spec.head_dim];
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let empty_shape = [1usize, heads, 0, d];
         for (i, name) in self.io.past.iter().enumerate() {
             let value: SessionInputValue<'_> = match past.tensors.get(i) {
-                Some(t) => t.into(),
+                Some(t) => match self.spec.kv_dtype {
+                    FloatType::F32 => kv::past_input::<f32>(t, p, past.slack, heads, d)?,
+                    FloatType::F16 => kv::past_input::<f16>(t, p, past.slack, heads, d)?,
+                },
                 None => match self.spec.kv_dtype {
                     FloatType::F32 => Tensor::from_array((empty_shape, Vec::<f32>::new())).map(Into::into),
                     FloatType::F16 => Tensor::from_array((empty_shape, Vec::<f16>::new())).map(Into::into),
@@ -142,11 +150,47 @@ impl Model {
             .tensors
             .iter()
             .map(|t| match self.spec.kv_dtype {
-                FloatType::F32 => kv::prefix::<f32>(t, cache.len, len, heads, d),
-                FloatType::F16 => kv::prefix::<f16>(t, cache.len, len, heads, d),
+                FloatType::F32 => kv::prefix::<f32>(t, (cache.len, cache.slack), len, heads, d),
+                FloatType::F16 => kv::prefix::<f16>(t, (cache.len, cache.slack), len, heads, d),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.cache(&mut reserved, tensors, len))
+    }
+
+    /// `cache` without its last `n` tokens (a probe's rows, which under
+    /// causal attention no earlier token attended to): the cache the tokens
+    /// before them alone would have made, bit for bit. On a long cache the
+    /// cut is made in place, each head's kept rows moved down over the cut
+    /// ones (about half the bytes of a copy, no new memory), and the cut
+    /// rows stay as slack until the next call replaces the tensors; on a
+    /// short one, where that slack would be more than 1/[`IN_PLACE_CUT_RATIO`]
+    /// of the cache and a copy costs little, the kept rows are copied
+    /// ([`Model::truncate`]). On error the cache is dropped.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when a tensor cannot be read or made.
+    ///
+    /// # Panics
+    /// If `n` exceeds the cache's length.
+    pub fn cut(&self, mut cache: KvCache, n: usize) -> Result<KvCache, ModelError> {
+        assert!(n <= cache.len, "{n} tokens cut from a cache of {}", cache.len);
+        let keep = cache.len - n;
+        if n == 0 {
+            return Ok(cache);
+        }
+        if keep < IN_PLACE_CUT_RATIO * (cache.slack + n) {
+            return self.truncate(&cache, keep);
+        }
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        for t in &mut cache.tensors {
+            match self.spec.kv_dtype {
+                FloatType::F32 => kv::cut_in_place::<f32>(t, cache.len, keep, heads, d)?,
+                FloatType::F16 => kv::cut_in_place::<f16>(t, cache.len, keep, heads, d)?,
+            }
+        }
+        cache.slack += n;
+        cache.len = keep;
+        Ok(cache)
     }
 
     /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
@@ -240,7 +284,7 @@ impl Model {
             if row.cut == 0 {
                 return Ok(vec![(hidden, cache)]);
             }
-            return Ok(vec![(hidden, self.truncate(&cache, cache.len() - row.cut)?)]);
+            return Ok(vec![(hidden, self.cut(cache, row.cut)?)]);
         }
         let b = rows.len();
         let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);

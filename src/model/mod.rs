@@ -63,7 +63,7 @@ use ort::{
     value::DynValue,
 };
 
-pub use forward::{BatchRow, Hidden};
+pub use forward::{BatchRow, Hidden, IN_PLACE_CUT_RATIO};
 pub use tokenizer::{ROLES, TextTokenizer, TokenizerError, TurnTokens};
 
 use crate::platform::onnxruntime::{self, RuntimeError};
@@ -366,6 +366,7 @@ impl Model {
         KvCache {
             tensors: Vec::new(),
             len: 0,
+            slack: 0,
             held: Held::none(&self.ledger),
         }
     }
@@ -373,6 +374,11 @@ impl Model {
     /// A cache of `len` tokens over `tensors`, its bytes taken from `reserved`.
     fn cache(&self, reserved: &mut Reservation, tensors: Vec<DynValue>, len: usize) -> KvCache {
         let held = reserved.hold(len as u64 * self.spec.kv_bytes_per_token(), &tensors);
-        KvCache { tensors, len, held }
+        KvCache {
+            tensors,
+            len,
+            slack: 0,
+            held,
+        }
     }
 }

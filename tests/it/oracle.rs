@@ -11,7 +11,7 @@ use stateful_embedder::{
         TurnOutput,
     },
     engine::{BatchLimits, KvBudget, TurnRequest, run_turns, run_turns_within},
-    model::Model,
+    model::{IN_PLACE_CUT_RATIO, Model},
 };
 
 use crate::support::{
@@ -124,9 +124,17 @@ impl Script {
         assert_eq!(out.context_tokens, e.full.len());
         assert_eq!(out.turn_tokens, e.turn_tokens);
         assert_eq!(out.dropped_tokens, e.dropped);
+        // The cache holds the context, and at most the rows of a probe (or
+        // end token) cut in place, as slack of at most 1/64 of the cache.
+        let slack = self.conv.cache().slack();
+        assert!(
+            slack == 0 || slack * IN_PLACE_CUT_RATIO <= e.full.len(),
+            "slack {slack} on a cache of {}",
+            e.full.len()
+        );
         assert_eq!(
             self.conv.kv_bytes(),
-            e.full.len() as u64 * self.model.spec().kv_bytes_per_token()
+            (e.full.len() + slack) as u64 * self.model.spec().kv_bytes_per_token()
         );
         self.context = e.full;
         out
@@ -1189,6 +1197,75 @@ fn batched_probes_are_cut() {
     }
     for (i, s) in scripts.iter().enumerate() {
         s.report(&format!("tiny f32 batched probes, conversation {i}"));
+    }
+}
+
+#[test]
+/// A probe cut in place (on a cache 64 times its length and more) against
+/// a conversation over the same tokens that never probes: after every turn
+/// the cache's values are bit-identical, the probe's rows stay as slack
+/// that the census of live tensors (their own shapes) and the ledger both
+/// count, and the next turns, alone and batched, meet the oracle. Below the
+/// ratio the cut is still a copy (no slack); a batched turn's cache is
+/// copied out of the batch without it. f32 and fp16 KV.
+fn probe_cut_in_place_is_exact() {
+    for (file, tol) in [("model.onnx", F32), ("model_fp16.onnx", FP16)] {
+        let model = common::tiny_private(file);
+        let per_token = model.spec().kv_bytes_per_token();
+        let probe = model.probe_ids().len();
+        assert!(probe > 1, "the tiny model's probe: {probe} tokens");
+        let long = TEXTS.join(" ").repeat(8);
+        // [0] the conversation followed, [1] a long one it will share a call with.
+        let mut scripts: Vec<Script> = (0..2).map(|_| Script::new(&model, defaults(), tol)).collect();
+        let mut plain = Conversation::new(&model, opts()).unwrap();
+        let census = |scripts: &[Script], plain: &Conversation, slack: [usize; 2], what: &str| {
+            // The tensors that exist, measured from their own shapes, against
+            // the tokens each conversation holds and the slack the rule gives.
+            let held =
+                scripts.iter().map(|s| s.conv.context_len()).sum::<usize>() + plain.context_len() + slack[0] + slack[1];
+            let snapshot = model.ledger_snapshot().expect("test builds keep a census");
+            assert_eq!(
+                (snapshot.census, snapshot.ledger),
+                (held as u64 * per_token, held as u64 * per_token),
+                "{file} {what}"
+            );
+        };
+        scripts[1].turn(&long, "user");
+        let other = if scripts[1].conv.context_len() >= IN_PLACE_CUT_RATIO * probe {
+            probe
+        } else {
+            0
+        };
+        assert_eq!(other, probe, "the long turn is long enough to be cut in place");
+        for (i, text) in [TEXTS[0], &long, TEXTS[1], TEXTS[2]].into_iter().enumerate() {
+            scripts[0].turn(text, "user");
+            plain.turn(text, "user").unwrap();
+            let len = scripts[0].conv.context_len();
+            let slack = if len >= IN_PLACE_CUT_RATIO * probe { probe } else { 0 };
+            assert_eq!(scripts[0].conv.cache().slack(), slack, "turn {i} at {len} tokens");
+            assert_eq!(
+                slack > 0,
+                i > 0,
+                "the first turn is short, the others are on a long cache"
+            );
+            assert!(
+                scripts[0].conv.cache().to_bits().unwrap() == plain.cache().to_bits().unwrap(),
+                "{file}: the cut left the context's values bit for bit (turn {i}, {len} tokens)"
+            );
+            census(&scripts, &plain, [slack, other], &format!("turn {i}"));
+        }
+        // Both long conversations' turns in one call: their pasts (with
+        // slack) packed, their new caches copied out without the probe.
+        let calls = batched_round(&model, &mut scripts, &[(TEXTS[3], "user"), (TEXTS[3], "user")]);
+        assert_eq!(calls, 1, "{file}: the two turns shared a call");
+        census(&scripts, &plain, [0, 0], "after the batched turn");
+        for s in &mut scripts {
+            s.turn(TEXTS[4], "user");
+        }
+        census(&scripts, &plain, [probe, probe], "after a turn alone again");
+        for (i, s) in scripts.iter().enumerate() {
+            s.report(&format!("{file} probe cut in place, conversation {i}"));
+        }
     }
 }
 
