@@ -20,7 +20,10 @@
 //! turn's tokens in the same call and its last row is taken
 //! ([`Pooling::Probe`]; the probe's rows are then cut from the new cache, so
 //! the conversation's cache is what it would be without it), or both the
-//! probe's row and the mean are taken ([`Pooling::ProbeMean`]). The vector
+//! probe's row and the mean are taken ([`Pooling::ProbeMean`]); the mean is
+//! the turn's text's, or with [`MeanOver::Conversation`] the whole
+//! context's (its tokens but the special ones: a running sum the
+//! conversation carries, summed again by every rebuild). The vector
 //! is then standardised with the model's background statistics of that
 //! pooling (for [`Pooling::ProbeMean`]: each part on its own, each
 //! L2-normalised, side by side; or through the learned head,
@@ -30,7 +33,8 @@
 //! The embedding after turn k equals the embedding computed in one call with
 //! an empty cache over `concat(tokens(t1)…tokens(tk))` (after a slide: over the
 //! kept tokens followed by the turn; for the probe: followed by the probe's
-//! tokens, its last row), pooled over the same span and post-processed alike: exactly for a
+//! tokens, its last row), pooled over the same span (or the whole context,
+//! [`MeanOver::Conversation`]) and post-processed alike: exactly for a
 //! turn run on its own ([`Conversation::turn`]), up to float rounding for one
 //! that shared a padded call with other conversations' turns
 //! ([`crate::engine::run_turns`]).
@@ -65,7 +69,7 @@ mod state;
 
 pub use options::{
     ConversationOptions, DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_WHITEN_COMPONENTS,
-    InputType, OptionsError, Overflow, Pooling, Standardize,
+    InputType, MeanOver, OptionsError, Overflow, Pooling, Standardize,
 };
 pub use pooling::truncate_and_normalize;
 pub use state::Conversation;

@@ -120,6 +120,24 @@ impl Standardize {
     }
 }
 
+/// Which tokens [`Pooling::Mean`] (and [`Pooling::ProbeMean`]'s mean) averages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeanOver {
+    /// The turn's text tokens (each of which attended to the whole context).
+    #[default]
+    Turn,
+    /// Every token of the context after the turn that is not one of the
+    /// tokenizer's special tokens (ChatML's markers): the conversation read
+    /// as a whole, so a generic later turn ("can you make it easier to
+    /// test?") keeps what the earlier ones were about. Exact and cheap for a
+    /// causal model: an earlier token's final state never changes, so the
+    /// conversation keeps a running sum (f64, rows added in order) and a
+    /// rebuild (after a slide, a reset, an eviction or a resume) sums its
+    /// rows again from the first.
+    Conversation,
+}
+
 /// What kind of text a turn is, for the model's input-type templates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -184,6 +202,9 @@ pub struct ConversationOptions {
     pub max_turn_tokens: usize,
     /// Tokens per model call when prefilling a long turn or a rebuilt context.
     pub prefill_chunk_tokens: usize,
+    /// Which tokens the mean averages ([`Pooling::Mean`], [`Pooling::ProbeMean`]).
+    #[serde(default)]
+    pub mean_over: MeanOver,
 }
 
 impl Default for ConversationOptions {
@@ -200,6 +221,7 @@ impl Default for ConversationOptions {
             input_type: InputType::Raw,
             max_turn_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
             prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            mean_over: MeanOver::Turn,
         }
     }
 }
@@ -262,6 +284,9 @@ pub enum OptionsError {
     /// END_TOKEN with a standardisation: it is the model's own vector.
     #[error("pooling END_TOKEN is the model's own vector: standardize must be NONE (or unset)")]
     EndTokenIsRaw,
+    /// MEAN_OVER_CONVERSATION with a pooling that takes no mean.
+    #[error("mean_over CONVERSATION needs pooling MEAN or PROBE_MEAN (the poolings that take a mean)")]
+    MeanOverNeedsMean,
 }
 
 impl ConversationOptions {
@@ -276,6 +301,9 @@ impl ConversationOptions {
         }
         if self.standardize == Standardize::Head && model.embedding_head().is_none() {
             return Err(OptionsError::NoHead(model.card().pooling.name()));
+        }
+        if self.mean_over == MeanOver::Conversation && !matches!(self.pooling, Pooling::Mean | Pooling::ProbeMean) {
+            return Err(OptionsError::MeanOverNeedsMean);
         }
         if self.pooling == Pooling::EndToken {
             if model.end_ids().is_empty() {

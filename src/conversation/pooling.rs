@@ -1,17 +1,63 @@
 //! From a turn's hidden states to its vector: the rows pooled as they come
 //! out of the turn's calls ([`Pooler`]: the mean and the last of the text's
-//! rows, and the last row of the probe or the end token), then standardised
+//! rows, the last row of the probe or the end token, and for
+//! [`MeanOver::Conversation`] the conversation's running sum), then standardised
 //! with the model's background statistics or its learned head, truncated
 //! and normalised ([`vectors`]).
 
 use std::ops::Range;
 
-use super::options::{ConversationOptions, Pooling, Standardize};
+use super::options::{ConversationOptions, MeanOver, Pooling, Standardize};
 use crate::model::{Hidden, Model, unit};
 
+/// A conversation's running sum for [`MeanOver::Conversation`]: the final
+/// hidden states of its context's tokens that are not special tokens,
+/// added one row after another in f64, in the context's order (so a sum
+/// carried across turns is bit for bit the sum over the whole context in
+/// one pass), and how many rows it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ContextSum {
+    sum: Vec<f64>,
+    rows: usize,
+}
+
+impl ContextSum {
+    /// The sum of no rows (an empty context).
+    pub(crate) fn empty(width: usize) -> Self {
+        Self {
+            sum: vec![0.0; width],
+            rows: 0,
+        }
+    }
+
+    fn add(&mut self, row: &[f32]) {
+        for (s, v) in self.sum.iter_mut().zip(row) {
+            *s += f64::from(*v);
+        }
+        self.rows += 1;
+    }
+
+    fn mean(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f64;
+        self.sum.iter().map(|s| (s / n) as f32).collect()
+    }
+}
+
+/// The rows of a turn's sequence that join the conversation's sum.
+#[derive(Debug)]
+struct ContextRows {
+    /// Per row of the sequence from its first, whether it is summed (not a
+    /// special token); rows past its end (the probe's) are not.
+    plain: Vec<bool>,
+    /// The sum so far: the conversation's before the turn (or an empty one
+    /// when the sequence starts from an empty cache), then the rows taken.
+    sum: ContextSum,
+}
+
 /// Pools a turn's rows as they stream out of its calls: the mean and the
-/// last of its text rows, and the last row of what rides after them (the
-/// probe or the end token).
+/// last of its text rows, the last row of what rides after them (the
+/// probe or the end token), and with [`MeanOver::Conversation`] every
+/// plain row of the sequence into the conversation's sum.
 #[derive(Debug)]
 pub(crate) struct Pooler {
     /// Rows of the turn's sequence that are the turn's text.
@@ -23,6 +69,7 @@ pub(crate) struct Pooler {
     rows: usize,
     last: Vec<f32>,
     probe: Option<Vec<f32>>,
+    context: Option<ContextRows>,
 }
 
 impl Pooler {
@@ -36,13 +83,32 @@ impl Pooler {
             rows: 0,
             last: Vec::new(),
             probe: None,
+            context: None,
         }
     }
 
+    /// Also sums the rows of the sequence's first `plain.len()` tokens whose
+    /// `plain` is true onto `sum` (the conversation's sum before the
+    /// sequence), for [`MeanOver::Conversation`].
+    pub(crate) fn with_context(mut self, sum: ContextSum, plain: Vec<bool>) -> Self {
+        self.context = Some(ContextRows { plain, sum });
+        self
+    }
+
     /// The rows of the sequence whose hidden states the pooler reads: the
-    /// text's, and on to the probe's last row.
+    /// text's, and on to the probe's last row (every row but the probe's
+    /// when it sums the context).
     pub(crate) fn rows(&self) -> Range<usize> {
-        self.text.start..self.probe_row.map_or(self.text.end, |r| r + 1)
+        let end = self.probe_row.map_or(self.text.end, |r| r + 1);
+        match &self.context {
+            Some(c) => 0..end.max(c.plain.len()),
+            None => self.text.start..end,
+        }
+    }
+
+    /// The conversation's sum after the turn's rows, if it keeps one.
+    pub(crate) fn context_sum(&self) -> Option<&ContextSum> {
+        self.context.as_ref().map(|c| &c.sum)
     }
 
     /// Takes the rows of `hidden`, the first of which is row `first` of the
@@ -61,12 +127,25 @@ impl Pooler {
             if self.probe_row == Some(index) {
                 self.probe = Some(row.to_vec());
             }
+            if let Some(c) = &mut self.context
+                && c.plain.get(index).copied().unwrap_or(false)
+            {
+                c.sum.add(row);
+            }
         }
     }
 
     fn mean(&self) -> Vec<f32> {
         let n = self.rows.max(1) as f64;
         self.sum.iter().map(|s| (s / n) as f32).collect()
+    }
+
+    /// The mean the options pool: the turn's text, or the conversation's.
+    fn pooled_mean(&self, over: MeanOver) -> Vec<f32> {
+        match (over, &self.context) {
+            (MeanOver::Conversation, Some(c)) => c.sum.mean(),
+            _ => self.mean(),
+        }
     }
 }
 
@@ -97,13 +176,14 @@ pub(crate) fn vectors(model: &Model, options: &ConversationOptions, pooler: Pool
             .expect("a pooling that appends has its last row in the turn's call")
     };
     let pooled = match options.pooling {
-        Pooling::Mean => Pooled::One("mean", pooler.mean()),
+        // The conversation's mean is standardised with the turn mean's statistics.
+        Pooling::Mean => Pooled::One("mean", pooler.pooled_mean(options.mean_over)),
         Pooling::LastToken => Pooled::One("last_token", last.clone()),
         Pooling::Probe => Pooled::One("probe", probe()),
         // The end token's row: the model's own vector (validated: raw).
         Pooling::EndToken => Pooled::One("end_token", probe()),
         Pooling::ProbeMean => Pooled::ProbeMean {
-            mean: pooler.mean(),
+            mean: pooler.pooled_mean(options.mean_over),
             probe: probe(),
         },
     };

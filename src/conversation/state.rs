@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::{
     TurnOutput,
-    options::{ConversationOptions, OptionsError},
+    options::{ConversationOptions, MeanOver, OptionsError},
+    pooling::ContextSum,
 };
 use crate::model::{KvCache, Model};
 
@@ -24,6 +25,10 @@ pub struct Conversation {
     /// The last turn's output, kept when asked ([`Conversation::remember_last`]).
     last: Option<Box<TurnOutput>>,
     remember_last: bool,
+    /// [`MeanOver::Conversation`]'s running sum over the context; `None`
+    /// when not kept, or not known (a restored or rolled-back context,
+    /// whose next turn rebuilds it).
+    context_sum: Option<ContextSum>,
 }
 
 impl Conversation {
@@ -36,6 +41,7 @@ impl Conversation {
         Ok(Conversation {
             cache: model.empty_cache(),
             model: model.clone(),
+            context_sum: Self::empty_sum(model, &options),
             options,
             tokens: Vec::new(),
             peak_kv_bytes: 0,
@@ -43,6 +49,11 @@ impl Conversation {
             last: None,
             remember_last: false,
         })
+    }
+
+    /// The running sum of an empty context, when the options keep one.
+    fn empty_sum(model: &Model, options: &ConversationOptions) -> Option<ContextSum> {
+        (options.mean_over == MeanOver::Conversation).then(|| ContextSum::empty(model.spec().hidden_size))
     }
 
     /// A conversation on `model` whose context is `tokens` (exactly as
@@ -69,6 +80,7 @@ impl Conversation {
         }
         conversation.tokens = tokens;
         conversation.turns = turns;
+        conversation.context_sum = None;
         Ok(conversation)
     }
 
@@ -82,6 +94,7 @@ impl Conversation {
         self.turns = turns;
         self.last = last.map(Box::new);
         self.cache = self.model.empty_cache();
+        self.context_sum = None;
     }
 
     /// Keeps each turn's output from now on ([`Conversation::last_output`]):
@@ -104,6 +117,7 @@ impl Conversation {
     pub(crate) fn take(&mut self) -> Conversation {
         let empty = Conversation {
             cache: self.model.empty_cache(),
+            context_sum: Self::empty_sum(&self.model, &self.options),
             model: self.model.clone(),
             options: self.options.clone(),
             tokens: Vec::new(),
@@ -121,6 +135,7 @@ impl Conversation {
         let released = self.tokens.len();
         self.tokens.clear();
         self.cache = self.model.empty_cache();
+        self.context_sum = Self::empty_sum(&self.model, &self.options);
         released
     }
 
@@ -141,6 +156,11 @@ impl Conversation {
     /// [`Conversation::evict_cache`], until the next turn rebuilds it).
     pub fn is_resident(&self) -> bool {
         self.cache.len() == self.tokens.len()
+    }
+
+    /// [`MeanOver::Conversation`]'s running sum, when kept and known.
+    pub(super) fn context_sum(&self) -> Option<&ContextSum> {
+        self.context_sum.as_ref()
     }
 
     /// Turns this conversation has taken (a reset does not count them down).
@@ -187,7 +207,19 @@ impl Conversation {
     /// tokens, after the kept or rebuilt context when `from_empty`) joins
     /// the context, and `cache` (which covers exactly the new context)
     /// replaces the old one.
-    pub(super) fn adopt(&mut self, sequence: Vec<u32>, from_empty: bool, cache: KvCache, output: &TurnOutput) {
+    /// A turn that kept the conversation's sum leaves `context_sum`, the
+    /// sum over the new context.
+    pub(super) fn adopt(
+        &mut self,
+        sequence: Vec<u32>,
+        from_empty: bool,
+        cache: KvCache,
+        output: &TurnOutput,
+        context_sum: Option<ContextSum>,
+    ) {
+        if context_sum.is_some() {
+            self.context_sum = context_sum;
+        }
         if self.remember_last {
             self.last = Some(Box::new(output.clone()));
         }

@@ -25,7 +25,7 @@
 use std::ops::Range;
 
 use super::{
-    options::{OptionsError, Overflow},
+    options::{MeanOver, OptionsError, Overflow},
     pooling,
     state::Conversation,
 };
@@ -341,6 +341,7 @@ impl Turn {
         } = *p;
         let c = &mut self.conversation;
         sequence.truncate(sequence.len() - probe);
+        let context_sum = pooler.context_sum().cloned();
         let (embedding, turn_mean) = pooling::vectors(c.model(), c.options(), pooler);
         let output = TurnOutput {
             embedding,
@@ -355,7 +356,7 @@ impl Turn {
             rebuilt_tokens: rebuilt,
         };
         let cache = cache.expect("the last call made the turn's cache");
-        c.adopt(sequence, from_empty, cache, &output);
+        c.adopt(sequence, from_empty, cache, &output, context_sum);
         self.state = State::Over(Ok(output));
     }
 }
@@ -390,7 +391,7 @@ impl Prefill {
         sequence.extend_from_slice(&self.sequence[self.sequence.len() - self.probe..]);
         let text = offset + self.text.start..offset + self.text.end;
         let probe_row = (self.probe > 0).then(|| sequence.len() - 1);
-        self.pooler = pooling::Pooler::new(c.model().spec().hidden_size, text, probe_row);
+        self.pooler = pooler(c, &sequence, self.probe, text, probe_row, true);
         self.sequence = sequence;
         self.from_empty = true;
         self.rebuilt = offset;
@@ -484,7 +485,7 @@ fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> 
     Ok(Prefill {
         text: turn.text,
         turn: turn.ids,
-        pooler: pooling::Pooler::new(model.spec().hidden_size, text, probe_row),
+        pooler: pooler(c, &sequence, probe, text, probe_row, from_empty),
         sequence,
         from_empty,
         probe,
@@ -493,6 +494,36 @@ fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> 
         done: 0,
         cache: None,
     })
+}
+
+/// The pooler of a turn's `sequence` (its last `probe` tokens the probe's
+/// or the end token's), over the text rows `text`: with
+/// [`MeanOver::Conversation`] it also sums every row but the probe's that
+/// is not a special token, onto an empty sum when the sequence starts from
+/// an empty cache, else onto the conversation's.
+fn pooler(
+    c: &Conversation,
+    sequence: &[u32],
+    probe: usize,
+    text: std::ops::Range<usize>,
+    probe_row: Option<usize>,
+    from_empty: bool,
+) -> pooling::Pooler {
+    let model = c.model();
+    let pooler = pooling::Pooler::new(model.spec().hidden_size, text, probe_row);
+    if c.options().mean_over != MeanOver::Conversation {
+        return pooler;
+    }
+    let sum = match c.context_sum() {
+        Some(sum) if !from_empty => sum.clone(),
+        _ => pooling::ContextSum::empty(model.spec().hidden_size),
+    };
+    let tokenizer = model.tokenizer();
+    let plain = sequence[..sequence.len() - probe]
+        .iter()
+        .map(|&id| !tokenizer.is_special(id))
+        .collect();
+    pooler.with_context(sum, plain)
 }
 
 /// Where a turn of `n` tokens goes in a conversation's context.
@@ -514,8 +545,11 @@ struct Place {
 fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
     let o = c.options();
     let (window, ctx) = (o.max_context_tokens, c.context_len());
+    // A conversation that keeps a sum over its context and does not know it
+    // (restored, rolled back) rebuilds like an evicted one.
+    let known = o.mean_over != MeanOver::Conversation || c.context_sum().is_some();
     if ctx + n <= window {
-        return Ok(if c.is_resident() {
+        return Ok(if c.is_resident() && known {
             Place {
                 base: None,
                 dropped: 0,

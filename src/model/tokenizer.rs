@@ -48,6 +48,9 @@ pub struct TurnTokens {
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     im_end_suffix: Vec<u32>,
+    /// The ids of the tokenizer's special tokens (its added tokens marked
+    /// special: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`...), sorted.
+    special: Vec<u32>,
 }
 
 impl TextTokenizer {
@@ -69,9 +72,16 @@ impl TextTokenizer {
                 });
             }
         }
+        let mut special: Vec<u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter_map(|(id, token)| token.special.then_some(id))
+            .collect();
+        special.sort_unstable();
         let mut t = Self {
             inner,
             im_end_suffix: Vec::new(),
+            special,
         };
         t.im_end_suffix = t.encode("<|im_end|>\n")?;
         Ok(t)
@@ -144,6 +154,12 @@ impl TextTokenizer {
     /// token such as `<|endoftext|>` included).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Whether `id` is one of the tokenizer's special tokens (ChatML's
+    /// markers, the end of text...): what a mean over a conversation leaves out.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.binary_search(&id).is_ok()
     }
 
     /// The vocabulary size, added tokens included.

@@ -4,7 +4,7 @@
 
 use super::{error::ServiceError, shared::Limits};
 use crate::{
-    conversation::{ConversationOptions, InputType, Overflow, Pooling, Standardize, TurnOutput},
+    conversation::{ConversationOptions, InputType, MeanOver, Overflow, Pooling, Standardize, TurnOutput},
     model::Model,
     pb,
 };
@@ -58,6 +58,17 @@ fn input_type(value: i32) -> Result<InputType, ServiceError> {
         Ok(pb::InputType::Document) => Ok(InputType::Document),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "input_type",
+            value,
+        }),
+    }
+}
+
+fn mean_over(value: i32) -> Result<MeanOver, ServiceError> {
+    match pb::MeanOver::try_from(value) {
+        Ok(pb::MeanOver::Unspecified | pb::MeanOver::Turn) => Ok(MeanOver::Turn),
+        Ok(pb::MeanOver::Conversation) => Ok(MeanOver::Conversation),
+        Err(_) => Err(ServiceError::UnknownEnum {
+            field: "mean_over",
             value,
         }),
     }
@@ -124,6 +135,7 @@ impl Limits {
             include_turn_mean: o.include_turn_mean,
             standardize: standardize(o.standardize, pooling, model)?,
             input_type: input_type(o.input_type)?,
+            mean_over: mean_over(o.mean_over)?,
             ..base
         })
     }

@@ -279,7 +279,8 @@ fn options_kind(e: &OptionsError) -> Kind {
         | OptionsError::HeadNeedsProbeMean
         | OptionsError::NoHead(_)
         | OptionsError::NoEndToken
-        | OptionsError::EndTokenIsRaw => kind(Code::InvalidArgument, "options"),
+        | OptionsError::EndTokenIsRaw
+        | OptionsError::MeanOverNeedsMean => kind(Code::InvalidArgument, "options"),
     }
 }
 

@@ -17,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     DEADLINE, models,
-    oracle::{F32, assert_close, oracle},
+    oracle::{F32, assert_close, cosine, oracle},
     server::{BIN, Gate, Launch, TestServer},
     stream::{answer, converse_all, embedding, end_status, error, next, open, open_stream, options, reset, turn},
     tokens::{self, Context},
@@ -167,6 +167,60 @@ async fn in_band_errors_keep_the_session() {
     .await;
     assert_eq!(error(&responses[0]).code, ia);
     assert_eq!(embedding(&responses[1]).values.len(), models::tiny_dims());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// MEAN_OVER_CONVERSATION over the wire: each turn's vector is the mean over
+/// the whole context's plain tokens (the oracle, one shot), not the turn's;
+/// `turn_mean` stays the turn's; with a pooling that takes no mean, or an
+/// unknown value, it is an in-band INVALID_ARGUMENT.
+async fn mean_over_the_conversation_over_the_wire() {
+    use stateful_embedder::conversation::MeanOver;
+    let server = TestServer::start(&[]).await;
+    let mut client = server.client().await;
+    let model = models::tiny();
+    let mut requests = vec![options(pb::SessionOptions {
+        pooling: pb::Pooling::Mean as i32,
+        mean_over: pb::MeanOver::Conversation as i32,
+        include_turn_mean: true,
+        ..Default::default()
+    })];
+    requests.extend(TURNS.iter().enumerate().map(|(i, (t, r))| turn(&format!("t{i}"), t, r)));
+    let responses = converse_all(&mut client, requests).await;
+    assert!(matches!(responses[0].result, Some(Reply::Ready(_))), "{responses:#?}");
+    let over = |mean_over| ConversationOptions {
+        pooling: Pooling::Mean,
+        standardize: Standardize::Zscore,
+        mean_over,
+        ..ConversationOptions::default()
+    };
+    let mut context = Context::default();
+    for (i, ((text, role), r)) in TURNS.iter().zip(&responses[1..]).enumerate() {
+        let span = context.push(text, role);
+        let e = embedding(r);
+        let want = oracle(&model, &context.ids, span.clone(), &over(MeanOver::Conversation));
+        assert_close(&format!("turn {i}"), &e.values, &want, F32);
+        let turn_mean = oracle(&model, &context.ids, span, &over(MeanOver::Turn));
+        assert_close(&format!("turn {i}'s turn_mean"), &e.turn_mean, &turn_mean, F32);
+        if i > 0 {
+            assert!(cosine(&want, &turn_mean) < 0.999, "turn {i}: the two means differ");
+        }
+    }
+    let ia = Code::InvalidArgument as i32;
+    for (pooling, mean_over) in [(pb::Pooling::LastToken, 2), (pb::Pooling::Mean, 7)] {
+        let responses = converse_all(
+            &mut client,
+            vec![options(pb::SessionOptions {
+                pooling: pooling as i32,
+                mean_over,
+                ..Default::default()
+            })],
+        )
+        .await;
+        let e = error(&responses[0]);
+        assert_eq!(e.code, ia, "{pooling:?} {mean_over}: {e:?}");
+        assert!(e.message.contains("mean_over"), "{}", e.message);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use stateful_embedder::{
     conversation::{
-        Conversation, ConversationOptions, InputType, OptionsError, Overflow, Pooling, Standardize, TurnError,
-        TurnOutput,
+        Conversation, ConversationOptions, InputType, MeanOver, OptionsError, Overflow, Pooling, Standardize,
+        TurnError, TurnOutput,
     },
     engine::{BatchLimits, KvBudget, TurnRequest, run_turns, run_turns_within},
     model::{IN_PLACE_CUT_RATIO, Model},
@@ -112,6 +112,7 @@ impl Script {
         if self.options.include_turn_mean {
             let mean_opts = ConversationOptions {
                 pooling: Pooling::Mean,
+                mean_over: MeanOver::Turn,
                 ..self.options.clone()
             };
             let want_mean = oracle(&self.model, &e.full, e.span, &mean_opts);
@@ -275,6 +276,41 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
             o,
             tol,
             &format!("{label} window {window} chunk {chunk} {pooling:?}"),
+        );
+    }
+    // MEAN_OVER_CONVERSATION, MEAN and the defaults: the sum carried across
+    // turns (ChatML and raw), chunked, through slides and resets, evicted
+    // and rebuilt, and on a restored context (a resumed session's).
+    for (window, chunk, overflow, base) in [
+        (8192, 512, Overflow::Slide, opts()),
+        (64, 7, Overflow::Slide, opts()),
+        (48, 512, Overflow::Reset, defaults()),
+        (8192, 7, Overflow::Slide, defaults()),
+    ] {
+        let o = ConversationOptions {
+            mean_over: MeanOver::Conversation,
+            include_turn_mean: true,
+            max_context_tokens: window,
+            prefill_chunk_tokens: chunk,
+            overflow,
+            ..base
+        };
+        let mut s = Script::new(model, o.clone(), tol);
+        for (i, text) in TEXTS.iter().cycle().take(8).enumerate() {
+            s.turn(text, ["user", "assistant", ""][i % 3]);
+        }
+        let mut resumed = Script::new(model, o.clone(), tol);
+        resumed.conv = Conversation::restored(model, o.clone(), s.conv.tokens().to_vec(), 8).unwrap();
+        resumed.context = s.conv.tokens().to_vec();
+        resumed.turn(TEXTS[8], "user");
+        s.report(&format!(
+            "{label} mean over the conversation, window {window} chunk {chunk} {overflow:?}"
+        ));
+        evicting_script(
+            model,
+            o,
+            tol,
+            &format!("{label} mean over the conversation, window {window} chunk {chunk}"),
         );
     }
     // 1, 2 and 10 raw turns, MEAN and the defaults.
@@ -1092,12 +1128,21 @@ fn batch_suite(model: Arc<Model>, tol: Tolerance, label: &str) {
             ConversationOptions {
                 dimensions: Some(hidden / 2),
                 normalize: false,
+                mean_over: MeanOver::Conversation,
                 ..opts()
             },
             tol,
         ),
         Script::new(&model, slide.clone(), tol),
-        Script::new(&model, slide, tol),
+        // A slide's rebuild in a batched row, the conversation's mean summed again.
+        Script::new(
+            &model,
+            ConversationOptions {
+                mean_over: MeanOver::Conversation,
+                ..slide
+            },
+            tol,
+        ),
     ];
     // Histories of 0 to 3 turns, run one by one.
     scripts[1].turn(TEXTS[0], "");

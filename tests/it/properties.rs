@@ -11,7 +11,7 @@
 
 use proptest::{prelude::*, test_runner::FileFailurePersistence};
 use stateful_embedder::{
-    conversation::{Conversation, ConversationOptions, InputType, Overflow, Pooling, Standardize},
+    conversation::{Conversation, ConversationOptions, InputType, MeanOver, Overflow, Pooling, Standardize},
     pb,
     service::{Limits, embed_options},
 };
@@ -76,6 +76,14 @@ fn wire_overflow(v: i32) -> Option<Overflow> {
     })
 }
 
+fn wire_mean_over(v: i32) -> Option<MeanOver> {
+    Some(match v {
+        0 | 1 => MeanOver::Turn,
+        2 => MeanOver::Conversation,
+        _ => return None,
+    })
+}
+
 /// The vector length options give on the tiny model, from the documented
 /// rules (hidden 64; the head's width read from its file): `None` when the
 /// options cannot work.
@@ -91,6 +99,9 @@ fn expected_dimensions(o: &ConversationOptions) -> Option<usize> {
         return None;
     }
     if o.pooling == Pooling::EndToken && o.standardize != Standardize::None {
+        return None;
+    }
+    if o.mean_over == MeanOver::Conversation && !matches!(o.pooling, Pooling::Mean | Pooling::ProbeMean) {
         return None;
     }
     let max = match (o.pooling, o.standardize) {
@@ -144,10 +155,14 @@ fn session_options() -> impl Strategy<Value = pb::SessionOptions> {
             enum_value(),
             prop_oneof![0..600u32, any::<u32>()],
         ),
-        (any::<bool>(), enum_value(), enum_value(), enum_value()),
+        (any::<bool>(), enum_value(), enum_value(), enum_value(), enum_value()),
     )
         .prop_map(
-            |((pooling, dimensions, normalize), (window, overflow, keep), (mean, standardize, input_type, mode))| {
+            |(
+                (pooling, dimensions, normalize),
+                (window, overflow, keep),
+                (mean, standardize, input_type, mode, mean_over),
+            )| {
                 pb::SessionOptions {
                     pooling,
                     dimensions,
@@ -160,6 +175,7 @@ fn session_options() -> impl Strategy<Value = pb::SessionOptions> {
                     input_type,
                     session_id: String::new(),
                     session_mode: mode,
+                    mean_over,
                 }
             },
         )
@@ -220,6 +236,7 @@ proptest! {
                 prop_assert_eq!(Some(options.standardize), wire_standardize(o.standardize, pooling));
                 prop_assert_eq!(Some(options.input_type), wire_input_type(o.input_type));
                 prop_assert_eq!(Some(options.overflow), wire_overflow(o.overflow));
+                prop_assert_eq!(Some(options.mean_over), wire_mean_over(o.mean_over));
                 prop_assert_eq!(options.dimensions, (o.dimensions != 0).then_some(o.dimensions as usize));
                 prop_assert_eq!(options.normalize, o.normalize.unwrap_or(true));
                 let window = if o.max_context_tokens == 0 { limits.max_context_tokens } else { o.max_context_tokens as usize };
@@ -247,6 +264,7 @@ proptest! {
                     wire_standardize(o.standardize, p).is_some()
                         && wire_input_type(o.input_type).is_some()
                         && wire_overflow(o.overflow).is_some()
+                        && wire_mean_over(o.mean_over).is_some()
                 });
                 prop_assert!(
                     !known || o.max_context_tokens as usize > limits.max_context_tokens,

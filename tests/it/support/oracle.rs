@@ -4,14 +4,15 @@
 use std::ops::Range;
 
 use stateful_embedder::{
-    conversation::{ConversationOptions, DEFAULT_WHITEN_COMPONENTS, Pooling, Standardize},
+    conversation::{ConversationOptions, DEFAULT_WHITEN_COMPONENTS, MeanOver, Pooling, Standardize},
     model::Model,
 };
 
 use super::profile::{self, Profile};
 
 /// The oracle: one call with an empty cache over `ids`, pooled over `span`
-/// (for a pooling that probes, also one call over `ids` followed by the
+/// (MEAN_OVER_CONVERSATION: over every row of `ids` that is not a special
+/// token of the model's tokenizer.json; for a pooling that probes, also one call over `ids` followed by the
 /// probe's tokens, its last row; for END_TOKEN, followed by the card's end
 /// token), standardised with the model's statistics
 /// or head as the options say, truncated and normalised. Written from the
@@ -49,7 +50,20 @@ pub fn oracle_by(
         .expect("a model file in a directory")
         .to_path_buf();
     let profile = profile::of(&dir);
-    let pool = |pooling| pool(run, ids, span.clone(), pooling);
+    let pool = |pooling| match (pooling, options.mean_over) {
+        (Pooling::Mean, MeanOver::Conversation) => {
+            let special = special_ids(&dir);
+            let rows = run(ids, 0..ids.len());
+            let plain: Vec<&Vec<f32>> = rows
+                .iter()
+                .zip(ids)
+                .filter(|(_, id)| !special.contains(id))
+                .map(|(row, _)| row)
+                .collect();
+            mean(&plain)
+        }
+        _ => pool(run, ids, span.clone(), pooling),
+    };
     // The last row of one call over `ids` followed by `after` (the probe,
     // or the card's end token).
     let appended = |after: &[u32]| {
@@ -123,6 +137,39 @@ fn standardized(profile: &Profile, key: &str, mut v: Vec<f32>, standardize: Stan
 fn unit(v: Vec<f32>) -> Vec<f32> {
     let n = v.len();
     truncate_and_normalize(v, n, true)
+}
+
+/// The ids of the special tokens (`added_tokens` marked `special`) of the
+/// model directory's tokenizer.json, read here, not by the server's tokenizer.
+fn special_ids(dir: &std::path::Path) -> Vec<u32> {
+    static READ: std::sync::Mutex<Vec<(std::path::PathBuf, Vec<u32>)>> = std::sync::Mutex::new(Vec::new());
+    let mut read = READ.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, ids)) = read.iter().find(|(d, _)| d == dir) {
+        return ids.clone();
+    }
+    let text = std::fs::read_to_string(dir.join("tokenizer.json")).expect("the model's tokenizer.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("tokenizer.json is JSON");
+    let ids = json["added_tokens"]
+        .as_array()
+        .expect("tokenizer.json lists its added tokens")
+        .iter()
+        .filter(|t| t["special"].as_bool() == Some(true))
+        .map(|t| u32::try_from(t["id"].as_u64().expect("an added token's id")).expect("a u32 id"))
+        .collect::<Vec<u32>>();
+    read.push((dir.to_path_buf(), ids.clone()));
+    ids
+}
+
+/// The mean of `rows`, summed in order in f64 (the documented arithmetic).
+fn mean(rows: &[&Vec<f32>]) -> Vec<f32> {
+    assert!(!rows.is_empty(), "a mean over no rows");
+    let mut sum = vec![0f64; rows[0].len()];
+    for row in rows {
+        for (s, v) in sum.iter_mut().zip(row.iter()) {
+            *s += f64::from(*v);
+        }
+    }
+    sum.iter().map(|s| (s / rows.len() as f64) as f32).collect()
 }
 
 /// Mean or last-token pooling of the rows `run` gives over `span`.
