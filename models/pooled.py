@@ -6,7 +6,9 @@ masks padding anywhere in a row, so a row's result is its result alone up to
 rounding).
 
 Every text runs once; from that pass come, for each layer kept, the mean of
-the pooled tokens' hidden states and the last token's. A probe (a fixed
+the pooled tokens' hidden states and the last token's, and the mean over
+every token of the text that is not one of the tokenizer's special tokens
+(`convmean`: for a conversation, MEAN_OVER_CONVERSATION's vector). A probe (a fixed
 suffix) runs as a second call on top of the pass's `present.*` and gives its
 last token's state per layer, as the server's probe does.
 """
@@ -80,6 +82,7 @@ class Qwen:
         kv = self.sess.get_inputs()[3].shape
         self.kv_heads, self.head_dim = kv[1], kv[3]
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.special = np.array(sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special), np.int64)
         self.seconds = 0.0
         self.tokens = 0
 
@@ -112,7 +115,7 @@ class Qwen:
 
     def embed(self, items: list[tuple[list[int], int, int]], probe: list[int] | None = None, batch_tokens: int = 2048) -> dict[str, np.ndarray]:
         """items: (ids, pool_start, pool_end). Returns {"mean:L", "last:L",
-        "probe:L"} -> [n, hidden] for every L in self.keys."""
+        "convmean:L", "probe:L"} -> [n, hidden] for every L in self.keys."""
         n = len(items)
         res: dict[str, np.ndarray] = {}
         # A prefix every item shares (a common system turn) runs once; its
@@ -129,9 +132,17 @@ class Qwen:
                 pre = k
             pre = pre if pre >= 64 and all(it[1] >= pre for it in items) else 0
         prefix_kv = None
+        names = self.layer_outs + ["last_hidden_state"]
+        # Per layer: the sum (f64) of the prefix's non-special rows, and their count.
+        prefix_sum = {key: 0.0 for key in self.keys}
+        prefix_rows = 0
         if pre:
             ids = np.array([items[0][0][:pre]], np.int64)
-            prefix_kv = self._run(ids, np.ones_like(ids), np.arange(pre, dtype=np.int64)[None], None, self.presents)
+            prefix_kv = self._run(ids, np.ones_like(ids), np.arange(pre, dtype=np.int64)[None], None, self.presents + names)
+            plain = ~np.isin(ids[0], self.special)
+            prefix_rows = int(plain.sum())
+            prefix_sum = {key: prefix_kv[name][0, plain].astype(np.float64).sum(0) for key, name in zip(self.keys, names)}
+            prefix_kv = {k: prefix_kv[k] for k in self.presents}
         order = np.argsort([len(it[0]) for it in items], kind="stable")
         start = 0
         while start < n:
@@ -159,6 +170,10 @@ class Qwen:
                     _, a, z = items[i]
                     res.setdefault("mean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = h[r, a - pre : z - pre].mean(0)
                     res.setdefault("last:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = h[r, z - pre - 1]
+                    own = np.array(items[i][0][pre:], np.int64)
+                    plain = ~np.isin(own, self.special)
+                    total = prefix_sum[key] + h[r, : len(own)][plain].astype(np.float64).sum(0)
+                    res.setdefault("convmean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = total / max(prefix_rows + int(plain.sum()), 1)
             if probe:
                 p = len(probe)
                 pids = np.tile(np.array(probe, np.int64), (b, 1))

@@ -68,7 +68,8 @@ class Cached:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def embed(self, name: str, items, probe):
-        h = hashlib.sha256(json.dumps([items, probe]).encode()).hexdigest()[:16]
+        # "convmean": outputs cached before the conversation mean was pooled lack it.
+        h = hashlib.sha256(json.dumps([items, probe, "convmean"]).encode()).hexdigest()[:16]
         path = self.dir / f"{name}-{h}.npz"
         if path.exists():
             with np.load(path) as z:
@@ -89,7 +90,8 @@ def posts(background: dict[str, np.ndarray], key: str, served: dict[str, np.ndar
     out = {"raw": es.Transform.identity(b.shape[1]), "center": es.Transform.center(b), "zscore": es.Transform.zscore(b)}
     for k in (128, 256, 512):
         out[f"pca{k}"] = es.Transform.pca_whiten(b, k)
-    pooling = {"mean:final": "mean", "last:final": "last_token", "probe:final": "probe"}.get(key)
+    # The conversation's mean is standardised with the turn mean's statistics, as the server does.
+    pooling = {"mean:final": "mean", "convmean:final": "mean", "last:final": "last_token", "probe:final": "probe"}.get(key)
     if served is not None and pooling:
         z = es.Transform(served[f"{pooling}.mean"], served[f"{pooling}.inv_std"])
         out["served"] = z
@@ -106,21 +108,23 @@ class ServedHead:
     """The served head (embedding_head.safetensors) in numpy, as the server
     applies it: [unit((probe - mean) @ proj), unit((mean - mean) @ proj)] @ head."""
 
-    def __init__(self, t: dict[str, np.ndarray]):
-        self.t = t
+    def __init__(self, t: dict[str, np.ndarray], mean_key: str = "mean", width: int | None = None):
+        self.t, self.mean_key, self.width = t, mean_key, width
 
     def __call__(self, v: dict[str, np.ndarray]) -> np.ndarray:
         t = self.t
-        x = np.concatenate([unit_rows((v[f"{k}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"]) for k in ("probe", "mean")], 1)
-        return x @ t["head"].astype(np.float64)
+        parts = (("probe", "probe"), (self.mean_key, "mean"))
+        x = np.concatenate([unit_rows((v[f"{k}:final"] - t[f"{s}.mean"]) @ t[f"{s}.proj"]) for k, s in parts], 1)
+        # `dimensions`: the head's first components (it is rotated so they carry the most).
+        return (x @ t["head"].astype(np.float64))[:, : self.width]
 
 
-def side_by_side(served: dict[str, np.ndarray], k: int = WHITEN_COMPONENTS):
+def side_by_side(served: dict[str, np.ndarray], k: int = WHITEN_COMPONENTS, mean_key: str = "mean"):
     """POOLING_PROBE_MEAN with STANDARDIZE_WHITEN, as the server does it:
     each vector whitened with the statistics (k components), normalised, side by side."""
 
     def f(v):
-        return np.concatenate([unit_rows((v[f"{p}:final"] - served[f"{s}.mean"]) @ served[f"{s}.whiten"][:, :k]) for p, s in (("probe", "probe"), ("mean", "mean"))], 1)
+        return np.concatenate([unit_rows((v[f"{p}:final"] - served[f"{s}.mean"]) @ served[f"{s}.whiten"][:, :k]) for p, s in (("probe", "probe"), (mean_key, "mean"))], 1)
 
     return f
 
@@ -184,6 +188,8 @@ def main(argv=None):
     ap.add_argument("--write-head-pairs", action="store_true", help="rewrite models/head_pairs.jsonl from the fit part")
     ap.add_argument("--fit-head", action="store_true", help="fit the learned head on models/head_pairs.jsonl (vectors cached here) and write models/heads/<model>.safetensors, the head prepare.py ships")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
+    ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
+    ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here on one language (the check rows; their 9,200 pairs are most of a run's model time)")
     args = ap.parse_args(argv)
     if args.report_only:
         write_report(json.loads(args.json.read_text()), args.out)
@@ -227,7 +233,8 @@ def main(argv=None):
     served_head = ServedHead(read_safetensors(head_file)) if head_file.exists() else None
     if served_head is None:
         log(f"{head_file} is missing: the learned head is not measured")
-    own_heads = {} if args.smoke else fit_heads_here(background, embed, log)
+    own_heads = {} if args.smoke or args.no_own_heads else fit_heads_here(background, embed, log)
+    wanted = set(args.sets.split(","))
     mini = MiniLM(find_model(ROOT / ".venv"))
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "cpu": platform.processor() or platform.machine(), "sets": {}}
 
@@ -252,7 +259,7 @@ def main(argv=None):
         tpl_q = cache.embed(f"{name}-qt", tpl_items, probe_ids)
         d = cache.embed(f"{name}-d", docs_items, probe_ids)
         rows = {}
-        for key in [f"{p}:{k}" for p in ("mean", "last", "probe") for k in qwen.keys]:
+        for key in [f"{p}:{k}" for p in ("mean", "convmean", "last", "probe") for k in qwen.keys]:
             for pname, t in posts(background, key, served).items():
                 for qname, qv in (("raw", raw_q), ("query", tpl_q)):
                     rows[f"{key}|{pname}|q={qname}"] = mrr_r1(t.apply(qv[key]), t.apply(d[key]))
@@ -264,8 +271,15 @@ def main(argv=None):
         probe_mean = {}
         if served_head is not None:
             probe_mean["served_head"] = served_head
+            # Truncated widths (the `dimensions` option) of the default.
+            for w in WIDTHS:
+                probe_mean[f"served_head@{w}"] = ServedHead(served_head.t, width=w)
+            # The conversation's mean in place of the turn's, through the
+            # head fitted on turn means (no head is fitted for it yet).
+            probe_mean["served_head_convmean"] = ServedHead(served_head.t, mean_key="convmean")
         if served is not None:
             probe_mean["whiten"] = side_by_side(served)
+            probe_mean["whiten_convmean"] = side_by_side(served, mean_key="convmean")
         for lang, f in own_heads.items():
             probe_mean[f"head_{lang}_only"] = f
         for pname, f in probe_mean.items():
@@ -276,7 +290,7 @@ def main(argv=None):
         log(f"{name}: minilm {rows['minilm'][0]:.3f}; raw MEAN {rows['mean:final|raw|q=raw'][0]:.3f}; best {best[0][1]} {best[0][0]:.3f}")
 
     for name in ("python", "rust", "heldout"):
-        if name not in sets:
+        if name not in sets or name not in wanted:
             continue
         pairs = datasets.sample(sets[name], "eval", args.heldout if name == "heldout" else args.n)
         items = []
@@ -286,6 +300,8 @@ def main(argv=None):
         run_set(name, [p.query for p in pairs], items, [p.doc for p in pairs])
 
     for kind in ("two_turn", "multi_turn", "long"):
+        if f"conv_{kind}" not in wanted:
+            continue
         convs = datasets.conversations(sets["python"], kind, args.conversations)
         items = [qwen.chatml(c.turns) for c in convs]
         run_set(f"conv_{kind}", [c.query for c in convs], items, ["\n".join(t for _, t in c.turns) for c in convs])
@@ -319,6 +335,9 @@ def cpu_features() -> str:
 # What the server offers, by the harness's row names (pooling:layer|transform|q=query template).
 SERVED = [
     ("PROBE_MEAN, learned head (the default)", "probe_mean|served_head|q=raw"),
+    ("PROBE_MEAN, learned head, first 512 of 768 dims (`dimensions: 512`)", "probe_mean|served_head@512|q=raw"),
+    ("PROBE_MEAN, learned head, first 256 dims", "probe_mean|served_head@256|q=raw"),
+    ("PROBE_MEAN, learned head, first 128 dims", "probe_mean|served_head@128|q=raw"),
     ("PROBE_MEAN, learned head, query input type", "probe_mean|served_head|q=query"),
     ("PROBE_MEAN, head fitted on Python pairs only (check)", "probe_mean|head_python_only|q=raw"),
     ("PROBE_MEAN, head fitted on Rust pairs only (check)", "probe_mean|head_rust_only|q=raw"),
@@ -332,10 +351,16 @@ SERVED = [
     ("MEAN, z-score (the previous Converse default)", "mean:final|served|q=raw"),
     ("MEAN, z-score, query input type", "mean:final|served|q=query"),
     ("MEAN, raw (STANDARDIZE_NONE: the first default)", "mean:final|raw|q=raw"),
+    ("MEAN over the conversation, z-score (MEAN_OVER_CONVERSATION)", "convmean:final|served|q=raw"),
+    ("MEAN over the conversation, whitened", "convmean:final|served_whiten|q=raw"),
+    ("MEAN over the conversation, raw", "convmean:final|raw|q=raw"),
+    ("PROBE_MEAN over the conversation, whitened (side by side, no head)", "probe_mean|whiten_convmean|q=raw"),
+    ("PROBE_MEAN over the conversation, head fitted on turn means", "probe_mean|served_head_convmean|q=raw"),
     ("LAST_TOKEN, z-score", "last:final|served|q=raw"),
     ("LAST_TOKEN, raw", "last:final|raw|q=raw"),
 ]
 DEFAULT_ROW = "probe_mean|served_head|q=raw"
+WIDTHS = (128, 256, 512)  # of the head's 768
 MARKER = "<!-- Hand-written from here on: make quality keeps everything below this line. -->"
 
 
