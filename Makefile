@@ -76,6 +76,7 @@ bench: setup $(VENV)/.bench-installed
 	$(PY) bench/run.py
 	target/release/se-bench profile --model models/qwen2.5-coder-0.5b-instruct/model.onnx > bench/profile.json
 	$(PY) bench/ort_profile.py --json bench/ort_profile.json > /dev/null
+	$(PY) bench/plot.py
 	$(MAKE) --no-print-directory bench-memory
 	$(MAKE) --no-print-directory bench-sessions
 

@@ -298,6 +298,10 @@ def report(R, args):
     w(f"Turns are the ~{e['turn_tokens']}-token texts of `bench/turns.txt` (the prototype's 45-token turn), raw text, MEAN pooling, 2 threads "
       "(over gRPC too: the `load` and `mixed` streams ask for `POOLING_MEAN`, `STANDARDIZE_NONE`, the Python server's work; "
       "the server's default adds the probe's tokens to each turn's call, QUALITY.md).\n")
+    w("![Turn latency against conversation length: ours on the KV cache against re-embedding the whole conversation; "
+      "one turn on a long context](bench/headline.png)\n")
+    w("The headline in a picture (`bench/plot.py`, which `make bench` runs after `se-bench profile`): left, comparison 2 "
+      "below; right, `bench/profile.json` (the analysis's profile).\n")
 
     w("## Targets\n")
     w("| # | comparison | target | measured | |")
