@@ -216,6 +216,16 @@ fn turn_text(i: usize) -> &'static str {
     lines[i % lines.len()]
 }
 
+/// Minor page faults of this process so far (/proc/self/stat, field 10):
+/// memory touched for the first time.
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7)?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -367,7 +377,8 @@ const SHORT_CHAT_TURN: &str = "Can you make this function easier to test, and ad
 /// place on a long cache, see `Model::cut`) and as a copy of the kept rows
 /// (`cut_copy`), a full copy of the cache (`copy_cache`:
 /// the bytes ONNX Runtime's present concat writes too, a proxy for it),
-/// freeing a cache of that size (`drop_cache`), the
+/// freeing a cache of that size (`drop_cache`), the minor page faults of
+/// one call and of one whole turn (memory touched for the first time), the
 /// whole turn (MEAN raw, and the model's default vector with its probe),
 /// and the same call as one row of a batched call of as many rows as the
 /// padded-slot bound allows (at most 8 within `--max-batch-tokens`; the
@@ -463,6 +474,20 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
                 .collect();
             let batched = median_of(Box::new(|| Ok(time(|| model.forward_batch(&batch)).0)))? / group as f64;
             drop(batch);
+            // Memory touched for the first time, per call and per whole turn.
+            let faults = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<u64> {
+                let before = minor_faults();
+                f()?;
+                Ok(minor_faults() - before)
+            };
+            let forward_faults = faults(&mut || {
+                model.forward(&ids, raw_conv.cache(), 0..n)?;
+                Ok(())
+            })?;
+            let turn_faults = faults(&mut || {
+                raw_conv.turn(text, "")?;
+                Ok(())
+            })?;
             let turn_raw = median_of(Box::new(|| Ok(time(|| raw_conv.turn(text, "")).0)))?;
             let turn_default = median_of(Box::new(|| Ok(time(|| default_conv.turn(text, "")).0)))?;
             rows.push(json!({
@@ -471,6 +496,7 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
                 "forward_ms": forward, "forward_no_context_ms": forward_no_context,
                 "forward_with_probe_ms": forward_probe, "cut_ms": cut, "cut_copy_ms": cut_copy, "copy_cache_ms": copy_cache, "drop_cache_ms": drop_cache,
                 "batched_rows": group, "batched_per_row_ms": batched, "turn_mean_raw_ms": turn_raw, "turn_default_ms": turn_default,
+                "forward_minor_faults": forward_faults, "turn_mean_raw_minor_faults": turn_faults,
             }));
             eprintln!("[profile] {}", rows.last().expect("pushed"));
         }
