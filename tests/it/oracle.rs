@@ -724,6 +724,20 @@ fn real_f32_oracle() {
         ..defaults()
     };
     evicting_script(&model, o, F32, "real f32 defaults chunk 16");
+    // MEAN_OVER_CONVERSATION, alone and inside the defaults, evicted and rebuilt.
+    for base in [opts(), defaults()] {
+        let o = ConversationOptions {
+            mean_over: MeanOver::Conversation,
+            prefill_chunk_tokens: 16,
+            ..base
+        };
+        evicting_script(
+            &model,
+            o,
+            F32,
+            &format!("real f32 mean over the conversation {:?}", base.pooling),
+        );
+    }
     for keep in [0, 16] {
         let o = ConversationOptions {
             max_context_tokens: 96,
