@@ -724,6 +724,19 @@ fn real_f32_oracle() {
         ..defaults()
     };
     evicting_script(&model, o, F32, "real f32 defaults chunk 16");
+    // The probe cut in place on a long cache: the values bit for bit those of
+    // a conversation that never probes, the probe's rows left as slack.
+    let long = TEXTS.join(" ").repeat(6);
+    let mut s = Script::new(&model, defaults(), F32);
+    let mut plain = Conversation::new(&model, opts()).unwrap();
+    for text in [long.as_str(), TEXTS[1], TEXTS[2]] {
+        s.turn(text, "user");
+        plain.turn(text, "user").unwrap();
+        assert!(s.conv.context_len() >= IN_PLACE_CUT_RATIO * model.probe_ids().len());
+        assert_eq!(s.conv.cache().slack(), model.probe_ids().len());
+        assert!(s.conv.cache().to_bits().unwrap() == plain.cache().to_bits().unwrap());
+    }
+    s.report("real f32 defaults, probe cut in place");
     // MEAN_OVER_CONVERSATION, alone and inside the defaults, evicted and rebuilt.
     for base in [opts(), defaults()] {
         let o = ConversationOptions {
