@@ -12,11 +12,11 @@ use ort::{
 
 use std::sync::atomic::Ordering;
 
+use super::{Call, FloatType, KvCache, Model, ModelError, faults, kv, ort_err};
+
 /// [`Model::cut`] works in place when the rows it leaves unused are at most
 /// 1/64 of the cache (a 12-token probe: caches of 768 tokens and more).
 pub const IN_PLACE_CUT_RATIO: usize = 64;
-
-use super::{Call, FloatType, KvCache, Model, ModelError, faults, kv, ort_err};
 
 /// One forward pass's hidden states: `rows × hidden` row-major f32.
 #[derive(Debug)]
