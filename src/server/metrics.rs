@@ -6,7 +6,8 @@
 //! * gauges and counters the engine and the budget already keep (streams,
 //!   KV bytes and the budget, conversations by state, turns, tokens, model
 //!   calls, evictions, rebuilds), copied into the registry every
-//!   [`REFRESH`] by [`publish`], so they cost nothing on the hot path;
+//!   [`REFRESH`] by [`publish`] (and once before health says SERVING, by
+//!   [`publish_once`]), so they cost nothing on the hot path;
 //! * histograms recorded where things happen: `se_turn_seconds` (a turn's
 //!   time as its stream sees it), `se_queue_wait_seconds` (from submission to
 //!   the engine's round), `se_batch_rows` (rows per model call);
@@ -103,28 +104,35 @@ fn describe() {
 }
 
 /// Copies the engine's and the budget's figures into the registry every
-/// [`REFRESH`], until the future is dropped.
+/// [`REFRESH`], until the future is dropped (the first copy at once).
 pub async fn publish(shared: Arc<Shared>, engine: Arc<Engine>) {
     let mut tick = tokio::time::interval(REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (stats, budget, model) = (engine.stats(), engine.budget(), engine.model());
-        let resting = budget.resting();
-        metrics::gauge!("se_open_streams").set(shared.open_streams() as f64);
-        metrics::gauge!("se_kv_cache_bytes").set(model.kv_cache_bytes() as f64);
-        metrics::gauge!("se_kv_budget_bytes").set(budget.limit() as f64);
-        metrics::gauge!("se_resident_conversations").set(resting.resident as f64);
-        metrics::gauge!("se_evicted_conversations").set(resting.evicted as f64);
-        metrics::gauge!("se_detached_sessions").set(shared.sessions.detached() as f64);
-        metrics::gauge!("se_queued_texts").set(stats.queued() as f64);
-        let store_up = shared.sessions.store().is_none_or(|s| s.is_up());
-        metrics::gauge!("se_session_store_up").set(if store_up { 1.0 } else { 0.0 });
-        metrics::counter!("se_turns_total").absolute(stats.turns());
-        metrics::counter!("se_tokens_total").absolute(stats.tokens());
-        metrics::counter!("se_model_calls_total").absolute(model.calls());
-        metrics::counter!("se_evictions_total").absolute(budget.evictions());
-        metrics::counter!("se_rebuilds_total").absolute(stats.rebuilds());
-        metrics::counter!("se_rebuilt_tokens_total").absolute(stats.rebuilt_tokens());
+        publish_once(&shared, &engine);
     }
+}
+
+/// Copies the engine's and the budget's figures into the registry once:
+/// called before health says SERVING too, so a scrape right after it sees
+/// them (the spawned [`publish`] loop may not have run yet).
+pub fn publish_once(shared: &Shared, engine: &Engine) {
+    let (stats, budget, model) = (engine.stats(), engine.budget(), engine.model());
+    let resting = budget.resting();
+    metrics::gauge!("se_open_streams").set(shared.open_streams() as f64);
+    metrics::gauge!("se_kv_cache_bytes").set(model.kv_cache_bytes() as f64);
+    metrics::gauge!("se_kv_budget_bytes").set(budget.limit() as f64);
+    metrics::gauge!("se_resident_conversations").set(resting.resident as f64);
+    metrics::gauge!("se_evicted_conversations").set(resting.evicted as f64);
+    metrics::gauge!("se_detached_sessions").set(shared.sessions.detached() as f64);
+    metrics::gauge!("se_queued_texts").set(stats.queued() as f64);
+    let store_up = shared.sessions.store().is_none_or(|s| s.is_up());
+    metrics::gauge!("se_session_store_up").set(if store_up { 1.0 } else { 0.0 });
+    metrics::counter!("se_turns_total").absolute(stats.turns());
+    metrics::counter!("se_tokens_total").absolute(stats.tokens());
+    metrics::counter!("se_model_calls_total").absolute(model.calls());
+    metrics::counter!("se_evictions_total").absolute(budget.evictions());
+    metrics::counter!("se_rebuilds_total").absolute(stats.rebuilds());
+    metrics::counter!("se_rebuilt_tokens_total").absolute(stats.rebuilt_tokens());
 }

@@ -145,6 +145,7 @@ fn log_variant_advice(model: &Model) {
 /// eviction (with `--idle-evict-seconds`).
 pub(super) fn background(config: &Config, shared: &Arc<crate::service::Shared>, engine: &Arc<Engine>) {
     if config.metrics_addr.is_some() {
+        super::metrics::publish_once(shared, engine);
         let (shared, engine, stop) = (shared.clone(), engine.clone(), shared.root.clone());
         tokio::spawn(async move {
             tokio::select! {
