@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tokenizers import Tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "models"))
-from tokenizers import Tokenizer  # noqa: E402
 
 # The turns `se-bench profile` times: its short chat turn (18 tokens) and the
 # first line of bench/turns.txt (45 tokens).

@@ -164,16 +164,17 @@ class Qwen:
             past = {k: np.repeat(v, b, axis=0) for k, v in prefix_kv.items()} if prefix_kv else None
             want = self.layer_outs + ["last_hidden_state"] + (self.presents if probe else [])
             out = self._run(ids, mask, pos, past, want)
+            # Per row, which of its own tokens join the conversation's mean.
+            plain = [~np.isin(np.array(items[i][0][pre:], np.int64), self.special) for i in idx]
             for key, name in zip(self.keys, self.layer_outs + ["last_hidden_state"]):
                 h = out[name]
                 for r, i in enumerate(idx):
                     _, a, z = items[i]
                     res.setdefault("mean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = h[r, a - pre : z - pre].mean(0)
                     res.setdefault("last:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = h[r, z - pre - 1]
-                    own = np.array(items[i][0][pre:], np.int64)
-                    plain = ~np.isin(own, self.special)
-                    total = prefix_sum[key] + h[r, : len(own)][plain].astype(np.float64).sum(0)
-                    res.setdefault("convmean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = total / max(prefix_rows + int(plain.sum()), 1)
+                    own = plain[r]
+                    total = prefix_sum[key] + h[r, : len(own)][own].astype(np.float64).sum(0)
+                    res.setdefault("convmean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = total / max(prefix_rows + int(own.sum()), 1)
             if probe:
                 p = len(probe)
                 pids = np.tile(np.array(probe, np.int64), (b, 1))

@@ -10,19 +10,19 @@ use std::ops::Range;
 use super::options::{ConversationOptions, MeanOver, Pooling, Standardize};
 use crate::model::{Hidden, Model, unit};
 
-/// A conversation's running sum for [`MeanOver::Conversation`]: the final
-/// hidden states of its context's tokens that are not special tokens,
-/// added one row after another in f64, in the context's order (so a sum
-/// carried across turns is bit for bit the sum over the whole context in
-/// one pass), and how many rows it holds.
+/// A sum of hidden rows, added one after another in f64 in the sequence's
+/// order, and how many there are: a turn's text mean, and
+/// [`MeanOver::Conversation`]'s running sum over the context's tokens that
+/// are not special tokens (carried across turns, it is bit for bit the sum
+/// over the whole context in one pass).
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ContextSum {
+pub(crate) struct RowSum {
     sum: Vec<f64>,
     rows: usize,
 }
 
-impl ContextSum {
-    /// The sum of no rows (an empty context).
+impl RowSum {
+    /// The sum of no rows.
     pub(crate) fn empty(width: usize) -> Self {
         Self {
             sum: vec![0.0; width],
@@ -51,7 +51,7 @@ struct ContextRows {
     plain: Vec<bool>,
     /// The sum so far: the conversation's before the turn (or an empty one
     /// when the sequence starts from an empty cache), then the rows taken.
-    sum: ContextSum,
+    sum: RowSum,
 }
 
 /// Pools a turn's rows as they stream out of its calls: the mean and the
@@ -65,8 +65,7 @@ pub(crate) struct Pooler {
     /// The row of the last token riding after the text (the probe's or the
     /// end token), when the pooling appends one.
     probe_row: Option<usize>,
-    sum: Vec<f64>,
-    rows: usize,
+    sum: RowSum,
     last: Vec<f32>,
     probe: Option<Vec<f32>>,
     context: Option<ContextRows>,
@@ -79,8 +78,7 @@ impl Pooler {
         Self {
             text,
             probe_row,
-            sum: vec![0.0; width],
-            rows: 0,
+            sum: RowSum::empty(width),
             last: Vec::new(),
             probe: None,
             context: None,
@@ -90,7 +88,7 @@ impl Pooler {
     /// Also sums the rows of the sequence's first `plain.len()` tokens whose
     /// `plain` is true onto `sum` (the conversation's sum before the
     /// sequence), for [`MeanOver::Conversation`].
-    pub(crate) fn with_context(mut self, sum: ContextSum, plain: Vec<bool>) -> Self {
+    pub(crate) fn with_context(mut self, sum: RowSum, plain: Vec<bool>) -> Self {
         self.context = Some(ContextRows { plain, sum });
         self
     }
@@ -107,7 +105,7 @@ impl Pooler {
     }
 
     /// The conversation's sum after the turn's rows, if it keeps one.
-    pub(crate) fn context_sum(&self) -> Option<&ContextSum> {
+    pub(crate) fn context_sum(&self) -> Option<&RowSum> {
         self.context.as_ref().map(|c| &c.sum)
     }
 
@@ -117,10 +115,7 @@ impl Pooler {
         for r in 0..hidden.rows() {
             let (index, row) = (first + r, hidden.row(r));
             if self.text.contains(&index) {
-                for (s, v) in self.sum.iter_mut().zip(row) {
-                    *s += f64::from(*v);
-                }
-                self.rows += 1;
+                self.sum.add(row);
                 self.last.clear();
                 self.last.extend_from_slice(row);
             }
@@ -136,8 +131,7 @@ impl Pooler {
     }
 
     fn mean(&self) -> Vec<f32> {
-        let n = self.rows.max(1) as f64;
-        self.sum.iter().map(|s| (s / n) as f32).collect()
+        self.sum.mean()
     }
 
     /// The mean the options pool: the turn's text, or the conversation's.

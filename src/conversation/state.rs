@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{
     TurnOutput,
     options::{ConversationOptions, MeanOver, OptionsError},
-    pooling::ContextSum,
+    pooling::RowSum,
 };
 use crate::model::{KvCache, Model};
 
@@ -27,8 +27,8 @@ pub struct Conversation {
     remember_last: bool,
     /// [`MeanOver::Conversation`]'s running sum over the context; `None`
     /// when not kept, or not known (a restored or rolled-back context,
-    /// whose next turn rebuilds it).
-    context_sum: Option<ContextSum>,
+    /// whose next turn rebuilds it: never a resident one).
+    context_sum: Option<RowSum>,
 }
 
 impl Conversation {
@@ -52,8 +52,8 @@ impl Conversation {
     }
 
     /// The running sum of an empty context, when the options keep one.
-    fn empty_sum(model: &Model, options: &ConversationOptions) -> Option<ContextSum> {
-        (options.mean_over == MeanOver::Conversation).then(|| ContextSum::empty(model.spec().hidden_size))
+    fn empty_sum(model: &Model, options: &ConversationOptions) -> Option<RowSum> {
+        (options.mean_over == MeanOver::Conversation).then(|| RowSum::empty(model.spec().hidden_size))
     }
 
     /// A conversation on `model` whose context is `tokens` (exactly as
@@ -80,7 +80,7 @@ impl Conversation {
         }
         conversation.tokens = tokens;
         conversation.turns = turns;
-        conversation.context_sum = None;
+        conversation.forget_sum();
         Ok(conversation)
     }
 
@@ -94,7 +94,18 @@ impl Conversation {
         self.turns = turns;
         self.last = last.map(Box::new);
         self.cache = self.model.empty_cache();
-        self.context_sum = None;
+        self.forget_sum();
+    }
+
+    /// The context's tokens came without their cache: the running sum (if
+    /// kept) is unknown until the next turn's rebuild sums them again, or
+    /// the empty one when there are none (such a context is resident).
+    fn forget_sum(&mut self) {
+        self.context_sum = if self.tokens.is_empty() {
+            Self::empty_sum(&self.model, &self.options)
+        } else {
+            None
+        };
     }
 
     /// Keeps each turn's output from now on ([`Conversation::last_output`]):
@@ -159,7 +170,7 @@ impl Conversation {
     }
 
     /// [`MeanOver::Conversation`]'s running sum, when kept and known.
-    pub(super) fn context_sum(&self) -> Option<&ContextSum> {
+    pub(super) fn context_sum(&self) -> Option<&RowSum> {
         self.context_sum.as_ref()
     }
 
@@ -215,7 +226,7 @@ impl Conversation {
         from_empty: bool,
         cache: KvCache,
         output: &TurnOutput,
-        context_sum: Option<ContextSum>,
+        context_sum: Option<RowSum>,
     ) {
         if context_sum.is_some() {
             self.context_sum = context_sum;

@@ -514,9 +514,13 @@ fn pooler(
     if c.options().mean_over != MeanOver::Conversation {
         return pooler;
     }
+    // A conversation forgets its sum only with a cache it no longer has
+    // (restored or rolled back onto tokens): a turn on top of its cache
+    // always has the sum to go on from.
+    debug_assert!(from_empty || c.context_sum().is_some(), "a resident conversation's sum");
     let sum = match c.context_sum() {
         Some(sum) if !from_empty => sum.clone(),
-        _ => pooling::ContextSum::empty(model.spec().hidden_size),
+        _ => pooling::RowSum::empty(model.spec().hidden_size),
     };
     let tokenizer = model.tokenizer();
     let plain = sequence[..sequence.len() - probe]
@@ -545,11 +549,8 @@ struct Place {
 fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
     let o = c.options();
     let (window, ctx) = (o.max_context_tokens, c.context_len());
-    // A conversation that keeps a sum over its context and does not know it
-    // (restored, rolled back) rebuilds like an evicted one.
-    let known = o.mean_over != MeanOver::Conversation || c.context_sum().is_some();
     if ctx + n <= window {
-        return Ok(if c.is_resident() && known {
+        return Ok(if c.is_resident() {
             Place {
                 base: None,
                 dropped: 0,

@@ -303,6 +303,11 @@ fn run_suite(model: &Arc<Model>, tol: Tolerance, label: &str) {
         resumed.conv = Conversation::restored(model, o.clone(), s.conv.tokens().to_vec(), 8).unwrap();
         resumed.context = s.conv.tokens().to_vec();
         resumed.turn(TEXTS[8], "user");
+        // A session resumed with an empty context (its last act a reset): resident at once.
+        let mut empty = Script::new(model, o.clone(), tol);
+        empty.conv = Conversation::restored(model, o.clone(), Vec::new(), 8).unwrap();
+        empty.turn(TEXTS[4], "user");
+        empty.turn(TEXTS[5], "");
         s.report(&format!(
             "{label} mean over the conversation, window {window} chunk {chunk} {overflow:?}"
         ));

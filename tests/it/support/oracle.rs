@@ -179,13 +179,7 @@ fn pool(run: Run<'_>, ids: &[u32], span: Range<usize>, pooling: Pooling) -> Vec<
     if pooling == Pooling::LastToken {
         return rows[rows.len() - 1].clone();
     }
-    let mut sum = vec![0f64; rows[0].len()];
-    for row in &rows {
-        for (s, v) in sum.iter_mut().zip(row) {
-            *s += f64::from(*v);
-        }
-    }
-    sum.iter().map(|s| (s / rows.len() as f64) as f32).collect()
+    mean(&rows.iter().collect::<Vec<_>>())
 }
 
 /// The documented post-processing, written here rather than borrowed from the
