@@ -470,6 +470,7 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
                     past: raw_conv.cache(),
                     keep: 0..n,
                     cut: 0,
+                    keep_base: false,
                 })
                 .collect();
             let batched = median_of(Box::new(|| Ok(time(|| model.forward_batch(&batch)).0)))? / group as f64;

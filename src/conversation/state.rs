@@ -1,14 +1,14 @@
 //! One conversation's state: the token ids of its context, the KV cache
 //! behind them (all of them, or none after an eviction), its options.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use super::{
     TurnOutput,
     options::{ConversationOptions, MeanOver, OptionsError},
     pooling::RowSum,
 };
-use crate::model::{KvCache, Model};
+use crate::model::{KvCache, Model, Segment};
 
 /// One conversation over a shared [`Model`]: its own tokens and KV cache.
 ///
@@ -29,6 +29,9 @@ pub struct Conversation {
     /// when not kept, or not known (a restored or rolled-back context,
     /// whose next turn rebuilds it: never a resident one).
     context_sum: Option<RowSum>,
+    /// The shared segment chain its cache followed when it was evicted
+    /// (root first): a rebuild starts from the deepest one still alive.
+    evicted_chain: Vec<Weak<Segment>>,
 }
 
 impl Conversation {
@@ -48,6 +51,7 @@ impl Conversation {
             turns: 0,
             last: None,
             remember_last: false,
+            evicted_chain: Vec::new(),
         })
     }
 
@@ -94,6 +98,7 @@ impl Conversation {
         self.turns = turns;
         self.last = last.map(Box::new);
         self.cache = self.model.empty_cache();
+        self.evicted_chain.clear();
         self.forget_sum();
     }
 
@@ -136,6 +141,7 @@ impl Conversation {
             turns: 0,
             last: None,
             remember_last: false,
+            evicted_chain: Vec::new(),
         };
         std::mem::replace(self, empty)
     }
@@ -146,21 +152,50 @@ impl Conversation {
         let released = self.tokens.len();
         self.tokens.clear();
         self.cache = self.model.empty_cache();
+        self.evicted_chain.clear();
         self.context_sum = Self::empty_sum(&self.model, &self.options);
         released
     }
 
     /// Drops the cache to free its memory and keeps the token ids: the
-    /// next turn rebuilds the cache (by prefilling the tokens) before it
-    /// runs, and its embedding is what it would have been. Returns the bytes
-    /// freed (0 when nothing was cached).
+    /// next turn rebuilds the cache (by prefilling the tokens, after the
+    /// part of them still held in a shared segment) before it runs, and its
+    /// embedding is what it would have been. Returns the bytes it no longer
+    /// reads (0 when nothing was cached): its own, and its shared segments',
+    /// which are freed if no other conversation reads them.
     pub fn evict_cache(&mut self) -> u64 {
         if self.cache.is_empty() {
             return 0;
         }
-        let freed = self.cache.bytes();
+        let released = self.cache.total_bytes();
+        self.evicted_chain = self
+            .cache
+            .base()
+            .map(|b| {
+                let mut chain = vec![Arc::downgrade(b)];
+                let mut at = b.parent();
+                while let Some(p) = at {
+                    chain.push(Arc::downgrade(p));
+                    at = p.parent();
+                }
+                chain.reverse();
+                chain
+            })
+            .unwrap_or_default();
         self.cache = self.model.empty_cache();
-        freed
+        released
+    }
+
+    /// The deepest shared segment still alive of those its cache followed
+    /// before an eviction: a rebuild needs only the tokens after it. None
+    /// for [`MeanOver::Conversation`], whose running sum needs every
+    /// context row's final state.
+    pub(super) fn surviving_base(&self) -> Option<Arc<Segment>> {
+        if self.options.mean_over == MeanOver::Conversation {
+            return None;
+        }
+        let base = self.evicted_chain.iter().rev().find_map(Weak::upgrade)?;
+        (base.end() <= self.tokens.len()).then_some(base)
     }
 
     /// Whether the cache covers the context (false after
@@ -189,9 +224,10 @@ impl Conversation {
         &self.tokens
     }
 
-    /// Bytes of KV cache this conversation holds.
+    /// Bytes of KV cache this conversation reads: its own, and those of the
+    /// shared segments it follows (which other conversations may read too).
     pub fn kv_bytes(&self) -> u64 {
-        self.cache.bytes()
+        self.cache.total_bytes()
     }
 
     /// The most KV bytes this conversation has held at once after a turn.
@@ -215,15 +251,15 @@ impl Conversation {
     }
 
     /// Takes a turn's state after its last call: `sequence` (the turn's
-    /// tokens, after the kept or rebuilt context when `from_empty`) joins
-    /// the context, and `cache` (which covers exactly the new context)
-    /// replaces the old one.
+    /// tokens, after the kept, slid or rebuilt context) follows the first
+    /// `kept` tokens of the context, and `cache` (which covers exactly the
+    /// new context) replaces the old one.
     /// A turn that kept the conversation's sum leaves `context_sum`, the
     /// sum over the new context.
     pub(super) fn adopt(
         &mut self,
         sequence: Vec<u32>,
-        from_empty: bool,
+        kept: usize,
         cache: KvCache,
         output: &TurnOutput,
         context_sum: Option<RowSum>,
@@ -234,11 +270,9 @@ impl Conversation {
         if self.remember_last {
             self.last = Some(Box::new(output.clone()));
         }
-        if from_empty {
-            self.tokens = sequence;
-        } else {
-            self.tokens.extend_from_slice(&sequence);
-        }
+        self.tokens.truncate(kept);
+        self.tokens.extend_from_slice(&sequence);
+        self.evicted_chain.clear();
         debug_assert_eq!(cache.len(), self.tokens.len(), "the cache covers exactly the context");
         self.cache = cache;
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());

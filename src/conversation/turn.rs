@@ -22,14 +22,31 @@
 //! ids stay): a turn that would have run on top of that cache is planned
 //! again as a rebuild from its token ids, without tokenising again.
 
-use std::ops::Range;
+use std::{ops::Range, sync::Arc};
 
 use super::{
+    ConversationOptions,
     options::{MeanOver, OptionsError, Overflow},
     pooling,
     state::Conversation,
 };
-use crate::model::{BatchRow, Call, Hidden, KvCache, ModelError, ROLES, TokenizerError};
+use crate::model::{BatchRow, Call, Hidden, KvCache, ModelError, ROLES, Segment, TokenizerError};
+
+/// Past the shared-prefix bound, a conversation keeps reading a shared base
+/// that another conversation reads too while its own rows are at most this
+/// many times the base's; beyond that it holds all its rows, as a copy of
+/// its own rows every call would cost more than the base's memory saves.
+pub const KEEP_BASE_RATIO: usize = 4;
+
+/// A turn's output kept with the shared segment it made, for the options it
+/// ran with: a conversation with the same options whose next turn is that
+/// segment is answered from it without a model call.
+#[derive(Debug)]
+struct Replay {
+    options: ConversationOptions,
+    output: TurnOutput,
+    context_sum: Option<pooling::RowSum>,
+}
 
 /// Why a turn failed. The conversation is unchanged whatever the reason.
 #[derive(Debug, thiserror::Error)]
@@ -173,9 +190,36 @@ struct Prefill {
     /// Tokens of `sequence` prefilled so far.
     done: usize,
     /// The cache after the calls so far (none yet: the conversation's, or an
-    /// empty one when `from_empty`).
+    /// empty one when `from_empty`; a shared segment's when a rebuild starts
+    /// from one).
     cache: Option<KvCache>,
     pooler: pooling::Pooler,
+    /// Context tokens `sequence` follows (the whole context on top of the
+    /// conversation's cache; a shared segment's when a rebuild starts from
+    /// one; none after a slide, a reset or a rebuild from nothing).
+    kept: usize,
+    /// The shared segment the first call's past follows.
+    base: Option<Arc<Segment>>,
+    /// The new cache keeps following `base` (see [`KEEP_BASE_RATIO`]).
+    keep_base: bool,
+    /// The new context is short enough to share: its rows after `base`
+    /// become a shared segment.
+    share: bool,
+    /// The turn runs right on top of the conversation's shared segment (or
+    /// an empty context): its segment is exactly its own tokens, and its
+    /// output is kept with it for a conversation that takes the same turn.
+    plain: bool,
+    /// Tokens of a rebuild found in a shared segment (not prefilled).
+    reused: usize,
+}
+
+/// What [`plan`] decides.
+#[derive(Debug)]
+enum Plan {
+    /// Calls to run.
+    Prefill(Box<Prefill>),
+    /// The turn is a shared segment's, kept with its output.
+    Shared(Arc<Segment>, Arc<Replay>),
 }
 
 /// What [`Turn::step`] leaves.
@@ -192,9 +236,25 @@ impl Turn {
     /// `conversation`. A turn that cannot be (an unknown role, an empty or
     /// too long text, a full window under REJECT...) is over at once, its
     /// conversation unchanged.
-    pub(crate) fn start(conversation: Conversation, text: &str, role: &str) -> Turn {
+    pub(crate) fn start(mut conversation: Conversation, text: &str, role: &str) -> Turn {
         let state = match plan(&conversation, text, role) {
-            Ok(prefill) => State::Running(Box::new(prefill)),
+            Ok(Plan::Prefill(prefill)) => State::Running(prefill),
+            Ok(Plan::Shared(segment, replay)) => {
+                let c = &mut conversation;
+                let model = c.model().clone();
+                let saved = segment.tokens().len() + c.options().pooling.appended(&model).len();
+                model.count_shared(true, saved);
+                let kept = c.context_len();
+                let cache = model.segment_cache(segment.clone());
+                c.adopt(
+                    segment.tokens().to_vec(),
+                    kept,
+                    cache,
+                    &replay.output,
+                    replay.context_sum.clone(),
+                );
+                State::Over(Ok(replay.output.clone()))
+            }
             Err(e) => State::Over(Err(e)),
         };
         Turn { conversation, state }
@@ -228,10 +288,13 @@ impl Turn {
     pub(crate) fn next_call(&self) -> Option<Call> {
         let p = self.prefill()?;
         let end = p.chunk_end(&self.conversation, p.done);
+        let last = end == p.sequence.len();
         Some(Call {
             past: p.past_len(&self.conversation),
             new: end - p.done,
-            cut: if end == p.sequence.len() { p.probe } else { 0 },
+            cut: if last { p.probe } else { 0 },
+            base: p.past(&self.conversation).map_or(0, KvCache::base_len),
+            keep_base: last && p.keep_base,
         })
     }
 
@@ -287,9 +350,10 @@ impl Turn {
         let p = self.prefill().expect("a single-call turn is running");
         BatchRow {
             ids: &p.sequence,
-            past: if p.from_empty { empty } else { self.conversation.cache() },
+            past: p.past(&self.conversation).unwrap_or(empty),
             keep: p.pooler.rows(),
             cut: p.probe,
+            keep_base: p.keep_base,
         }
     }
 
@@ -331,44 +395,70 @@ impl Turn {
         let Prefill {
             turn,
             mut sequence,
-            from_empty,
             probe,
             dropped,
             rebuilt,
             cache,
             pooler,
+            kept,
+            share,
+            plain,
+            reused,
             ..
         } = *p;
         let c = &mut self.conversation;
+        let model = c.model().clone();
         sequence.truncate(sequence.len() - probe);
         let context_sum = pooler.context_sum().cloned();
-        let (embedding, turn_mean) = pooling::vectors(c.model(), c.options(), pooler);
+        let (embedding, turn_mean) = pooling::vectors(&model, c.options(), pooler);
         let output = TurnOutput {
             embedding,
             turn_mean,
             turn_tokens: turn.len(),
-            context_tokens: if from_empty {
-                sequence.len()
-            } else {
-                c.context_len() + sequence.len()
-            },
+            context_tokens: kept + sequence.len(),
             dropped_tokens: dropped,
             rebuilt_tokens: rebuilt,
         };
-        let cache = cache.expect("the last call made the turn's cache");
-        c.adopt(sequence, from_empty, cache, &output, context_sum);
+        let mut cache = cache.expect("the last call made the turn's cache");
+        if share {
+            // The rows after the base become a shared segment (or the one
+            // another conversation made of the same tokens meanwhile).
+            let own: Vec<u32> = c.tokens()[cache.base_len()..kept]
+                .iter()
+                .chain(&sequence)
+                .copied()
+                .collect();
+            let segment = model.share(cache, own);
+            if plain && segment.output::<Replay>(|r| r.options == *c.options()).is_none() {
+                segment.keep_output(Replay {
+                    options: c.options().clone(),
+                    output: output.clone(),
+                    context_sum: context_sum.clone(),
+                });
+            }
+            cache = model.segment_cache(segment);
+        }
+        if reused > 0 {
+            model.count_shared(false, reused);
+        }
+        c.adopt(sequence, kept, cache, &output, context_sum);
         self.state = State::Over(Ok(output));
     }
 }
 
 impl Prefill {
+    /// The cache the next call runs on top of (`None`: an empty one).
+    fn past<'a>(&'a self, c: &'a Conversation) -> Option<&'a KvCache> {
+        match &self.cache {
+            Some(cache) => Some(cache),
+            None if self.from_empty => None,
+            None => Some(c.cache()),
+        }
+    }
+
     /// Tokens of cache the next call runs on top of.
     fn past_len(&self, c: &Conversation) -> usize {
-        match &self.cache {
-            Some(cache) => cache.len(),
-            None if self.from_empty => 0,
-            None => c.cache().len(),
-        }
+        self.past(c).map_or(0, KvCache::len)
     }
 
     /// Where the call that starts at row `start` of the sequence ends:
@@ -384,17 +474,8 @@ impl Prefill {
     /// Plans the turn again as a rebuild of `c`'s context (its cache was
     /// evicted before any call ran on it).
     fn rebuild_from(&mut self, c: &Conversation) {
-        let base = c.tokens().to_vec();
-        let offset = base.len();
-        let mut sequence = base;
-        sequence.extend_from_slice(&self.turn);
-        sequence.extend_from_slice(&self.sequence[self.sequence.len() - self.probe..]);
-        let text = offset + self.text.start..offset + self.text.end;
-        let probe_row = (self.probe > 0).then(|| sequence.len() - 1);
-        self.pooler = pooler(c, &sequence, self.probe, text, probe_row, true);
-        self.sequence = sequence;
-        self.from_empty = true;
-        self.rebuilt = offset;
+        let place = place(c, self.turn.len()).expect("a turn that fit on its context fits on it rebuilt");
+        *self = build(c, std::mem::take(&mut self.turn), self.text.clone(), place);
     }
 
     /// Runs the next call; returns whether it was the last (its cache, the
@@ -419,10 +500,11 @@ impl Prefill {
         };
         self.pooler.add_rows(&hidden, start + keep.start);
         let last = end == len;
-        // The last call: the probe's rows leave the new cache (the batched
-        // path copies each row's cache out without them).
-        self.cache = Some(if last && self.probe > 0 {
-            model.cut(next, self.probe)?
+        // The last call: the probe's rows leave the new cache, and it keeps
+        // following the shared base or holds every row (the batched path
+        // copies each row's cache out so).
+        self.cache = Some(if last {
+            model.finish(next, self.base.as_ref(), self.keep_base, self.probe)?
         } else {
             next
         });
@@ -432,7 +514,7 @@ impl Prefill {
 }
 
 /// Checks and tokenises a turn and decides what runs on top of what.
-fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> {
+fn plan(c: &Conversation, text: &str, role: &str) -> Result<Plan, TurnError> {
     if !role.is_empty() && !ROLES.contains(&role) {
         return Err(TurnError::UnknownRole(role.to_string()));
     }
@@ -465,12 +547,51 @@ fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> 
         });
     }
 
-    let Place { base, dropped, rebuilt } = place(c, n)?;
-    let from_empty = base.is_some();
-    let mut sequence = base.unwrap_or_default();
+    let place = place(c, n)?;
+    if place.base.is_none()
+        && let Some((segment, replay)) = shared_turn(c, &turn.ids)
+    {
+        return Ok(Plan::Shared(segment, replay));
+    }
+    Ok(Plan::Prefill(Box::new(build(c, turn.ids, turn.text, place))))
+}
+
+/// The shared segment of a turn of `ids` on top of `c`'s context, with the
+/// output it had for `c`'s options: when the context is shared up to its
+/// end (or empty) and a conversation with the same options took the same
+/// turn there.
+fn shared_turn(c: &Conversation, ids: &[u32]) -> Option<(Arc<Segment>, Arc<Replay>)> {
+    let model = c.model();
+    let bound = model.shared_prefix_tokens();
+    if c.context_len() + ids.len() > bound || c.cache().own_len() != 0 || !c.is_resident() {
+        return None;
+    }
+    let segment = model.find_segment(c.cache().base(), ids)?;
+    let replay = segment.output::<Replay>(|r| r.options == *c.options())?;
+    Some((segment, replay))
+}
+
+/// The calls of a turn of `turn` (its text at rows `text`) placed by `place`.
+fn build(c: &Conversation, turn: Vec<u32>, text: Range<usize>, place: Place) -> Prefill {
+    let model = c.model();
+    let o = c.options();
+    let Place {
+        base: placed,
+        segment,
+        dropped,
+        rebuilt,
+    } = place;
+    let from_empty = placed.is_some();
+    let kept = if from_empty {
+        segment.as_ref().map_or(0, |s| s.end())
+    } else {
+        c.context_len()
+    };
+    let plain = !from_empty && c.cache().own_len() == 0;
+    let mut sequence = placed.unwrap_or_default();
     let offset = sequence.len();
-    sequence.extend_from_slice(&turn.ids);
-    let text = offset + turn.text.start..offset + turn.text.end;
+    sequence.extend_from_slice(&turn);
+    let text_rows = offset + text.start..offset + text.end;
     let (mut probe_row, mut probe) = (None, 0);
     if o.pooling.appends() {
         // The probe (or the end token) rides at the end of the turn's call;
@@ -482,18 +603,37 @@ fn plan(c: &Conversation, text: &str, role: &str) -> Result<Prefill, TurnError> 
         probe_row = Some(sequence.len() - 1);
         probe = ids.len();
     }
-    Ok(Prefill {
-        text: turn.text,
-        turn: turn.ids,
-        pooler: pooler(c, &sequence, probe, text, probe_row, from_empty),
+    // Sharing: a context within the bound is shared; past it, a base that
+    // another conversation reads too is kept while it is worth it.
+    let new_len = kept + sequence.len() - probe;
+    let bound = model.shared_prefix_tokens();
+    let share = bound > 0 && new_len <= bound;
+    let base = if from_empty { segment } else { c.cache().base().cloned() };
+    // This turn's references to the base: the clone above, and the
+    // conversation's cache's when the turn runs on it.
+    let ours = if from_empty { 1 } else { 2 };
+    let keep_base = base
+        .as_ref()
+        .is_some_and(|b| share || (Arc::strong_count(b) > ours && new_len - b.end() <= KEEP_BASE_RATIO * b.end()));
+    let reused = if from_empty { kept } else { 0 };
+    Prefill {
+        text,
+        turn,
+        pooler: pooler(c, &sequence, probe, text_rows, probe_row, from_empty),
         sequence,
         from_empty,
         probe,
         dropped,
         rebuilt,
         done: 0,
-        cache: None,
-    })
+        cache: base.clone().filter(|_| from_empty).map(|b| model.segment_cache(b)),
+        kept,
+        base,
+        keep_base,
+        share,
+        plain,
+        reused,
+    }
 }
 
 /// The pooler of a turn's `sequence` (its last `probe` tokens the probe's
@@ -533,10 +673,13 @@ fn pooler(
 /// Where a turn of `n` tokens goes in a conversation's context.
 struct Place {
     /// What the turn's calls run on top of: `None`, the conversation's
-    /// cache; otherwise these tokens from an empty cache first (the context
-    /// a slide keeps, nothing after a reset, the whole context when its
-    /// cache was evicted).
+    /// cache; otherwise these tokens first, from an empty cache or on top
+    /// of `segment` (the context a slide keeps, nothing after a reset, the
+    /// context when its cache was evicted, after the part of it a shared
+    /// segment still holds).
     base: Option<Vec<u32>>,
+    /// The shared segment an evicted context is rebuilt on.
+    segment: Option<Arc<Segment>>,
     /// Context tokens a slide or a reset drops.
     dropped: usize,
     /// Context tokens recomputed because the cache had been evicted.
@@ -550,18 +693,21 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
     let o = c.options();
     let (window, ctx) = (o.max_context_tokens, c.context_len());
     if ctx + n <= window {
-        return Ok(if c.is_resident() {
-            Place {
+        if c.is_resident() {
+            return Ok(Place {
                 base: None,
+                segment: None,
                 dropped: 0,
                 rebuilt: 0,
-            }
-        } else {
-            Place {
-                base: Some(c.tokens().to_vec()),
-                dropped: 0,
-                rebuilt: ctx,
-            }
+            });
+        }
+        let segment = c.surviving_base();
+        let from = segment.as_ref().map_or(0, |s| s.end());
+        return Ok(Place {
+            base: Some(c.tokens()[from..].to_vec()),
+            segment,
+            dropped: 0,
+            rebuilt: ctx - from,
         });
     }
     match o.overflow {
@@ -572,6 +718,7 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
         }),
         Overflow::Reset => Ok(Place {
             base: Some(Vec::new()),
+            segment: None,
             dropped: ctx,
             rebuilt: 0,
         }),
@@ -594,6 +741,7 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
             Ok(Place {
                 dropped: ctx - kept.len(),
                 base: Some(kept),
+                segment: None,
                 rebuilt: 0,
             })
         }

@@ -38,20 +38,16 @@ impl Model {
         );
         let _call = self.ledger.call();
         let mut reserved = self.ledger.reserve(self.call_bytes(&[super::Call {
-            past: 0,
             new: cache.len,
-            cut: 0,
+            ..super::Call::default()
         }]));
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let tensors = cache
-            .tensors
-            .iter()
-            .zip(&donor.tensors)
-            .map(|(t, from)| match self.spec.kv_dtype {
-                FloatType::F32 => kv::splice::<f32>(t, (cache.len, cache.slack), from, donor.len, row, heads, d),
-                FloatType::F16 => kv::splice::<half::f16>(t, (cache.len, cache.slack), from, donor.len, row, heads, d),
+        let tensors = (0..self.io.past.len())
+            .map(|t| match self.spec.kv_dtype {
+                FloatType::F32 => kv::splice::<f32>(cache, t, donor, row, heads, d),
+                FloatType::F16 => kv::splice::<half::f16>(cache, t, donor, row, heads, d),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.cache(&mut reserved, tensors, cache.len))
+        Ok(self.cache(&mut reserved, tensors, cache.len, None))
     }
 }

@@ -10,9 +10,9 @@ use ort::{
     value::{DynValue, Tensor},
 };
 
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, atomic::Ordering};
 
-use super::{Call, FloatType, KvCache, Model, ModelError, faults, kv, ort_err};
+use super::{Call, FloatType, KvCache, Model, ModelError, faults, kv, ort_err, prefix::Segment};
 
 /// [`Model::cut`] works in place when the rows it leaves unused are at most
 /// 1/64 of the cache (a 12-token probe: caches of 768 tokens and more).
@@ -82,30 +82,51 @@ impl Model {
         }
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
         let empty_shape = [1usize, heads, 0, d];
+        // Counted before a based past is gathered.
+        let _call = self.ledger.call();
+        let mut reserved = self.ledger.reserve(self.call_bytes(&[Call {
+            past: p,
+            new: s,
+            base: past.base_len(),
+            ..Call::default()
+        }]));
+        // A based past is fed as it is when it is one segment (and nothing
+        // of its own), else gathered into one tensor per layer.
+        let whole = match &past.base {
+            None => Some(past),
+            Some(base) if past.own_len() == 0 && base.parent().is_none() => Some(&base.rows),
+            Some(_) => None,
+        };
+        let mut gathered_census = Vec::new();
         for (i, name) in self.io.past.iter().enumerate() {
-            let value: SessionInputValue<'_> = match past.tensors.get(i) {
-                Some(t) => match self.spec.kv_dtype {
-                    FloatType::F32 => kv::past_input::<f32>(t, p, past.slack, heads, d)?,
-                    FloatType::F16 => kv::past_input::<f16>(t, p, past.slack, heads, d)?,
+            let value: SessionInputValue<'_> = match whole {
+                Some(cache) => match cache.tensors.get(i) {
+                    Some(t) => match self.spec.kv_dtype {
+                        FloatType::F32 => kv::past_input::<f32>(t, p, cache.slack, heads, d)?,
+                        FloatType::F16 => kv::past_input::<f16>(t, p, cache.slack, heads, d)?,
+                    },
+                    None => match self.spec.kv_dtype {
+                        FloatType::F32 => Tensor::from_array((empty_shape, Vec::<f32>::new())).map(Into::into),
+                        FloatType::F16 => Tensor::from_array((empty_shape, Vec::<f16>::new())).map(Into::into),
+                    }
+                    .map_err(ort_err("create an empty KV cache"))?,
                 },
-                None => match self.spec.kv_dtype {
-                    FloatType::F32 => Tensor::from_array((empty_shape, Vec::<f32>::new())).map(Into::into),
-                    FloatType::F16 => Tensor::from_array((empty_shape, Vec::<f16>::new())).map(Into::into),
+                None => {
+                    let gathered = match self.spec.kv_dtype {
+                        FloatType::F32 => kv::gather_tensor::<f32>(past, i, 0..p, heads, d)?,
+                        FloatType::F16 => kv::gather_tensor::<f16>(past, i, 0..p, heads, d)?,
+                    };
+                    gathered_census.push(self.ledger.scratch(&[&gathered]));
+                    gathered.into()
                 }
-                .map_err(ort_err("create an empty KV cache"))?,
             };
             inputs.push((name.as_str(), value));
         }
 
         let keep = keep.start.min(s)..keep.end.min(s);
-        let _call = self.ledger.call();
-        let mut reserved = self.ledger.reserve(self.call_bytes(&[Call {
-            past: p,
-            new: s,
-            cut: 0,
-        }]));
         metrics::histogram!("se_batch_rows").record(1.0);
         let (hidden, tensors) = self.run(inputs, |outputs| {
+            drop(gathered_census); // the run consumed the gathered inputs
             let hidden = self.read_hidden(outputs, [keep])?.remove(0);
             let tensors = self
                 .io
@@ -119,7 +140,7 @@ impl Model {
                 .collect();
             Ok((hidden, tensors))
         })?;
-        Ok((hidden, self.cache(&mut reserved, tensors, total)))
+        Ok((hidden, self.cache(&mut reserved, tensors, total, None)))
     }
 
     /// The first `len` tokens of `cache`, copied into a cache of their own
@@ -141,20 +162,47 @@ impl Model {
         }
         let _call = self.ledger.call();
         let mut reserved = self.ledger.reserve(self.call_bytes(&[Call {
-            past: 0,
             new: len,
-            cut: 0,
+            ..Call::default()
         }]));
+        let tensors = self.gather(cache, 0..len)?;
+        Ok(self.cache(&mut reserved, tensors, len, None))
+    }
+
+    /// Rows `range` of every tensor of `cache`, in tensors of their own.
+    fn gather(&self, cache: &KvCache, range: std::ops::Range<usize>) -> Result<Vec<DynValue>, ModelError> {
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let tensors = cache
-            .tensors
-            .iter()
+        (0..self.io.past.len())
             .map(|t| match self.spec.kv_dtype {
-                FloatType::F32 => kv::prefix::<f32>(t, (cache.len, cache.slack), len, heads, d),
-                FloatType::F16 => kv::prefix::<f16>(t, (cache.len, cache.slack), len, heads, d),
+                FloatType::F32 => kv::gather_tensor::<f32>(cache, t, range.clone(), heads, d),
+                FloatType::F16 => kv::gather_tensor::<f16>(cache, t, range.clone(), heads, d),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.cache(&mut reserved, tensors, len))
+            .collect()
+    }
+
+    /// `cache` (a call's whole new cache) without its last `cut` tokens, as a
+    /// cache that follows `base` (whose tokens are its first ones): only the
+    /// rows after the base are copied and held; the base's are shared.
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when a tensor cannot be read or made.
+    ///
+    /// # Panics
+    /// If `base` and `cut` leave no room in the cache.
+    pub fn rebase(&self, cache: &KvCache, base: Arc<Segment>, cut: usize) -> Result<KvCache, ModelError> {
+        let (from, to) = (base.end(), cache.len - cut);
+        assert!(from <= to, "a base of {from} tokens under a cache of {to}");
+        let _call = self.ledger.call();
+        let mut reserved = self.ledger.reserve(self.call_bytes(&[Call {
+            new: to - from,
+            ..Call::default()
+        }]));
+        let tensors = if from == to {
+            Vec::new()
+        } else {
+            self.gather(cache, from..to)?
+        };
+        Ok(self.cache(&mut reserved, tensors, to, Some(base)))
     }
 
     /// `cache` without its last `n` tokens (a probe's rows, which under
@@ -178,7 +226,7 @@ impl Model {
         if n == 0 {
             return Ok(cache);
         }
-        if keep < IN_PLACE_CUT_RATIO * (cache.slack + n) {
+        if keep < IN_PLACE_CUT_RATIO * (cache.slack + n) || cache.base.is_some() {
             return self.truncate(&cache, keep);
         }
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
@@ -191,6 +239,24 @@ impl Model {
         cache.slack += n;
         cache.len = keep;
         Ok(cache)
+    }
+
+    /// A call's whole new cache as the turn keeps it: without its last
+    /// `cut` rows, and following `base` when `keep_base` (see [`Model::rebase`]).
+    ///
+    /// # Errors
+    /// [`ModelError::Ort`] when a tensor cannot be read or made.
+    pub fn finish(
+        &self,
+        cache: KvCache,
+        base: Option<&Arc<Segment>>,
+        keep_base: bool,
+        cut: usize,
+    ) -> Result<KvCache, ModelError> {
+        match base {
+            Some(base) if keep_base => self.rebase(&cache, base.clone(), cut),
+            _ => self.cut(cache, cut),
+        }
     }
 
     /// Runs the session once (counted in [`Model::calls`]) and hands its outputs to `read`.
@@ -260,6 +326,9 @@ pub struct BatchRow<'a> {
     /// under causal attention no earlier token attended to them, so the
     /// cache is what it would be had they never run).
     pub cut: usize,
+    /// The row's new cache keeps its past's base (see the `prefix` module)
+    /// and holds only the rows after it; otherwise it holds all its rows.
+    pub keep_base: bool,
 }
 
 impl Model {
@@ -281,10 +350,10 @@ impl Model {
     pub fn forward_batch(&self, rows: &[BatchRow<'_>]) -> Result<Vec<(Hidden, KvCache)>, ModelError> {
         if let [row] = rows {
             let (hidden, cache) = self.forward(row.ids, row.past, row.keep.clone())?;
-            if row.cut == 0 {
-                return Ok(vec![(hidden, cache)]);
-            }
-            return Ok(vec![(hidden, self.cut(cache, row.cut)?)]);
+            return Ok(vec![(
+                hidden,
+                self.finish(cache, row.past.base(), row.keep_base, row.cut)?,
+            )]);
         }
         let b = rows.len();
         let p = rows.iter().map(|r| r.past.len).max().unwrap_or(0);
@@ -297,6 +366,8 @@ impl Model {
                 past: r.past.len,
                 new: r.ids.len(),
                 cut: r.cut,
+                base: r.past.base_len(),
+                keep_base: r.keep_base,
             })
             .collect();
         let _call = self.ledger.call();
@@ -382,7 +453,8 @@ impl Model {
             .zip(tensors)
             .map(|((r, hidden), tensors)| {
                 let len = r.past.len + r.ids.len() - r.cut;
-                (hidden, self.cache(&mut reserved, tensors, len))
+                let base = r.past.base.clone().filter(|_| r.keep_base);
+                (hidden, self.cache(&mut reserved, tensors, len, base))
             })
             .collect())
     }

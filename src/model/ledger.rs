@@ -21,7 +21,7 @@ use ort::value::DynValue;
 
 /// One row of a model call, for the bytes the call adds: the row's cached
 /// tokens, its new tokens, and the tokens cut from its new cache (a probe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Call {
     /// Tokens of cache the row runs on top of.
     pub past: usize,
@@ -29,24 +29,37 @@ pub struct Call {
     pub new: usize,
     /// Tokens at the end of `new` left out of the row's new cache.
     pub cut: usize,
+    /// Tokens of `past` held in a shared segment chain (its base): a call
+    /// alone gathers such a past into one tensor first.
+    pub base: usize,
+    /// The row's new cache keeps that base and holds only the rows after it.
+    pub keep_base: bool,
 }
 
 /// Tokens of KV memory a call over `rows` adds at its peak: one row, its
-/// outputs (`past + new`) and, when rows are cut from them, the copy
-/// without them made while they are held (`past + new - cut`); several rows
+/// past gathered into one tensor when it is based (`past`), its outputs
+/// (`past + new`) and the copy of the rows it keeps when it keeps a base or
+/// cuts rows (`past + new - cut`, less the base it keeps); several rows
 /// in one padded call, the pasts packed into one tensor (`B × P`), the
 /// batched outputs (`B × (P + N)`) and each row's own copy out of them
-/// (`past + new` each, counted whole). The one formula both the budget (before
-/// a call) and the call's reservation use.
+/// (`past + new` each, less a kept base, counted whole). The one formula
+/// both the budget (before a call) and the call's reservation use.
 pub fn call_tokens(rows: &[Call]) -> usize {
+    let kept_base = |r: &Call| if r.keep_base { r.base } else { 0 };
     if let [row] = rows {
         let total = row.past + row.new;
-        return total + if row.cut > 0 { total - row.cut } else { 0 };
+        let gathered = if row.base > 0 { row.past } else { 0 };
+        let copy = if row.cut > 0 || row.keep_base {
+            total - row.cut - kept_base(row)
+        } else {
+            0
+        };
+        return gathered + total + copy;
     }
     let b = rows.len();
     let p = rows.iter().map(|r| r.past).max().unwrap_or(0);
     let n = rows.iter().map(|r| r.new).max().unwrap_or(0);
-    let own: usize = rows.iter().map(|r| r.past + r.new).sum();
+    let own: usize = rows.iter().map(|r| r.past + r.new - kept_base(r)).sum();
     b * p + b * (p + n) + own
 }
 

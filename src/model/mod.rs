@@ -19,6 +19,8 @@
 //! * `contract`: [`ModelSpec`] and [`FloatType`], discovered from the session;
 //! * `kv`: [`KvCache`], and the packing of several caches into one batched
 //!   call;
+//! * `prefix`: shared prefixes, the KV rows of leading turns held once for
+//!   every conversation that begins with them ([`Segment`]);
 //! * `ledger`: the bytes of every live cache and running call, and in test
 //!   builds a census of the tensors that exist beside it
 //!   ([`Model::ledger_snapshot`]);
@@ -37,6 +39,7 @@ mod faults;
 mod forward;
 mod kv;
 mod ledger;
+mod prefix;
 mod profile;
 mod tokenizer;
 
@@ -46,6 +49,7 @@ use contract::{discover, read_config};
 pub use kv::KvCache;
 pub use ledger::{Call, Snapshot as LedgerSnapshot};
 use ledger::{Held, Ledger, Reservation};
+pub use prefix::{PrefixStats, Segment};
 pub use profile::{
     EmbeddingHead, EmbeddingStats, HEAD_FILE, STATS_FILE, STATS_POOLINGS, Standardizer, Whitening, unit,
 };
@@ -54,7 +58,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -161,6 +165,10 @@ pub struct Model {
     probe_ids: Vec<u32>,
     /// The card's end token, as the one id it must be.
     end_ids: Vec<u32>,
+    /// The live shared prefixes.
+    prefixes: prefix::Index,
+    /// Contexts up to this many tokens are shared ([`Model::set_shared_prefix_tokens`]).
+    shared_prefix_tokens: AtomicUsize,
 }
 
 impl Model {
@@ -291,6 +299,8 @@ impl Model {
             card,
             probe_ids,
             end_ids,
+            prefixes: prefix::Index::default(),
+            shared_prefix_tokens: AtomicUsize::new(0),
         }))
     }
 
@@ -366,19 +376,96 @@ impl Model {
         KvCache {
             tensors: Vec::new(),
             len: 0,
+            base: None,
             slack: 0,
             held: Held::none(&self.ledger),
         }
     }
 
-    /// A cache of `len` tokens over `tensors`, its bytes taken from `reserved`.
-    fn cache(&self, reserved: &mut Reservation, tensors: Vec<DynValue>, len: usize) -> KvCache {
-        let held = reserved.hold(len as u64 * self.spec.kv_bytes_per_token(), &tensors);
+    /// A cache of `len` tokens over `tensors` (the rows after `base`'s), its
+    /// bytes taken from `reserved`.
+    fn cache(
+        &self,
+        reserved: &mut Reservation,
+        tensors: Vec<DynValue>,
+        len: usize,
+        base: Option<Arc<Segment>>,
+    ) -> KvCache {
+        let own = len - base.as_ref().map_or(0, |b| b.end());
+        let held = reserved.hold(own as u64 * self.spec.kv_bytes_per_token(), &tensors);
         KvCache {
             tensors,
             len,
+            base,
             slack: 0,
             held,
         }
+    }
+
+    /// Contexts of at most this many tokens keep their KV rows in shared
+    /// segments, found again by any conversation that begins with the same
+    /// turns (see the `prefix` module); 0 (the library's default) shares
+    /// nothing. The server sets `--shared-prefix-tokens`.
+    pub fn set_shared_prefix_tokens(&self, tokens: usize) {
+        self.shared_prefix_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// See [`Model::set_shared_prefix_tokens`].
+    pub fn shared_prefix_tokens(&self) -> usize {
+        self.shared_prefix_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The live shared segment of `tokens` right after `parent` (after
+    /// nothing: at the start of a context).
+    pub fn find_segment(&self, parent: Option<&Arc<Segment>>, tokens: &[u32]) -> Option<Arc<Segment>> {
+        self.prefixes.find(parent, tokens)
+    }
+
+    /// Shares the rows `cache` holds itself (those of `tokens`, after its
+    /// base) as a segment after its base, or finds the live segment of the
+    /// same tokens made meanwhile (then `cache`'s rows are dropped: every
+    /// row is held once).
+    ///
+    /// # Panics
+    /// If `tokens` are not the tokens of the cache's own rows.
+    pub fn share(&self, cache: KvCache, tokens: Vec<u32>) -> Arc<Segment> {
+        assert_eq!(tokens.len(), cache.own_len(), "a segment's tokens are its rows'");
+        let KvCache {
+            tensors,
+            len,
+            base,
+            slack,
+            held,
+        } = cache;
+        let rows = KvCache {
+            tensors,
+            len: len - base.as_ref().map_or(0, |b| b.end()),
+            base: None,
+            slack,
+            held,
+        };
+        self.prefixes.insert(base, tokens, rows)
+    }
+
+    /// A cache that is `segment`'s chain and nothing of its own.
+    pub fn segment_cache(&self, segment: Arc<Segment>) -> KvCache {
+        KvCache {
+            tensors: Vec::new(),
+            len: segment.end(),
+            base: Some(segment),
+            slack: 0,
+            held: Held::none(&self.ledger),
+        }
+    }
+
+    /// Counts prefill a shared segment saved: a turn answered from one
+    /// (`hit`), or `tokens` of a rebuild found in one.
+    pub fn count_shared(&self, hit: bool, tokens: usize) {
+        self.prefixes.saved(hit, tokens);
+    }
+
+    /// What is shared now.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefixes.stats()
     }
 }

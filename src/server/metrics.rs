@@ -80,8 +80,30 @@ fn describe() {
         "se_session_store_errors_total",
         "calls to the shared session store that failed"
     );
+    describe_gauge!(
+        "se_shared_prefixes",
+        "live shared prefix segments (one per shared turn)"
+    );
+    describe_gauge!("se_shared_prefix_tokens", "tokens of the live shared prefix segments");
+    describe_gauge!(
+        "se_shared_prefix_bytes",
+        Unit::Bytes,
+        "bytes of the live shared prefix segments (each once)"
+    );
+    describe_gauge!(
+        "se_shared_prefix_references",
+        "references to shared prefix segments beyond one each"
+    );
+    describe_counter!(
+        "se_shared_turns_total",
+        "turns answered from a shared prefix without a model call"
+    );
+    describe_counter!(
+        "se_shared_tokens_saved_total",
+        "tokens shared prefixes kept from being prefilled"
+    );
     describe_counter!("se_turns_total", "turns and Embed texts embedded");
-    describe_counter!("se_tokens_total", "tokens those turns prefilled");
+    describe_counter!("se_tokens_total", "tokens of those turns");
     describe_counter!("se_model_calls_total", "model calls run");
     describe_counter!("se_evictions_total", "KV caches evicted");
     describe_counter!("se_rebuilds_total", "turns that first rebuilt an evicted cache");
@@ -135,4 +157,11 @@ pub fn publish_once(shared: &Shared, engine: &Engine) {
     metrics::counter!("se_evictions_total").absolute(budget.evictions());
     metrics::counter!("se_rebuilds_total").absolute(stats.rebuilds());
     metrics::counter!("se_rebuilt_tokens_total").absolute(stats.rebuilt_tokens());
+    let shared = model.prefix_stats();
+    metrics::gauge!("se_shared_prefixes").set(shared.segments as f64);
+    metrics::gauge!("se_shared_prefix_tokens").set(shared.tokens as f64);
+    metrics::gauge!("se_shared_prefix_bytes").set(shared.bytes as f64);
+    metrics::gauge!("se_shared_prefix_references").set(shared.shared_references as f64);
+    metrics::counter!("se_shared_turns_total").absolute(shared.hits);
+    metrics::counter!("se_shared_tokens_saved_total").absolute(shared.tokens_saved);
 }

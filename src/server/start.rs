@@ -59,6 +59,7 @@ pub(super) fn load(config: &Config) -> anyhow::Result<Arc<Engine>> {
     warm.turn("Warm-up: def add(a, b):\n    return a + b", "user")
         .context("the warm-up turn failed")?;
     drop(warm);
+    model.set_shared_prefix_tokens(config.shared_prefix_tokens);
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded and warm"

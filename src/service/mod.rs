@@ -203,6 +203,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         let budget = engine.budget();
         let resting = budget.resting();
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let shared = engine.model().prefix_stats();
         let mut response = Response::new(pb::Stats {
             open_streams: saturating_u32(self.shared.open_streams()),
             kv_cache_bytes: snapshot.map_or_else(|| engine.model().kv_cache_bytes(), |s| s.ledger),
@@ -222,6 +223,12 @@ impl pb::embedder_server::Embedder for EmbedderService {
             queue_wait_us_max: micros(stats.queue_wait_max()),
             session_store_up: self.shared.sessions.store().is_none_or(|s| s.is_up()),
             session_store_errors_total: self.shared.sessions.store().map_or(0, |s| s.errors()),
+            shared_prefixes: u32::try_from(shared.segments).unwrap_or(u32::MAX),
+            shared_prefix_tokens: shared.tokens,
+            shared_prefix_bytes: shared.bytes,
+            shared_prefix_references: shared.shared_references,
+            shared_turns_total: shared.hits,
+            shared_tokens_saved_total: shared.tokens_saved,
         });
         if let Some(s) = snapshot {
             let metadata = response.metadata_mut();

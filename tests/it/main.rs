@@ -18,6 +18,7 @@ mod grpc;
 mod memory;
 mod operations;
 mod oracle;
+mod prefix;
 mod properties;
 mod runtime;
 mod security;
