@@ -75,6 +75,7 @@ bench: setup $(VENV)/.bench-installed
 	$(CARGO) build --release --bins --features bench
 	$(PY) bench/run.py
 	target/release/se-bench profile --model models/qwen2.5-coder-0.5b-instruct/model.onnx > bench/profile.json
+	target/release/se-bench shared --model models/qwen2.5-coder-0.5b-instruct/model.onnx > bench/shared.json
 	$(PY) bench/ort_profile.py --json bench/ort_profile.json > /dev/null
 	$(PY) bench/plot.py
 	$(MAKE) --no-print-directory bench-memory

@@ -10,14 +10,22 @@ tokens (`make bench`'s comparison 2, medians with min-max bars). Right: one
 turn on a long context (`se-bench profile`): an 18-token and a 45-token
 turn at ~250, ~2,000 and ~6,000 tokens, MEAN raw and the default vector,
 beside what re-embedding that whole context would take at the left panel's
-rate per token (linear, so an underestimate: attention grows faster). `make bench` runs this after the runs it reads; the measurements and
-the machine are the JSON files'.
+rate per token (linear, so an underestimate: attention grows faster).
+
+And bench/shared.png: a new stream behind the same system prompt as many
+others (`se-bench shared`, bench/shared.json): the time to its first own
+vector with a shared prefix and without, beside its question's cost on a
+context it already holds, and the KV bytes of all those conversations.
+
+`make bench` runs this after the runs it reads; the measurements and the
+machine are the JSON files'. With `--only-shared`, only bench/shared.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -33,7 +41,13 @@ def main(argv=None):
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     ap.add_argument("--profile", type=Path, default=HERE / "profile.json")
     ap.add_argument("--out", type=Path, default=HERE / "headline.png")
+    ap.add_argument("--shared", type=Path, default=HERE / "shared.json")
+    ap.add_argument("--shared-out", type=Path, default=HERE / "shared.png")
+    ap.add_argument("--only-shared", action="store_true")
     args = ap.parse_args(argv)
+    shared(json.loads(args.shared.read_text()), args.shared_out)
+    if args.only_shared:
+        return
     r = json.loads(args.results.read_text())
     prof = json.loads(args.profile.read_text())
     per_turn = r["engine"]["turn_tokens"]
@@ -76,6 +90,32 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
+
+
+def shared(sh, out):
+    """bench/shared.png from `se-bench shared`'s JSON."""
+    fig, ax = plt.subplots(figsize=(6.2, 4.4), dpi=110)
+    bars = [
+        ("without sharing:\nthe prompt, then\nthe question", sh["first_vector_unshared_ms"], "tab:red"),
+        ("with a shared prefix:\nthe prompt answered,\nthen the question", sh["first_vector_shared_ms"], "tab:blue"),
+        ("the question alone,\non a context\nit already holds", sh["cached_turn_ms"], "tab:gray"),
+    ]
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    for i, (_, v, _) in enumerate(bars):
+        ax.text(i, v, f"{v:,.0f} ms", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("ms to the stream's first own vector (median)")
+    ax.tick_params(axis="x", labelsize=8)
+    n = sh["conversations"]
+    ax.text(0.98, 0.95, f"KV of {n:,} such conversations:\n{sh['kv_bytes_shared'] / 1e6:,.0f} MB shared\n"
+            f"{sh['kv_bytes_unshared_total'] / 1e6:,.0f} MB unshared",
+            transform=ax.transAxes, ha="right", va="top", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"A new stream behind a {sh['prompt_tokens']}-token system prompt shared by {n:,} streams", fontsize=10)
+    features = " ".join(k for k, v in re.findall(r"(\w+): (true|false)", sh["cpu_features"]) if v == "true")
+    fig.suptitle(f"{Path(sh['model']).parent.name}, f32, default vector; CPU features: {features}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -302,6 +302,10 @@ def report(R, args):
       "one turn on a long context](bench/headline.png)\n")
     w("The headline in a picture (`bench/plot.py`, which `make bench` runs after `se-bench profile`): left, comparison 2 "
       "below; right, `bench/profile.json` (the analysis's profile).\n")
+    w("![A new stream behind a system prompt shared by 1,000 streams: time to its first vector and the KV held, with and "
+      "without shared prefixes](bench/shared.png)\n")
+    w("Shared prefixes in a picture (`bench/plot.py` from `se-bench shared`'s `bench/shared.json`; the analysis's "
+      "\"Shared prefixes\" entry).\n")
 
     w("## Targets\n")
     w("| # | comparison | target | measured | |")

@@ -71,6 +71,32 @@ enum Cmd {
     Soak(SoakArgs),
     /// Where a turn's time goes, by context length.
     Profile(ProfileArgs),
+    /// Many conversations behind one system prompt, with and without
+    /// shared prefixes.
+    Shared(SharedArgs),
+}
+
+#[derive(Args)]
+struct SharedArgs {
+    /// The model (an ONNX file in a prepared model directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Conversations behind the system prompt, with sharing.
+    #[arg(long, default_value_t = 1000)]
+    conversations: usize,
+    /// Of them, how many run without sharing (each prefills the prompt: its
+    /// memory is the same for every one, so the total is scaled from these).
+    #[arg(long, default_value_t = 20)]
+    unshared: usize,
+    /// The system prompt's length, in tokens (at least).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Repetitions of the in-zone turn timings.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// ONNX Runtime threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -1112,6 +1138,151 @@ async fn soak(args: &SoakArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// `se-bench shared`: `--conversations` conversations whose first turn is
+/// the same system prompt (about `--prompt-tokens` tokens) and whose second
+/// is a short question of their own, all alive at the end, with shared
+/// prefixes on (the server's default `--shared-prefix-tokens`): the KV bytes
+/// held (the model's ledger) against one prompt plus every conversation's
+/// own tokens, and each conversation's time to its first own vector (the
+/// prompt turn, answered from the shared prefix, then the question on it).
+/// Among them, spread evenly, `--unshared` conversations with sharing off:
+/// the prompt prefilled by each, and the same question on its own cache,
+/// the turn's cost when its context is cached. Last, the price of sharing for one conversation
+/// within the bound (its calls gather the shared rows into one past): a
+/// short turn at a few context lengths, shared and not.
+fn shared(args: &SharedArgs) -> anyhow::Result<serde_json::Value> {
+    let model = Model::open(
+        &args.model,
+        &ModelOptions {
+            threads: args.threads,
+            onnxruntime: None,
+        },
+    )?;
+    let tok = model.tokenizer();
+    let per_token = model.spec().kv_bytes_per_token();
+    let mut prompt = String::from("You are a senior reviewer of Python and Rust code. Follow these rules.\n");
+    let mut rule = 0;
+    while tok.encode(&prompt)?.len() < args.prompt_tokens {
+        prompt.push_str(&format!(
+            "Rule {rule}: prefer small pure functions, name them for what they return, and test edge case {rule}.\n"
+        ));
+        rule += 1;
+    }
+    let question = |i: usize| format!("Conversation {i}: can you make `parse_{i}` easier to test?");
+    let options = ConversationOptions::for_model(&model);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+
+    // With sharing, and now and then (evenly spread, so that both see the
+    // same machine) a conversation with sharing off: it prefills the prompt
+    // itself, and its question runs on its own cache of it.
+    let bound = stateful_embedder::server::DEFAULT_SHARED_PREFIX_TOKENS;
+    let every = (args.conversations / args.unshared.max(1)).max(1);
+    let (mut conversations, mut first, mut prompt_turn, mut question_shared, mut own_tokens) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut unshared, mut first_unshared, mut cached_turn, mut unshared_bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut calls, mut prompt_len) = (0, 0);
+    let started = Instant::now();
+    for i in 0..args.conversations {
+        if i % every == every / 2 && unshared.len() < args.unshared {
+            model.set_shared_prefix_tokens(0);
+            let before = model.kv_cache_bytes();
+            let mut c = Conversation::new(&model, options.clone())?;
+            let (d_prompt, out) = time(|| c.turn(&prompt, "system"));
+            out?;
+            let (d_question, out) = time(|| c.turn(&question(i), "user"));
+            out?;
+            first_unshared.push(ms(d_prompt + d_question));
+            cached_turn.push(ms(d_question));
+            unshared_bytes += model.kv_cache_bytes() - before;
+            unshared.push(c);
+        }
+        model.set_shared_prefix_tokens(bound);
+        let before = model.calls();
+        let mut c = Conversation::new(&model, options.clone())?;
+        let (d_prompt, out) = time(|| c.turn(&prompt, "system"));
+        prompt_len = out?.turn_tokens;
+        let (d_question, out) = time(|| c.turn(&question(i), "user"));
+        own_tokens += out?.turn_tokens;
+        calls += model.calls() - before;
+        if i > 0 {
+            prompt_turn.push(ms(d_prompt));
+            question_shared.push(ms(d_question));
+            first.push(ms(d_prompt + d_question));
+        }
+        conversations.push(c);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let unshared_bytes = unshared_bytes / unshared.len().max(1) as u64;
+    drop(unshared);
+    let held = model.kv_cache_bytes();
+    let stats = model.prefix_stats();
+    let ideal = (prompt_len + own_tokens) as u64 * per_token;
+    let shared_calls = calls;
+    drop(conversations);
+
+    // One conversation within the bound, shared and not: a short turn at
+    // each length, on turns of about 100 tokens (one segment each).
+    let mut zone = Vec::new();
+    for target in [250usize, 1000, 1900] {
+        let mut row = json!({ "context": target });
+        for (name, bound) in [
+            ("shared", stateful_embedder::server::DEFAULT_SHARED_PREFIX_TOKENS),
+            ("unshared", 0),
+        ] {
+            model.set_shared_prefix_tokens(bound);
+            let mut c = Conversation::new(&model, options.clone())?;
+            let mut line = 0;
+            while c.context_len() + 100 < target {
+                let text = (line..line + 2).map(turn_text).collect::<Vec<_>>().join("\n");
+                line += 2;
+                c.turn(&format!("{name} {target}: {text}"), "user")?;
+            }
+            let mut v = Vec::new();
+            for r in 0..=args.reps {
+                let (d, out) = time(|| c.turn(&format!("{SHORT_CHAT_TURN} ({name} {target} {r})"), "user"));
+                out?;
+                if r > 0 {
+                    v.push(ms(d)); // the first is a warm-up
+                }
+            }
+            row[name] = json!(median(v));
+            row[format!("{name}_segments")] = json!(model.prefix_stats().segments);
+        }
+        zone.push(row);
+    }
+    model.set_shared_prefix_tokens(0);
+
+    Ok(json!({
+        "model": args.model.display().to_string(),
+        "cpu_features": format!("{:?}", stateful_embedder::platform::cpu::CpuFeatures::detect()),
+        "conversations": args.conversations,
+        "prompt_tokens": prompt_len,
+        "own_tokens_mean": own_tokens as f64 / args.conversations as f64,
+        "seconds": seconds,
+        "model_calls": shared_calls,
+        "kv_bytes_shared": held,
+        "kv_bytes_ideal": ideal,
+        "kv_bytes_unshared_per_conversation": unshared_bytes,
+        "kv_bytes_unshared_total": unshared_bytes * args.conversations as u64,
+        "shared_segments": stats.segments,
+        "shared_turns": stats.hits,
+        "shared_tokens_saved": stats.tokens_saved,
+        "prompt_turn_shared_ms": median(prompt_turn.clone()),
+        "first_vector_shared_ms": median(first.clone()),
+        "first_vector_shared_max_ms": first.iter().copied().fold(0.0, f64::max),
+        "first_vector_unshared_ms": median(first_unshared.clone()),
+        "question_shared_ms": median(question_shared),
+        "cached_turn_ms": median(cached_turn),
+        "unshared_samples": first_unshared.len(),
+        "zone": zone,
+    }))
+}
+
 /// The short turn of `se-bench rebuild`.
 const SHORT_TEXT: &str = "Yes, and add unit tests too.";
 
@@ -1121,6 +1292,7 @@ fn main() -> anyhow::Result<()> {
     let out = match &cli.command {
         Cmd::Engine(a) => engine(a)?,
         Cmd::Profile(a) => profile(a)?,
+        Cmd::Shared(a) => shared(a)?,
         Cmd::Load(a) => rt()?.block_on(load(a))?,
         Cmd::Mixed(a) => rt()?.block_on(mixed(a))?,
         Cmd::Sessions(a) => rt()?.block_on(sessions(a))?,

@@ -15,7 +15,8 @@
 //!   available memory).
 //! * [`model`]: the decoder: one ONNX Runtime session, its I/O contract
 //!   ([`model::ModelSpec`]), forward passes alone and batched, the KV cache
-//!   ([`model::KvCache`]) and the ledger of its bytes, the tokenizer, and
+//!   ([`model::KvCache`]), the shared prefixes whose rows caches read in
+//!   common ([`model::Segment`]), the ledger of their bytes, the tokenizer, and
 //!   what is shipped beside the model: its card ([`model::Card`]: pooling,
 //!   end token, widths, templates, probe), statistics and learned head.
 //! * [`conversation`]: one conversation ([`conversation::Conversation`]) and

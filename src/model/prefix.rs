@@ -125,6 +125,20 @@ impl Segment {
     }
 }
 
+impl Drop for Segment {
+    /// Frees a chain that only this segment held one segment at a time
+    /// (a chain may be a few thousand short turns long: no recursion).
+    fn drop(&mut self) {
+        let mut next = self.parent.take();
+        while let Some(parent) = next {
+            next = match Arc::try_unwrap(parent) {
+                Ok(mut segment) => segment.parent.take(),
+                Err(_) => None,
+            };
+        }
+    }
+}
+
 fn key(parent: Option<&Arc<Segment>>, tokens: &[u32]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     parent.map_or(0, |p| p.key).hash(&mut h);

@@ -22,8 +22,9 @@ pub const DEFAULT_MAX_DETACHED_SESSIONS: usize = 10_000;
 
 /// The default `--shared-prefix-tokens`: room for a long system prompt and a
 /// few examples. Within it every call gathers its shared rows into one
-/// tensor first (a copy of at most this many tokens' rows, ~2 ms on the
-/// 0.5B model in f32).
+/// tensor first (a copy of at most this many tokens' rows: within the noise
+/// of a turn, +1% to +5% at ~1,900 tokens on the 0.5B model in f32,
+/// BENCHMARKS.md's "Shared prefixes").
 pub const DEFAULT_SHARED_PREFIX_TOKENS: usize = 2048;
 
 /// The server's settings. Every flag can also be set by its environment variable.

@@ -24,7 +24,7 @@ mod drain;
 pub mod metrics;
 mod start;
 
-pub use config::{Config, LogFormat};
+pub use config::{Config, DEFAULT_SHARED_PREFIX_TOKENS, LogFormat};
 
 use drain::{CLOSE_GRACE, set_health};
 

@@ -418,6 +418,42 @@ fn shared_prefixes_are_bit_exact() {
                 );
             }
 
+            // Two conversations make the same segment in one batched call:
+            // one is kept (the census holds one turn), both read it.
+            let twin = models::tiny_private(file);
+            twin.set_shared_prefix_tokens(2048);
+            let mut pair: Vec<Conversation> = (0..2)
+                .map(|_| Conversation::new(&twin, options.clone()).unwrap())
+                .collect();
+            {
+                let mut requests: Vec<TurnRequest<'_>> = pair
+                    .iter_mut()
+                    .map(|c| TurnRequest {
+                        conversation: c,
+                        text: &turns[0].1,
+                        role: turns[0].0,
+                    })
+                    .collect();
+                for r in run_turns(&mut requests, BatchLimits::default()) {
+                    r.expect("the batched turn runs");
+                }
+            }
+            let per_token = if file.contains("fp16") {
+                TINY_KV_BYTES_PER_TOKEN / 2
+            } else {
+                TINY_KV_BYTES_PER_TOKEN
+            };
+            let census = twin.ledger_snapshot().expect("the census (faults feature)");
+            assert_eq!(
+                (census.census, census.ledger),
+                (tokens_of(&turns[..1]) as u64 * per_token, census.census),
+                "{what}: one copy of the turn made twice at once"
+            );
+            assert!(Arc::ptr_eq(
+                pair[0].cache().base().unwrap(),
+                pair[1].cache().base().unwrap()
+            ));
+
             // The negative control.
             let mut other = turns[..3].to_vec();
             other[1].1.push('!');

@@ -128,18 +128,22 @@ def test_metrics_move_as_the_server_works(pb):
             out = list(stub.Converse(iter([*turns, bad]), timeout=DEADLINE))
             assert [r.WhichOneof("result") for r in out] == ["embedding"] * 3 + ["error"]
 
-            # A stream held open shows in the gauges, its cache exactly its context.
+            # A stream held open shows in the gauges, its cache exactly its
+            # context. (A text of its own: had it been the first stream's first
+            # turn, it could be answered from that stream's shared prefix if the
+            # server had not yet dropped it, without a call.)
+            held_text = "held: def g(): pass"
             held = Held(stub, pb2)
-            held.send(turns[0])
+            held.send(pb2.ConverseRequest(tag="held", turn=pb2.Turn(text=held_text, role="user")))
             assert held.answer().WhichOneof("result") == "embedding"
-            own = user_turn_tokens(texts[0]) * KV_BYTES_PER_TOKEN
+            own = user_turn_tokens(held_text) * KV_BYTES_PER_TOKEN
             during = wait_scrape(maddr, lambda s: value(s, "se_open_streams") == 1 and value(s, "se_kv_cache_bytes") == own, "one open stream")
             assert value(during, "se_resident_conversations") == 1
             assert value(during, "se_evicted_conversations") == 0
             held.close()
             list(held.responses)
 
-        want_tokens = sum(user_turn_tokens(t) for t in texts) + user_turn_tokens(texts[0])
+        want_tokens = sum(user_turn_tokens(t) for t in texts) + user_turn_tokens(held_text)
         after = wait_scrape(maddr, lambda s: value(s, "se_turns_total") == value(before, "se_turns_total") + 4
                             and value(s, "se_open_streams") == 0, "counters moved")
         delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
