@@ -1,7 +1,7 @@
 //! One conversation's state: the token ids of its context, the KV cache
 //! behind them (all of them, or none after an eviction), its options.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use super::{
     TurnOutput,
@@ -29,9 +29,6 @@ pub struct Conversation {
     /// when not kept, or not known (a restored or rolled-back context,
     /// whose next turn rebuilds it: never a resident one).
     context_sum: Option<RowSum>,
-    /// The shared segment chain its cache followed when it was evicted
-    /// (root first): a rebuild starts from the deepest one still alive.
-    evicted_chain: Vec<Weak<Segment>>,
 }
 
 impl Conversation {
@@ -51,7 +48,6 @@ impl Conversation {
             turns: 0,
             last: None,
             remember_last: false,
-            evicted_chain: Vec::new(),
         })
     }
 
@@ -98,7 +94,6 @@ impl Conversation {
         self.turns = turns;
         self.last = last.map(Box::new);
         self.cache = self.model.empty_cache();
-        self.evicted_chain.clear();
         self.forget_sum();
     }
 
@@ -141,7 +136,6 @@ impl Conversation {
             turns: 0,
             last: None,
             remember_last: false,
-            evicted_chain: Vec::new(),
         };
         std::mem::replace(self, empty)
     }
@@ -152,14 +146,13 @@ impl Conversation {
         let released = self.tokens.len();
         self.tokens.clear();
         self.cache = self.model.empty_cache();
-        self.evicted_chain.clear();
         self.context_sum = Self::empty_sum(&self.model, &self.options);
         released
     }
 
     /// Drops the cache to free its memory and keeps the token ids: the
     /// next turn rebuilds the cache (by prefilling the tokens, after the
-    /// part of them still held in a shared segment) before it runs, and its
+    /// part of them a live shared segment holds) before it runs, and its
     /// embedding is what it would have been. Returns the bytes it no longer
     /// reads (0 when nothing was cached): its own, and its shared segments',
     /// which are freed if no other conversation reads them.
@@ -168,34 +161,19 @@ impl Conversation {
             return 0;
         }
         let released = self.cache.total_bytes();
-        self.evicted_chain = self
-            .cache
-            .base()
-            .map(|b| {
-                let mut chain = vec![Arc::downgrade(b)];
-                let mut at = b.parent();
-                while let Some(p) = at {
-                    chain.push(Arc::downgrade(p));
-                    at = p.parent();
-                }
-                chain.reverse();
-                chain
-            })
-            .unwrap_or_default();
         self.cache = self.model.empty_cache();
         released
     }
 
-    /// The deepest shared segment still alive of those its cache followed
-    /// before an eviction: a rebuild needs only the tokens after it. None
-    /// for [`MeanOver::Conversation`], whose running sum needs every
-    /// context row's final state.
+    /// The deepest live shared segment that begins the context, for a
+    /// rebuild (after an eviction, or of a restored context): only the
+    /// tokens after it are prefilled. None for [`MeanOver::Conversation`],
+    /// whose running sum needs every context row's final state.
     pub(super) fn surviving_base(&self) -> Option<Arc<Segment>> {
         if self.options.mean_over == MeanOver::Conversation {
             return None;
         }
-        let base = self.evicted_chain.iter().rev().find_map(Weak::upgrade)?;
-        (base.end() <= self.tokens.len()).then_some(base)
+        self.model.longest_segment(&self.tokens)
     }
 
     /// Whether the cache covers the context (false after
@@ -272,7 +250,6 @@ impl Conversation {
         }
         self.tokens.truncate(kept);
         self.tokens.extend_from_slice(&sequence);
-        self.evicted_chain.clear();
         debug_assert_eq!(cache.len(), self.tokens.len(), "the cache covers exactly the context");
         self.cache = cache;
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());

@@ -21,6 +21,14 @@
 //! [`Turn::evict`] drops the conversation's cache to make room (its token
 //! ids stay): a turn that would have run on top of that cache is planned
 //! again as a rebuild from its token ids, without tokenising again.
+//!
+//! # Shared prefixes
+//! Within the model's shared-prefix bound, the turn's rows become a shared
+//! segment after the conversation's (see `model::prefix`), with the turn's
+//! output kept beside them; a turn that another conversation with the same
+//! options already took on the same context is over at [`Turn::start`],
+//! answered from that segment without a call. A rebuild starts from the
+//! deepest segment of the evicted chain still alive.
 
 use std::{ops::Range, sync::Arc};
 

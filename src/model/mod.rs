@@ -421,6 +421,12 @@ impl Model {
         self.prefixes.find(parent, tokens)
     }
 
+    /// The deepest live shared segment whose chain's tokens begin `tokens`
+    /// (for a context rebuilt without its cache: evicted, or restored).
+    pub fn longest_segment(&self, tokens: &[u32]) -> Option<Arc<Segment>> {
+        self.prefixes.longest(tokens)
+    }
+
     /// Shares the rows `cache` holds itself (those of `tokens`, after its
     /// base) as a segment after its base, or finds the live segment of the
     /// same tokens made meanwhile (then `cache`'s rows are dropped: every

@@ -16,8 +16,9 @@
 //! based cache is the call on the contiguous one.
 //!
 //! # The index
-//! A hash map from a chain's key (a hash of its parent's key and its own
-//! tokens, so a key names every token from the start) to a weak reference:
+//! A hash map from a chain's key (a hash of every token from the start
+//! through the segment's last, computed incrementally: a segment keeps the
+//! hasher's state for its children) to a weak reference:
 //! a segment lives while a conversation references it (directly, or as the
 //! parent of one it references) and is freed with its last reference, so
 //! nothing in the index is held for nobody and the budget never has to
@@ -28,7 +29,11 @@
 //! system prompt, examples), a turn is the unit a stream sends and the
 //! engine prefills, and a shared prefix that ended inside a turn would need
 //! the rest of that turn prefilled anyway; one map lookup per turn is all
-//! the matching a turn needs.
+//! the matching a turn needs. A context that comes without its boundaries
+//! (evicted, or restored from a session store) finds the longest live
+//! segment that begins it by hashing its tokens one by one and looking each
+//! prefix up ([`Index::longest`]): one lookup per token, the match checked
+//! token by token.
 //!
 //! # What else a segment keeps
 //! The outputs of the turn that made it (per set of conversation options,
@@ -38,7 +43,7 @@
 use std::{
     any::Any,
     collections::HashMap,
-    hash::{Hash, Hasher},
+    hash::{DefaultHasher, Hasher},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
@@ -55,7 +60,8 @@ pub struct Segment {
     tokens: Vec<u32>,
     /// Tokens before it (its parent chain's).
     start: usize,
-    key: u64,
+    /// The hash of every token from the start through its last.
+    path: DefaultHasher,
     outputs: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
 }
 
@@ -139,11 +145,13 @@ impl Drop for Segment {
     }
 }
 
-fn key(parent: Option<&Arc<Segment>>, tokens: &[u32]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    parent.map_or(0, |p| p.key).hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+/// The hasher's state after `tokens` following `parent`'s (see the module docs).
+fn path(parent: Option<&Arc<Segment>>, tokens: &[u32]) -> DefaultHasher {
+    let mut h = parent.map_or_else(DefaultHasher::new, |p| p.path.clone());
+    for &t in tokens {
+        h.write_u32(t);
+    }
+    h
 }
 
 /// What is shared now (see [`super::Model::prefix_stats`]).
@@ -180,7 +188,7 @@ impl Index {
 
     /// The live segment of `tokens` after `parent`.
     pub(super) fn find(&self, parent: Option<&Arc<Segment>>, tokens: &[u32]) -> Option<Arc<Segment>> {
-        let found = self.map().get(&key(parent, tokens))?.upgrade()?;
+        let found = self.map().get(&path(parent, tokens).finish())?.upgrade()?;
         let same_parent = match (parent, &found.parent) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -195,14 +203,15 @@ impl Index {
         if let Some(found) = self.find(parent.as_ref(), &tokens) {
             return found;
         }
-        let key = key(parent.as_ref(), &tokens);
+        let path = path(parent.as_ref(), &tokens);
+        let key = path.finish();
         let start = parent.as_ref().map_or(0, |p| p.end());
         let segment = Arc::new(Segment {
             parent,
             rows,
             tokens,
             start,
-            key,
+            path,
             outputs: Mutex::new(Vec::new()),
         });
         let mut map = self.map();
@@ -213,6 +222,28 @@ impl Index {
         }
         map.insert(key, Arc::downgrade(&segment));
         segment
+    }
+
+    /// The deepest live segment whose chain's tokens begin `tokens`.
+    pub(super) fn longest(&self, tokens: &[u32]) -> Option<Arc<Segment>> {
+        let map = self.map();
+        if map.is_empty() {
+            return None;
+        }
+        let mut h = DefaultHasher::new();
+        let mut found = None;
+        for (i, &t) in tokens.iter().enumerate() {
+            h.write_u32(t);
+            let Some(segment) = map.get(&h.finish()).and_then(Weak::upgrade) else {
+                continue;
+            };
+            // A hash names its tokens only probably: check them.
+            let same = segment.end() == i + 1 && segment.chain().iter().all(|s| s.tokens == tokens[s.start..s.end()]);
+            if same {
+                found = Some(segment);
+            }
+        }
+        found
     }
 
     /// Counts a turn answered from a segment, or tokens reused in a rebuild.

@@ -469,3 +469,84 @@ fn shared_prefixes_are_bit_exact() {
         }
     }
 }
+
+#[test]
+/// A context that comes back without its cache or its turn boundaries (a
+/// session restored from a store, on any replica) is rebuilt on the longest
+/// live shared prefix that begins it: only the tokens after it are
+/// prefilled (the rebuilt-token count and the tokens-saved counter), and its
+/// next vector meets the oracle. The control: once no conversation reads
+/// that prefix, the same restore recomputes everything.
+fn a_restored_context_rebuilds_on_a_live_prefix() {
+    let (model, plain) = (models::tiny_private("model.onnx"), models::tiny_private("model.onnx"));
+    model.set_shared_prefix_tokens(2048);
+    let options = ConversationOptions::default();
+    let mut turns = prefix();
+    let p = tokens_of(&turns);
+    let mut holder = Conversation::new(&model, options.clone()).unwrap();
+    take(&mut holder, &turns);
+    turns.push(("user", "fn own() -> bool { true }".to_string()));
+    turns.push(("assistant", "It is always true.".to_string()));
+    let (tokens, n) = {
+        let mut gone = Conversation::new(&model, options.clone()).unwrap();
+        take(&mut gone, &turns);
+        (gone.tokens().to_vec(), gone.turns())
+    };
+    let next = ("user", "And now?".to_string());
+    let mut context = Context { ids: tokens.clone() };
+    let span = context.push(&next.1, next.0);
+    let want = oracle(&plain, &context.ids, span, &options);
+
+    let restore = || {
+        let saved = model.prefix_stats().tokens_saved;
+        let mut c = Conversation::restored(&model, options.clone(), tokens.clone(), n).unwrap();
+        let out = c.turn(&next.1, next.0).expect("the restored conversation's turn");
+        assert_close("restored", &out.embedding, &want, F32);
+        (c, out.rebuilt_tokens, model.prefix_stats().tokens_saved - saved)
+    };
+    let (restored, rebuilt, saved) = restore();
+    assert_eq!(
+        (rebuilt, saved),
+        (tokens.len() - p, p as u64),
+        "rebuilt on the live prefix"
+    );
+    drop((holder, restored));
+    let (_, rebuilt, saved) = restore();
+    assert_eq!(
+        (rebuilt, saved),
+        (tokens.len(), 0),
+        "no live prefix: everything recomputed"
+    );
+}
+
+#[test]
+/// A conversation with other options (here raw MEAN pooling, against the
+/// default vector) that takes the same turns reads the same shared rows but
+/// is never answered with the other's outputs: each of its turns runs its
+/// own call and meets the oracle for its own options.
+fn other_options_share_rows_not_answers() {
+    let (model, plain) = (models::tiny_private("model.onnx"), models::tiny_private("model.onnx"));
+    model.set_shared_prefix_tokens(2048);
+    let turns = prefix();
+    let mut first = Conversation::new(&model, ConversationOptions::default()).unwrap();
+    take(&mut first, &turns);
+    let mean = ConversationOptions {
+        pooling: stateful_embedder::conversation::Pooling::Mean,
+        standardize: stateful_embedder::conversation::Standardize::None,
+        ..Default::default()
+    };
+    let calls = model.calls();
+    let mut other = Conversation::new(&model, mean.clone()).unwrap();
+    let outs = take(&mut other, &turns);
+    assert_eq!(
+        model.calls() - calls,
+        turns.len() as u64,
+        "every turn ran: no answer was borrowed"
+    );
+    assert!(
+        Arc::ptr_eq(first.cache().base().unwrap(), other.cache().base().unwrap()),
+        "the rows are the same segments"
+    );
+    assert_eq!(model.prefix_stats().hits, 0);
+    against_oracle("other options", &plain, &mean, &turns, &outs, F32);
+}
