@@ -208,7 +208,8 @@ impl Conversation {
         self.cache.total_bytes()
     }
 
-    /// The most KV bytes this conversation has held at once after a turn.
+    /// The most KV bytes this conversation has read at once after a turn
+    /// (as [`Conversation::kv_bytes`]: shared segments included).
     pub fn peak_kv_bytes(&self) -> u64 {
         self.peak_kv_bytes
     }
@@ -252,7 +253,7 @@ impl Conversation {
         self.tokens.extend_from_slice(&sequence);
         debug_assert_eq!(cache.len(), self.tokens.len(), "the cache covers exactly the context");
         self.cache = cache;
-        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.total_bytes());
         self.turns += 1;
     }
 }
