@@ -239,38 +239,41 @@ def read_safetensors_metadata(path: Path) -> dict:
         return json.loads(f.read(n)).get("__metadata__", {})
 
 
-def probe_text() -> str:
-    return load_templates()["probe"]
+def probe_text(model_dir: Path | None = None) -> str:
+    """The probe of model_dir's card (the base card's without one)."""
+    return load_templates(model_dir)["probe"]
 
 
-def stats_metadata(name: str, hidden: int) -> dict[str, str]:
+def stats_metadata(name: str, hidden: int, probe: str) -> dict[str, str]:
     return {
         "format": str(STATS_FORMAT),
         "model": name,
         "hidden_size": str(hidden),
         "corpus_sha256": corpus_hash(),
-        "probe_sha256": hashlib.sha256(probe_text().encode()).hexdigest(),
+        "probe_sha256": hashlib.sha256(probe.encode()).hexdigest(),
         "tool_version": STATS_TOOL_VERSION,
         "layer": "final",
         "transform": "zscore,whiten",
     }
 
 
-def background_vectors(q) -> dict[str, np.ndarray]:
+def background_vectors(q, probe: str) -> dict[str, np.ndarray]:
     """The background corpus's pooled vectors through the model `q` (a
-    pooled.Qwen): {"mean:final", "last:final", "probe:final"} -> [n, hidden]."""
-    return q.embed(background_items(q.encode, q.chatml), q.encode(probe_text()))
+    pooled.Qwen) with `probe`: {"mean:final", "last:final", "probe:final"} -> [n, hidden]."""
+    return q.embed(background_items(q.encode, q.chatml), q.encode(probe))
 
 
 def write_stats(model_dir: Path, name: str, out: Path, background: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Writes the background statistics of model_dir's model.onnx (f32) to
-    `out`: per pooling {mean,last_token,probe}, the per-dimension mean and
-    1/std and the full PCA whitening (896 x 896, largest variance first; the
-    server keeps 384 components unless asked)."""
+    `out`, with the probe of model_dir's card: per pooling
+    {mean,last_token,probe}, the per-dimension mean and 1/std and the full
+    PCA whitening (896 x 896, largest variance first; the server keeps 384
+    components unless asked)."""
+    probe = probe_text(model_dir)
     if background is None:
         from pooled import Qwen
 
-        background = background_vectors(Qwen(model_dir))
+        background = background_vectors(Qwen(model_dir), probe)
     tensors = {}
     for pooling, key in (("mean", "mean:final"), ("last_token", "last:final"), ("probe", "probe:final")):
         t = Transform.zscore(background[key])
@@ -278,7 +281,7 @@ def write_stats(model_dir: Path, name: str, out: Path, background: dict[str, np.
         tensors[f"{pooling}.inv_std"] = t.scale
         tensors[f"{pooling}.whiten"] = Transform.pca_whiten(background[key], background[key].shape[1]).proj
     hidden = background["mean:final"].shape[1]
-    write_safetensors(out, tensors, stats_metadata(name, hidden))
+    write_safetensors(out, tensors, stats_metadata(name, hidden, probe))
     return tensors
 
 
@@ -297,25 +300,25 @@ def write_stats(model_dir: Path, name: str, out: Path, background: dict[str, np.
 # self-contained: the server applies exactly what was fitted.
 
 
-def head_metadata(name: str, hidden: int) -> dict[str, str]:
+def head_metadata(name: str, hidden: int, probe: str) -> dict[str, str]:
     return {
         "format": str(HEAD_FORMAT),
         "model": name,
         "hidden_size": str(hidden),
-        "probe": probe_text(),
+        "probe": probe,
         "pairs_sha256": head_pairs_hash(),
         "tool_version": HEAD_TOOL_VERSION,
         "components": str(HEAD_COMPONENTS),
     }
 
 
-def head_matches(path: Path, name: str) -> bool:
+def head_matches(path: Path, name: str, probe: str) -> bool:
     """Whether the head file at `path` was fitted for this model, probe,
     pairs and tool version (its hidden size is checked by the server)."""
     if not path.exists():
         return False
     have = read_safetensors_metadata(path)
-    want = head_metadata(name, int(have.get("hidden_size", "0") or 0))
+    want = head_metadata(name, int(have.get("hidden_size", "0") or 0), probe)
     return all(have.get(k) == v for k, v in want.items())
 
 
@@ -358,8 +361,9 @@ class HeadInput:
 def write_head(name: str, out: Path, background: dict[str, np.ndarray], embed, limit: int | None = None, log=print) -> dict:
     """Fits the head on models/head_pairs.jsonl and writes it to `out`.
     `embed(set_name, items)` gives the pooled vectors of items (as
-    pooled.Qwen.embed with the probe); `limit` caps the pairs per set (the
-    tiny test model's quick fit). Returns the fit's summary."""
+    pooled.Qwen.embed with the probe `embed.probe_text`, which the head's
+    metadata names); `limit` caps the pairs per set (the tiny test model's
+    quick fit). Returns the fit's summary."""
     rows = head_pairs(limit)
     x = HeadInput(background)
     groups, val = [], []
@@ -386,7 +390,7 @@ def write_head(name: str, out: Path, background: dict[str, np.ndarray], embed, l
     for key, t in x.parts.items():
         tensors[f"{key}.mean"] = t.mean
         tensors[f"{key}.proj"] = t.proj
-    meta = head_metadata(name, hidden)
+    meta = head_metadata(name, hidden, embed.probe_text)
     meta["fit"] = json.dumps({"validation_mrr10": round(score, 4), "step": step, "pairs": sizes}, sort_keys=True)
     write_safetensors(out, tensors, meta)
     log(f"learned head: validation MRR@10 {score:.4f} at step {step} ({sum(a + b for a, b in sizes.values())} pairs)")
@@ -404,8 +408,8 @@ def embed_sets(embed, rows: list[dict]) -> dict[str, tuple[dict, dict]]:
 class QwenEmbed:
     """embed(name, items) for write_head over a pooled.Qwen (no cache)."""
 
-    def __init__(self, q):
-        self.q, self.probe = q, q.encode(probe_text())
+    def __init__(self, q, probe: str):
+        self.q, self.probe_text, self.probe = q, probe, q.encode(probe)
 
     def items_by_set(self, rows):
         return head_items(self.q.encode, self.q.chatml, rows)
@@ -440,19 +444,20 @@ def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None
 
     card = base_card() if card is None else card
     write_card(model_dir, card_file(name, card, source))
+    probe = probe_text(model_dir)
     needs_head = card["pooling"] == "probe_mean"
     stats = model_dir / "embedding_stats.safetensors"
     if stats.exists():
         have = read_safetensors_metadata(stats)
-        if have != stats_metadata(name, int(have.get("hidden_size", "0") or 0)):
+        if have != stats_metadata(name, int(have.get("hidden_size", "0") or 0), probe):
             stats.unlink()
     head = model_dir / "embedding_head.safetensors"
     shipped = HEADS / f"{name}.safetensors"
-    if head_matches(shipped, name):
+    if head_matches(shipped, name, probe):
         if not head.exists() or head.read_bytes() != shipped.read_bytes():
             log(f"installing the learned head shipped in {shipped.relative_to(HERE.parent)}")
             shutil.copyfile(shipped, head)
-    elif head.exists() and not head_matches(head, name):
+    elif head.exists() and not head_matches(head, name, probe):
         head.unlink()
     if stats.exists() and (head.exists() or not needs_head):
         return
@@ -460,7 +465,7 @@ def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None
 
     q = Qwen(model_dir)
     log(f"computing the background vectors: {len(background_rows())} texts ({name})")
-    background = background_vectors(q)
+    background = background_vectors(q, probe)
     if not stats.exists():
         tmp = stats.with_suffix(".tmp")
         write_stats(model_dir, name, tmp, background)
@@ -469,7 +474,7 @@ def ensure_profile(model_dir: Path, name: str, log=print, head_limit: int | None
         n = len(head_pairs()) if head_limit is None else head_limit * len(HEAD_PAIR_COUNTS)
         log(f"fitting the learned head on up to {n} pairs ({name}; no head is shipped for it)")
         tmp = head.with_suffix(".tmp")
-        write_head(name, tmp, background, QwenEmbed(q), head_limit, log)
+        write_head(name, tmp, background, QwenEmbed(q, probe), head_limit, log)
         tmp.replace(head)
 
 

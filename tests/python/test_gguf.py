@@ -520,3 +520,58 @@ def test_a_card_given_by_hand_overrides_the_gguf(vocabulary, tmp_path):
     assert (card["pooling"], card["dimensions"]) == ("mean", [16, 32, 64]), card
     assert "--card card.json" in card["source"], card
     assert not (tmp_path / "out" / "embedding_head.safetensors").exists()
+
+
+def test_a_card_with_its_own_probe_is_profiled_and_served_with_it(vocabulary, tmp_path, pb):
+    """A base model's card may name its own probe (`--card`): the statistics
+    and the head are computed with that probe and say so, the server loads
+    them, and POOLING_PROBE's raw vector is the reference's last hidden state
+    over the text and that probe (another probe gives another vector, which
+    the bound sees). The files once named the base card's probe whatever the
+    card said, and the server refused the head."""
+    import struct  # noqa: PLC0415
+
+    import grpc  # noqa: PLC0415
+
+    pb2, rpc = pb
+    d = Dims()
+    probe = '\nIn one word: "'
+    path = tmp_path / "probed.gguf"
+    held = write_gguf(path, d, vocabulary, random_weights(d, len(vocabulary["tokens"]), seed=19), "F32", name="Probed")
+    given = tmp_path / "card.json"
+    given.write_text(json.dumps({"probe": probe}))
+    done = prepare(path, tmp_path, "--card", str(given), "--head-pairs", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+
+    def metadata(name):
+        with open(out / name, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            return json.loads(f.read(n))["__metadata__"]
+
+    assert json.loads((out / "embedding.json").read_text())["probe"] == probe
+    assert metadata("embedding_stats.safetensors")["probe_sha256"] == hashlib.sha256(probe.encode()).hexdigest()
+    assert metadata("embedding_head.safetensors")["probe"] == probe
+
+    tokenizer = out / "tokenizer.json"
+    raw = {"pooling": pb2.POOLING_PROBE, "normalize": False, "standardize": pb2.STANDARDIZE_NONE}
+    server = Server(model=out)
+    try:
+        with server.channel() as ch:
+            stub = rpc.EmbedderStub(ch)
+            info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=DEADLINE)
+            reply = stub.Embed(pb2.EmbedRequest(texts=[TEXT], **raw), timeout=DEADLINE)
+            default = stub.Embed(pb2.EmbedRequest(texts=[TEXT]), timeout=DEADLINE)
+    except grpc.RpcError as e:
+        pytest.fail(f"the server failed on a card with its own probe: {e.code()} {e.details()}")
+    finally:
+        server.stop()
+    assert info.probe == probe and info.pooling == pb2.POOLING_PROBE_MEAN, info
+    assert info.head_dimensions > 0 and len(default.embeddings[0].values) == info.head_dimensions, info
+    ids = token_ids(tokenizer, TEXT)
+    want = reference(held, d, ids + token_ids(tokenizer, probe))[-1]
+    got = np.array(reply.embeddings[0].values, dtype=np.float64)
+    assert relative(got, want) <= TOLERANCE, f"the card's probe: {relative(got, want):.2e}"
+    base = json.loads((MODELS / "cards" / "base.json").read_text())["probe"]
+    other = reference(held, d, ids + token_ids(tokenizer, base))[-1]
+    assert relative(got, other) > 1e-2, f"the base card's probe gives the same vector ({relative(got, other):.2e})"

@@ -55,13 +55,13 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
 
     installed = require(TINY / "embedding_head.safetensors")
     q = Qwen(TINY)
-    background = es.background_vectors(q)
+    probe = json.loads((MODELS / "cards" / "base.json").read_text())["probe"]
+    background = es.background_vectors(q, probe)
     fresh = tmp_path / "head.safetensors"
-    summary = es.write_head("tiny-random-qwen2", fresh, background, es.QwenEmbed(q), prepare.TINY_HEAD_PAIRS, log=lambda _: None)
+    summary = es.write_head("tiny-random-qwen2", fresh, background, es.QwenEmbed(q, probe), prepare.TINY_HEAD_PAIRS, log=lambda _: None)
     assert fresh.read_bytes() == installed.read_bytes(), "the head is not reproducible"
 
     meta, t = es.read_safetensors(fresh)
-    probe = json.loads((MODELS / "cards" / "base.json").read_text())["probe"]
     assert meta["probe"] == probe
     assert meta["pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "1")
@@ -83,7 +83,7 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
     # The validation pairs, as the fit split them: the head does no worse than the identity.
     rows = es.head_pairs(prepare.TINY_HEAD_PAIRS)
     assert sum(a + b for a, b in fit["pairs"].values()) == len(rows), "every pair fitted or validated"
-    vecs = es.embed_sets(es.QwenEmbed(q), rows)
+    vecs = es.embed_sets(es.QwenEmbed(q, probe), rows)
     files = {}
     for r in rows:
         files.setdefault(r["set"], []).append(r["file"])
@@ -104,7 +104,7 @@ def test_the_shipped_head_is_current():
 
     shipped = MODELS / "heads" / f"{prepare.REAL_NAME}.safetensors"
     assert shipped.exists(), shipped
-    assert es.head_matches(shipped, prepare.REAL_NAME), es.read_safetensors_metadata(shipped)
+    assert es.head_matches(shipped, prepare.REAL_NAME, es.probe_text()), es.read_safetensors_metadata(shipped)
 
 
 @pytest.mark.parametrize(
