@@ -113,9 +113,14 @@ class Qwen:
         self.tokens += int(mask[:, -ids.shape[1] :].sum())
         return dict(zip(outs, r))
 
-    def embed(self, items: list[tuple[list[int], int, int]], probe: list[int] | None = None, batch_tokens: int = 2048) -> dict[str, np.ndarray]:
+    def embed(self, items: list[tuple[list[int], int, int]], probe: list[int] | None = None, batch_tokens: int = 2048,
+              probes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
         """items: (ids, pool_start, pool_end). Returns {"mean:L", "last:L",
-        "convmean:L", "probe:L"} -> [n, hidden] for every L in self.keys."""
+        "convmean:L", "probe:L"} -> [n, hidden] for every L in self.keys;
+        `probes` (name -> ids) adds "probe@name:L" for each, every probe
+        read off the same pass over the texts (their outputs do not depend on
+        what follows them)."""
+        runs = ([("probe", probe)] if probe else []) + [(f"probe@{k}", v) for k, v in (probes or {}).items()]
         n = len(items)
         res: dict[str, np.ndarray] = {}
         # A prefix every item shares (a common system turn) runs once; its
@@ -162,7 +167,7 @@ class Qwen:
                 mask[r, pre : pre + len(t)] = 1
             pos = np.tile(np.arange(pre, pre + s, dtype=np.int64), (b, 1))
             past = {k: np.repeat(v, b, axis=0) for k, v in prefix_kv.items()} if prefix_kv else None
-            want = self.layer_outs + ["last_hidden_state"] + (self.presents if probe else [])
+            want = self.layer_outs + ["last_hidden_state"] + (self.presents if runs else [])
             out = self._run(ids, mask, pos, past, want)
             # Per row, which of its own tokens join the conversation's mean.
             plain = [~np.isin(np.array(items[i][0][pre:], np.int64), self.special) for i in idx]
@@ -175,20 +180,21 @@ class Qwen:
                     own = plain[r]
                     total = prefix_sum[key] + h[r, : len(own)][own].astype(np.float64).sum(0)
                     res.setdefault("convmean:" + key, np.zeros((n, h.shape[-1]), np.float32))[i] = total / max(prefix_rows + int(own.sum()), 1)
-            if probe:
-                p = len(probe)
-                pids = np.tile(np.array(probe, np.int64), (b, 1))
+            for label, pr in runs:
+                p = len(pr)
+                pids = np.tile(np.array(pr, np.int64), (b, 1))
                 pmask = np.concatenate([mask, np.ones((b, p), np.int64)], axis=1)
                 ppos = np.stack([np.arange(len(items[i][0]), len(items[i][0]) + p, dtype=np.int64) for i in idx])
                 pout = self._run(pids, pmask, ppos, out, self.layer_outs + ["last_hidden_state"])
                 for key, name in zip(self.keys, self.layer_outs + ["last_hidden_state"]):
                     h = pout[name]
-                    res.setdefault("probe:" + key, np.zeros((n, h.shape[-1]), np.float32))[idx] = h[:, -1]
+                    res.setdefault(f"{label}:{key}", np.zeros((n, h.shape[-1]), np.float32))[idx] = h[:, -1]
         return res
 
 
 def model_hash(model_dir: Path) -> str:
-    st = os.stat(model_dir / "model.onnx.data")
     h = hashlib.sha256((model_dir / "model.onnx").read_bytes())
-    h.update(f"{st.st_size}".encode())
+    data = model_dir / "model.onnx.data"  # the real model's weights (a small model has none)
+    if data.exists():
+        h.update(f"{os.stat(data).st_size}".encode())
     return h.hexdigest()[:16]

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Does a shorter probe retrieve as well as the served one, on the fit part?
 
-    python bench/quality/probe_length.py [--n 400] [--probe '\\nIn one word: "'] [--json FILE]
+    python bench/quality/probe_length.py [--n 400] [--probe '\\nIn one word: "' ...] [--json FILE]
 
 The probe's tokens ride in every turn's model call, so its length is most of
 the default vector's extra cost on a short turn (BENCHMARKS.md, the profile).
 A 6-token probe scored higher than the served 12-token one on subsets of the
 *evaluation* part (QUALITY.md); choosing a probe there would fit the probe to
-the evaluation. This scores both probes on pairs of the *fit* part (the part
+the evaluation. This scores the served probe and shorter candidates (all of
+them off one pass over the texts) on pairs of the *fit* part (the part
 the background statistics and the head are fitted on; no evaluated file),
-without a head, each with PCA whitening fitted on the background corpus run
+without a head, each probe with PCA whitening fitted on the background corpus run
 with that probe (384 components, the server's default), as PROBE and as
 PROBE_MEAN side by side (the training-free form of the default). The model
 outputs are cached with the harness's (~/.cache/stateful-embedder/quality).
@@ -18,8 +19,10 @@ outputs are cached with the harness's (~/.cache/stateful-embedder/quality).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,43 +36,65 @@ import embedding_stats as es  # noqa: E402
 import run as harness  # noqa: E402
 from pooled import Qwen, model_hash  # noqa: E402
 
-SHORT = '\nIn one word: "'
+# Candidates, shortest last: each probe's rows ride in every turn's call.
+CANDIDATES = ['\nIn one word: "', '\nOne word: "', '\nTopic: "', '\nSummary: "', '\nKeywords: "', ' means "']
+
+
+def embed_all(qwen, name: str, items, probes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Every probe's vectors off one pass over the texts, cached on disk like
+    the harness's outputs (by model, token ids and probes)."""
+    cache = harness.CACHE / model_hash(qwen.model_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256(json.dumps([items, sorted(probes.items()), "probes"]).encode()).hexdigest()[:16]
+    path = cache / f"probes-{name}-{h}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    t0 = time.perf_counter()
+    res = qwen.embed(items, probes=probes)
+    harness.log(f"{name}: {len(items)} texts, {sum(len(i[0]) for i in items)} tokens, {len(probes)} probes, {time.perf_counter() - t0:.0f} s")
+    np.savez(path, **res)
+    return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=400, help="fit-part pairs per language")
-    ap.add_argument("--probe", default=SHORT, help="the probe compared with the served one")
+    ap.add_argument("--probe", action="append", default=None, help="a probe compared with the served one (repeatable; default: CANDIDATES)")
     ap.add_argument("--model", type=Path, default=harness.REAL)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     sets = datasets.all_sets()
     qwen = Qwen(args.model)
-    cache = harness.Cached(qwen, model_hash(args.model))
+    qwen.model_dir = args.model
     served = es.load_templates(args.model)["probe"]
-    bg_items = es.background_items(qwen.encode, qwen.chatml)
+    texts = {"served": served} | {f"p{i}": t for i, t in enumerate(args.probe or CANDIDATES)}
+    probes = {k: qwen.encode(t) for k, t in texts.items()}
+    bg = embed_all(qwen, "background", es.background_items(qwen.encode, qwen.chatml), probes)
+    vecs = {}
+    for lang in ("python", "rust"):
+        pairs = datasets.sample(sets[lang], "fit", args.n)
+        q = embed_all(qwen, f"fit-{lang}-q", [(ids, 0, len(ids)) for ids in (qwen.encode(p.query) for p in pairs)], probes)
+        d_ids = [qwen.encode(p.doc)[:512] for p in pairs]
+        vecs[lang] = (q, embed_all(qwen, f"fit-{lang}-d", [(ids, 0, len(ids)) for ids in d_ids], probes))
+    mean = es.Transform.pca_whiten(bg["mean:final"], harness.WHITEN_COMPONENTS)
     out = {"n": args.n, "probes": {}}
-    for name, text in (("served", served), ("short", args.probe)):
-        probe = qwen.encode(text)
-        bg = cache.embed("background", bg_items, probe)
-        whiten = {k: es.Transform.pca_whiten(bg[f"{k}:final"], harness.WHITEN_COMPONENTS) for k in ("probe", "mean")}
+    for name, text in texts.items():
+        key = f"probe@{name}:final"
+        pw = es.Transform.pca_whiten(bg[key], harness.WHITEN_COMPONENTS)
+
+        def side_by_side(v):
+            return np.concatenate([harness.unit_rows(pw.apply(v[key])), harness.unit_rows(mean.apply(v["mean:final"]))], 1)
+
         rows = {}
-        for lang in ("python", "rust"):
-            pairs = datasets.sample(sets[lang], "fit", args.n)
-            q = cache.embed(f"fit-{lang}-q", [(ids, 0, len(ids)) for ids in (qwen.encode(p.query) for p in pairs)], probe)
-            d_ids = [qwen.encode(p.doc)[:512] for p in pairs]
-            d = cache.embed(f"fit-{lang}-d", [(ids, 0, len(ids)) for ids in d_ids], probe)
-
-            def side_by_side(v):
-                return np.concatenate([harness.unit_rows(whiten[k].apply(v[f"{k}:final"])) for k in ("probe", "mean")], 1)
-
+        for lang, (q, d) in vecs.items():
             rows[lang] = {
-                "probe_whitened": harness.mrr_r1(whiten["probe"].apply(q["probe:final"]), whiten["probe"].apply(d["probe:final"])),
+                "probe_whitened": harness.mrr_r1(pw.apply(q[key]), pw.apply(d[key])),
                 "probe_mean_whitened": harness.mrr_r1(side_by_side(q), side_by_side(d)),
             }
-        out["probes"][name] = {"text": text, "tokens": len(probe), "rows": rows}
-        harness.log(f"{name} probe ({len(probe)} tokens): {json.dumps(rows)}")
+        out["probes"][name] = {"text": text, "tokens": len(probes[name]), "rows": rows}
+        harness.log(f"{name} {text!r} ({len(probes[name])} tokens): {json.dumps(rows)}")
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:

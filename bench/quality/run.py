@@ -4,6 +4,8 @@ configuration, against all-MiniLM-L6-v2 in the same run.
 
     python bench/quality/run.py [--n 800] [--out QUALITY.md] [--json bench/quality/results.json]
     python bench/quality/run.py --fit-head   # refit models/heads/<model>.safetensors
+    python bench/quality/run.py --fit-head --also-probe TEXT   # and cache TEXT's vectors in the same passes
+    python bench/quality/run.py --model DIR --fit-head --head-out FILE   # a head for DIR's card's probe
 
 Sets (bench/quality/datasets.py): docstring -> code in Python (standard
 library) and Rust (cargo registry), held-out Python (third-party packages in
@@ -42,6 +44,7 @@ from pooled import HARNESS_LAYERS, Qwen, model_hash  # noqa: E402
 REAL = ROOT / "models/qwen2.5-coder-0.5b-instruct"
 WHITEN_COMPONENTS = 384  # the server's DEFAULT_WHITEN_COMPONENTS
 CACHE = Path.home() / ".cache/stateful-embedder/quality"
+CHUNK = 500  # texts per cached part
 
 
 def log(msg):
@@ -61,24 +64,45 @@ def mrr_r1(q: np.ndarray, d: np.ndarray) -> tuple[float, float]:
 
 
 class Cached:
-    """Per-text model outputs, cached on disk by model and token ids."""
+    """Per-text model outputs, cached on disk by model and token ids: the
+    texts' own poolings in one file, each probe's vectors in another. The
+    probes in `also` are run in the same passes as the asked one (a text's
+    outputs do not depend on what follows it), so a later run with one of
+    them as its probe (another model directory's card) finds them here."""
 
-    def __init__(self, qwen: Qwen, mhash: str):
-        self.qwen, self.dir = qwen, CACHE / mhash
+    def __init__(self, qwen: Qwen, mhash: str, also: list[list[int]] = ()):
+        self.qwen, self.dir, self.also = qwen, CACHE / mhash, [list(p) for p in also]
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def _path(self, name: str, items, probe) -> Path:
+        h = hashlib.sha256(json.dumps([items, probe, self.qwen.keys, "v2"]).encode()).hexdigest()[:16]
+        return self.dir / f"{name}-{h}{'' if probe is None else '.probe'}.npz"
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
     def embed(self, name: str, items, probe):
-        # "convmean": outputs cached before the conversation mean was pooled lack it.
-        h = hashlib.sha256(json.dumps([items, probe, "convmean"]).encode()).hexdigest()[:16]
-        path = self.dir / f"{name}-{h}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+        # Large sets in parts of CHUNK texts, each cached as it is done, so
+        # an interrupted run (the head pairs are over an hour) resumes.
+        if len(items) > CHUNK:
+            parts = [self.embed(f"{name}.{i // CHUNK}", items[i : i + CHUNK], probe) for i in range(0, len(items), CHUNK)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        probe = list(probe)
+        text, mine = self._path(name, items, None), self._path(name, items, probe)
+        if text.exists() and mine.exists():
+            return self._load(text) | self._load(mine)
+        runs = [probe] + [p for p in self.also if p != probe and not self._path(name, items, p).exists()]
         t0 = time.perf_counter()
-        res = self.qwen.embed(items, probe)
-        log(f"{name}: {len(items)} texts, {sum(len(i[0]) for i in items)} tokens, {time.perf_counter() - t0:.0f} s")
-        np.savez(path, **res)
-        return res
+        res = self.qwen.embed(items, probes={str(i): p for i, p in enumerate(runs)})
+        log(f"{name}: {len(items)} texts, {sum(len(i[0]) for i in items)} tokens, {len(runs)} probe(s), {time.perf_counter() - t0:.0f} s")
+        own = {k: v for k, v in res.items() if not k.startswith("probe@")}
+        np.savez(text, **own)
+        for i, p in enumerate(runs):
+            vecs = {k.replace(f"probe@{i}:", "probe:"): v for k, v in res.items() if k.startswith(f"probe@{i}:")}
+            np.savez(self._path(name, items, p), **vecs)
+        return own | self._load(mine)
 
 
 def posts(background: dict[str, np.ndarray], key: str, served: dict[str, np.ndarray] | None) -> dict[str, es.Transform]:
@@ -132,8 +156,8 @@ def side_by_side(served: dict[str, np.ndarray], k: int = WHITEN_COMPONENTS, mean
 class CachedEmbed:
     """embed(name, items) for es.write_head over the harness's cache."""
 
-    def __init__(self, cache: "Cached", probe_ids: list[int]):
-        self.cache, self.probe = cache, probe_ids
+    def __init__(self, cache: "Cached", probe_ids: list[int], probe_text: str):
+        self.cache, self.probe, self.probe_text = cache, probe_ids, probe_text
 
     def items_by_set(self, rows):
         q = self.cache.qwen
@@ -187,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--write-background", action="store_true", help="rewrite models/background.jsonl from the fit part")
     ap.add_argument("--write-head-pairs", action="store_true", help="rewrite models/head_pairs.jsonl from the fit part")
     ap.add_argument("--fit-head", action="store_true", help="fit the learned head on models/head_pairs.jsonl (vectors cached here) and write models/heads/<model>.safetensors, the head prepare.py ships")
+    ap.add_argument("--head-out", type=Path, default=None, help="with --fit-head: write the head here instead (a head for another probe, say)")
+    ap.add_argument("--also-probe", action="append", default=[], help="a probe computed in the same passes and cached, for a later run whose model card has it (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
     ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here on one language (the check rows; their 9,200 pairs are most of a run's model time)")
@@ -206,9 +232,10 @@ def main(argv=None):
         es.write_head_pairs(sets)
         return
     qwen = Qwen(args.model, CACHE / "graph", HARNESS_LAYERS)
-    cache = Cached(qwen, model_hash(args.model))
     templates = es.load_templates(args.model)
     probe_ids = qwen.encode(templates["probe"])
+    cache = Cached(qwen, model_hash(args.model), [qwen.encode(p) for p in args.also_probe])
+    log(f"probe {templates['probe']!r} ({len(probe_ids)} tokens; the card's in {args.model})")
     query_prefix = templates["input_types"]["query"]
 
     # Background statistics, as the model tool fits them.
@@ -216,11 +243,11 @@ def main(argv=None):
     if args.smoke:
         bg_items = bg_items[::40]
     background = cache.embed("background", bg_items, probe_ids)
-    embed = CachedEmbed(cache, probe_ids)
+    embed = CachedEmbed(cache, probe_ids, templates["probe"])
     if args.fit_head:
         name = json.loads((args.model / "config.json").read_text())["name"]
         es.HEADS.mkdir(exist_ok=True)
-        out = es.HEADS / f"{name}.safetensors"
+        out = args.head_out or es.HEADS / f"{name}.safetensors"
         es.write_head(name, out, background, embed, log=log)
         log(f"wrote {out}; `make models` installs it beside the model")
         return
