@@ -113,6 +113,12 @@ struct ProfileArgs {
     /// ONNX Runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Probe lengths (tokens) whose rows are also timed in the turn's call,
+    /// alternating with none and the served probe's (the served probe's
+    /// first tokens, repeated when longer): what a shorter probe would
+    /// cost, before a head is fitted for it.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,5,6")]
+    probe_lengths: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -399,7 +405,8 @@ const SHORT_CHAT_TURN: &str = "Can you make this function easier to test, and ad
 /// model call is timed alone (`forward`: ONNX Runtime's run, which also
 /// copies past + new into `present`, plus making the inputs and reading the
 /// kept hidden rows) and on an empty cache (`forward_no_context`: what the
-/// turn's own tokens cost); the probe's cut as a turn makes it (`cut`: in
+/// turn's own tokens cost), with the probe's rows and with those of shorter
+/// probes (`--probe-lengths`); the probe's cut as a turn makes it (`cut`: in
 /// place on a long cache, see `Model::cut`) and as a copy of the kept rows
 /// (`cut_copy`), a full copy of the cache (`copy_cache`:
 /// the bytes ONNX Runtime's present concat writes too, a proxy for it),
@@ -464,6 +471,41 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
             let forward_probe = median_of(Box::new(|| {
                 Ok(time(|| model.forward(&with_probe, default_conv.cache(), 0..with_probe.len())).0)
             }))?;
+            // The call with 0, each of `--probe-lengths` and the probe's
+            // rows after the turn, on the same cache, the lengths
+            // alternating in each round (so a busy moment hits all alike),
+            // three times the rounds: what each probe length adds to a call.
+            let mut lengths = vec![0];
+            lengths.extend(
+                args.probe_lengths
+                    .iter()
+                    .copied()
+                    .filter(|&p| p != 0 && p != probe.len()),
+            );
+            lengths.push(probe.len());
+            let calls: Vec<Vec<u32>> = lengths
+                .iter()
+                .map(|&p| {
+                    ids.iter()
+                        .copied()
+                        .chain(probe.iter().copied().cycle().take(p))
+                        .collect()
+                })
+                .collect();
+            let mut samples = vec![Vec::new(); calls.len()];
+            for round in 0..=3 * args.reps {
+                for (call, times) in calls.iter().zip(&mut samples) {
+                    let t = ms(time(|| model.forward(call, default_conv.cache(), 0..call.len())).0);
+                    if round > 0 {
+                        times.push(t); // round 0 warms up
+                    }
+                }
+            }
+            let mut forward_by_probe_length = serde_json::Map::new();
+            for (p, mut times) in lengths.iter().zip(samples) {
+                times.sort_by(f64::total_cmp);
+                forward_by_probe_length.insert(p.to_string(), json!(times[times.len() / 2]));
+            }
             // The probe's cut as a turn makes it (in place on a long cache,
             // see `Model::cut`), each time on a fresh call's output, and as
             // a copy of the kept rows (how every cut was made before).
@@ -521,7 +563,7 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
                 "context": context, "turn": name, "turn_tokens": n, "probe_tokens": probe.len(),
                 "cache_bytes": raw_conv.kv_bytes(),
                 "forward_ms": forward, "forward_no_context_ms": forward_no_context,
-                "forward_with_probe_ms": forward_probe, "cut_ms": cut, "cut_copy_ms": cut_copy, "copy_cache_ms": copy_cache, "drop_cache_ms": drop_cache,
+                "forward_with_probe_ms": forward_probe, "forward_with_probe_length_ms": forward_by_probe_length, "cut_ms": cut, "cut_copy_ms": cut_copy, "copy_cache_ms": copy_cache, "drop_cache_ms": drop_cache,
                 "batched_rows": group, "batched_per_row_ms": batched, "turn_mean_raw_ms": turn_raw, "turn_default_ms": turn_default,
                 "forward_minor_faults": forward_faults, "turn_mean_raw_minor_faults": turn_faults,
             }));
