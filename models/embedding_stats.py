@@ -345,15 +345,18 @@ def validation_files(files: list[str]) -> np.ndarray:
 
 class HeadInput:
     """The head's input from pooled vectors: each part whitened (from the
-    background vectors), HEAD_COMPONENTS kept, L2-normalised, side by side."""
+    background vectors), HEAD_COMPONENTS kept, L2-normalised, side by side.
+    `mean_key` "convmean" takes the conversation's mean for the mean part
+    (MEAN_OVER_CONVERSATION; a single text's is its own mean)."""
 
-    def __init__(self, background: dict[str, np.ndarray], k: int = HEAD_COMPONENTS):
-        self.parts = {key: Transform.pca_whiten(background[f"{key}:final"], k) for key in ("probe", "mean")}
+    def __init__(self, background: dict[str, np.ndarray], k: int = HEAD_COMPONENTS, mean_key: str = "mean"):
+        self.keys = {"probe": "probe", "mean": mean_key}
+        self.parts = {part: Transform.pca_whiten(background[f"{key}:final"], k) for part, key in self.keys.items()}
 
     def __call__(self, v: dict[str, np.ndarray]) -> np.ndarray:
         out = []
-        for key, t in self.parts.items():
-            x = t.apply(v[f"{key}:final"]).astype(np.float64)
+        for part, t in self.parts.items():
+            x = t.apply(v[f"{self.keys[part]}:final"]).astype(np.float64)
             out.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
         return np.concatenate(out, 1)
 

@@ -168,8 +168,11 @@ class CachedEmbed:
 
 
 def fit_heads_here(background, embed, log) -> dict[str, "es.HeadInput"]:
-    """Heads fitted here on one language's head pairs each (the generalisation
-    check: each scored on the other language), as (input, W) callables."""
+    """Heads fitted here, as callables: on one language's head pairs each
+    (the generalisation check: each scored on the other language), and on
+    every pair with the conversation's mean in place of the turn's (issue 24
+    item 6: a head for MEAN_OVER_CONVERSATION; a single text's conversation
+    mean is its own mean)."""
     rows = es.head_pairs()
     x = es.HeadInput(background)
     vecs = es.embed_sets(embed, rows)
@@ -183,7 +186,17 @@ def fit_heads_here(background, embed, log) -> dict[str, "es.HeadInput"]:
         v = es.validation_files(files[lang])
         w, score, step = es.fit_head([(xq[~v], xd[~v])], [(xq[v], xd[v])])
         log(f"head fitted on {lang} only: validation MRR@10 {score:.4f} at step {step}")
-        heads[lang] = (lambda vv, w=w: x(vv) @ w)
+        heads[f"{lang}_only"] = (lambda vv, w=w: x(vv) @ w)
+    xc = es.HeadInput(background, mean_key="convmean")
+    groups, val = [], []
+    for name, (qs, ds) in vecs.items():
+        xq, xd = xc(qs), xc(ds)
+        v = es.validation_files(files[name])
+        groups.append((xq[~v], xd[~v]))
+        val.append((xq[v], xd[v]))
+    w, score, step = es.fit_head(groups, val)
+    log(f"head fitted for the conversation mean: validation MRR@10 {score:.4f} at step {step}")
+    heads["convmean"] = (lambda vv, w=w: xc(vv) @ w)
     return heads
 
 
@@ -307,8 +320,8 @@ def main(argv=None):
         if served is not None:
             probe_mean["whiten"] = side_by_side(served)
             probe_mean["whiten_convmean"] = side_by_side(served, mean_key="convmean")
-        for lang, f in own_heads.items():
-            probe_mean[f"head_{lang}_only"] = f
+        for head, f in own_heads.items():
+            probe_mean[f"head_{head}"] = f
         for pname, f in probe_mean.items():
             for qname, qv in (("raw", raw_q), ("query", tpl_q)):
                 rows[f"probe_mean|{pname}|q={qname}"] = mrr_r1(f(qv), f(d))
@@ -383,6 +396,7 @@ SERVED = [
     ("MEAN over the conversation, raw", "convmean:final|raw|q=raw"),
     ("PROBE_MEAN over the conversation, whitened (side by side, no head)", "probe_mean|whiten_convmean|q=raw"),
     ("PROBE_MEAN over the conversation, head fitted on turn means", "probe_mean|served_head_convmean|q=raw"),
+    ("PROBE_MEAN over the conversation, head fitted for it (on every pair; check)", "probe_mean|head_convmean|q=raw"),
     ("LAST_TOKEN, z-score", "last:final|served|q=raw"),
     ("LAST_TOKEN, raw", "last:final|raw|q=raw"),
 ]
