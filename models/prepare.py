@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Prepares the models stateful-embedder serves and tests with.
 
-    prepare.py real  [--gguf FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR] [--head-pairs N]
+    prepare.py real  [--gguf FILE] [--card FILE] [--variants f32,fp16,int8,q4,q8] [--out DIR] [--head-pairs N]
     prepare.py tiny  [--arch qwen2|qwen3] [--out DIR]
-    prepare.py import EXPORT_DIR --out DIR
+    prepare.py import EXPORT_DIR --out DIR [--card FILE]
     prepare.py check MODEL_DIR_OR_ONNX
     prepare.py gguf-path
 
@@ -418,14 +418,19 @@ def gguf_card(src, arch, label: str, card_path: str | None) -> tuple[dict, str]:
             card["end_token"] = end
         sources.append(f"the GGUF's pooling_type ({pooling}{', end token ' + repr(end) if end else ''})")
     if card_path:
-        given = json.loads(Path(card_path).read_text())
-        unknown = set(given) - {"pooling", "end_token", "normalize", "dimensions", "input_types", "probe"}
-        if unknown:
-            raise SystemExit(f"{card_path}: unknown card fields {sorted(unknown)}")
-        card.update(given)
+        given_card(card, card_path)
         sources.append(f"--card {Path(card_path).name}")
     card["dimensions"] = [d for d in card["dimensions"] if d <= arch.hidden]
     return card, "; ".join(sources) or "models/cards/base.json (a base model: its GGUF states no pooling)"
+
+
+def given_card(card: dict, card_path: str) -> None:
+    """`--card FILE` over `card`: a JSON object with any of the card's fields."""
+    given = json.loads(Path(card_path).read_text())
+    unknown = set(given) - {"pooling", "end_token", "normalize", "dimensions", "input_types", "probe"}
+    if unknown:
+        raise SystemExit(f"{card_path}: unknown card fields {sorted(unknown)}")
+    card.update(given)
 
 
 def prepare_tiny(args) -> None:
@@ -580,7 +585,13 @@ def import_export(args) -> None:
         shutil.copyfile(model_path.parent / "config.json", out / "config.json")
     found = check_contract(out)
     cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    ensure_profile(out, cfg.get("name") or out.name, log)
+    from embedding_stats import base_card
+
+    card, source = base_card(), "models/cards/base.json"
+    if args.card:
+        given_card(card, args.card)
+        source += f"; --card {Path(args.card).name}"
+    ensure_profile(out, cfg.get("name") or out.name, log, card=card, source=source)
     log(f"imported {model_path} -> {out}: {found}")
 
 
@@ -632,6 +643,7 @@ def main(argv=None) -> None:
     p.add_argument("export")
     p.add_argument("--out", required=True)
     p.add_argument("--keep-logits", action="store_true", help="keep the lm_head and logits output")
+    p.add_argument("--card", help="a JSON card for the model (any of pooling, end_token, normalize, dimensions, input_types, probe) over the base card")
     p = sub.add_parser("check", help="verify a model's I/O contract")
     p.add_argument("model")
     sub.add_parser("gguf-path", help="print the cached GGUF's path (fetching it if needed)")

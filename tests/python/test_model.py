@@ -284,3 +284,17 @@ def test_import_adopts_a_logits_only_export(tmp_path):
     h_imported, _ = run(session(out / "model.onnx"), ids)
     h_tiny, _ = run(session(TINY / "model.onnx"), ids)
     assert np.abs(h_imported - h_tiny).max() <= 1e-6
+    card = json.loads((out / "embedding.json").read_text())
+    assert card["pooling"] == "probe_mean" and (out / "embedding_head.safetensors").exists(), card
+
+    # `--card` states what the export is (here: a mean-pooling model): its card says so, and no head is fitted.
+    given = tmp_path / "card.json"
+    given.write_text(json.dumps({"pooling": "mean", "normalize": True}))
+    carded = tmp_path / "carded"
+    subprocess.run(
+        [sys.executable, str(MODELS / "prepare.py"), "import", str(export), "--out", str(carded), "--card", str(given)],
+        check=True,
+    )
+    card = json.loads((carded / "embedding.json").read_text())
+    assert (card["pooling"], card["normalize"]) == ("mean", True) and "--card card.json" in card["source"], card
+    assert not (carded / "embedding_head.safetensors").exists(), "a mean-pooling model gets no head"
