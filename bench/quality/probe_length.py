@@ -19,10 +19,8 @@ outputs are cached with the harness's (~/.cache/stateful-embedder/quality).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,23 +38,6 @@ from pooled import Qwen, model_hash  # noqa: E402
 CANDIDATES = ['\nIn one word: "', '\nOne word: "', '\nTopic: "', '\nSummary: "', '\nKeywords: "', ' means "']
 
 
-def embed_all(qwen, name: str, items, probes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """Every probe's vectors off one pass over the texts, cached on disk like
-    the harness's outputs (by model, token ids and probes)."""
-    cache = harness.CACHE / model_hash(qwen.model_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256(json.dumps([items, sorted(probes.items()), "probes"]).encode()).hexdigest()[:16]
-    path = cache / f"probes-{name}-{h}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    t0 = time.perf_counter()
-    res = qwen.embed(items, probes=probes)
-    harness.log(f"{name}: {len(items)} texts, {sum(len(i[0]) for i in items)} tokens, {len(probes)} probes, {time.perf_counter() - t0:.0f} s")
-    np.savez(path, **res)
-    return res
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=400, help="fit-part pairs per language")
@@ -67,17 +48,23 @@ def main(argv=None):
 
     sets = datasets.all_sets()
     qwen = Qwen(args.model)
-    qwen.model_dir = args.model
     served = es.load_templates(args.model)["probe"]
     texts = {"served": served} | {f"p{i}": t for i, t in enumerate(args.probe or CANDIDATES)}
     probes = {k: qwen.encode(t) for k, t in texts.items()}
-    bg = embed_all(qwen, "background", es.background_items(qwen.encode, qwen.chatml), probes)
+    # Every probe in the first pass over each set; the others are read back.
+    cache = harness.Cached(qwen, model_hash(args.model), list(probes.values()))
+
+    def embed(name, items):
+        per_probe = {k: cache.embed(name, items, ids) for k, ids in probes.items()}
+        return per_probe["served"] | {f"probe@{k}:final": v["probe:final"] for k, v in per_probe.items()}
+
+    bg = embed("background", es.background_items(qwen.encode, qwen.chatml))
     vecs = {}
     for lang in ("python", "rust"):
         pairs = datasets.sample(sets[lang], "fit", args.n)
-        q = embed_all(qwen, f"fit-{lang}-q", [(ids, 0, len(ids)) for ids in (qwen.encode(p.query) for p in pairs)], probes)
+        q = embed(f"fit-{lang}-q", [(ids, 0, len(ids)) for ids in (qwen.encode(p.query) for p in pairs)])
         d_ids = [qwen.encode(p.doc)[:512] for p in pairs]
-        vecs[lang] = (q, embed_all(qwen, f"fit-{lang}-d", [(ids, 0, len(ids)) for ids in d_ids], probes))
+        vecs[lang] = (q, embed(f"fit-{lang}-d", [(ids, 0, len(ids)) for ids in d_ids]))
     mean = es.Transform.pca_whiten(bg["mean:final"], harness.WHITEN_COMPONENTS)
     out = {"n": args.n, "probes": {}}
     for name, text in texts.items():

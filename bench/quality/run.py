@@ -228,7 +228,7 @@ def main(argv=None):
     ap.add_argument("--also-probe", action="append", default=[], help="a probe computed in the same passes and cached, for a later run whose model card has it (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
-    ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here on one language (the check rows; their 9,200 pairs are most of a run's model time)")
+    ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here (on one language each, and the conversation mean's: the check rows; their 9,200 pairs are most of a run's model time)")
     args = ap.parse_args(argv)
     if args.report_only:
         write_report(json.loads(args.json.read_text()), args.out)
