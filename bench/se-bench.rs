@@ -495,9 +495,10 @@ fn profile(args: &ProfileArgs) -> anyhow::Result<serde_json::Value> {
             let mut samples = vec![Vec::new(); calls.len()];
             for round in 0..=3 * args.reps {
                 for (call, times) in calls.iter().zip(&mut samples) {
-                    let t = ms(time(|| model.forward(call, default_conv.cache(), 0..call.len())).0);
+                    let (t, out) = time(|| model.forward(call, default_conv.cache(), 0..call.len()));
+                    out?;
                     if round > 0 {
-                        times.push(t); // round 0 warms up
+                        times.push(ms(t)); // round 0 warms up
                     }
                 }
             }
