@@ -5,7 +5,7 @@ configuration, against all-MiniLM-L6-v2 in the same run.
     python bench/quality/run.py [--n 800] [--out QUALITY.md] [--json bench/quality/results.json]
     python bench/quality/run.py --fit-head   # refit models/heads/<model>.safetensors
     python bench/quality/run.py --fit-head --also-probe TEXT   # and cache TEXT's vectors in the same passes
-    python bench/quality/run.py --model DIR --fit-head --head-out FILE   # a head for DIR's card's probe
+    python bench/quality/run.py --model DIR --fit-head --head-out FILE [--stats-out FILE]   # for DIR's card's probe
 
 Sets (bench/quality/datasets.py): docstring -> code in Python (standard
 library) and Rust (cargo registry), held-out Python (third-party packages in
@@ -225,6 +225,7 @@ def main(argv=None):
     ap.add_argument("--write-head-pairs", action="store_true", help="rewrite models/head_pairs.jsonl from the fit part")
     ap.add_argument("--fit-head", action="store_true", help="fit the learned head on models/head_pairs.jsonl (vectors cached here) and write models/heads/<model>.safetensors, the head prepare.py ships")
     ap.add_argument("--head-out", type=Path, default=None, help="with --fit-head: write the head here instead (a head for another probe, say)")
+    ap.add_argument("--stats-out", type=Path, default=None, help="with --fit-head: also write the background statistics here, from the cached vectors (with --head-out into a model directory whose card names another probe, what this harness then scores as served)")
     ap.add_argument("--also-probe", action="append", default=[], help="a probe computed in the same passes and cached, for a later run whose model card has it (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
@@ -263,6 +264,9 @@ def main(argv=None):
         out = args.head_out or es.HEADS / f"{name}.safetensors"
         es.write_head(name, out, background, embed, log=log)
         log(f"wrote {out}; `make models` installs it beside the model")
+        if args.stats_out:
+            es.write_stats(args.model, name, args.stats_out, background)
+            log(f"wrote {args.stats_out}")
         return
 
     stats_file = args.model / "embedding_stats.safetensors"
