@@ -482,6 +482,11 @@ impl Prefill {
     /// Plans the turn again as a rebuild of `c`'s context (its cache was
     /// evicted before any call ran on it).
     fn rebuild_from(&mut self, c: &Conversation) {
+        // Let go of the shared segments this plan was to read first: a
+        // segment only this turn still held is then freed (what the eviction
+        // was for), not found again as a live prefix and read as before.
+        self.base = None;
+        self.cache = None;
         let place = place(c, self.turn.len()).expect("a turn that fit on its context fits on it rebuilt");
         *self = build(c, std::mem::take(&mut self.turn), self.text.clone(), place);
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use stateful_embedder::{
     conversation::{Conversation, ConversationOptions, MeanOver, TurnOutput},
-    engine::{BatchLimits, TurnRequest, run_turns},
+    engine::{BatchLimits, KvBudget, TurnRequest, run_turns, run_turns_within},
     model::Model,
     pb::{self, Overflow},
 };
@@ -549,4 +549,92 @@ fn other_options_share_rows_not_answers() {
     );
     assert_eq!(model.prefix_stats().hits, 0);
     against_oracle("other options", &plain, &mean, &turns, &outs, F32);
+}
+
+#[test]
+/// A round's turns that have not run yet read their conversations' shared
+/// segments. Evicting one of them to make room for another frees those
+/// rows: the turn is planned again as a rebuild, and the segments its own
+/// plan held are let go first, not found again as a live prefix and read as
+/// before. Three conversations of their own texts, each within the sharing
+/// bound, under a budget with nothing resting in it that holds the three
+/// caches but no call beside them: the first turn evicts the other two,
+/// which rebuild, and every vector meets its oracle. (When the plan kept its
+/// segments, the evictions freed nothing and the first turn failed with
+/// OverBudget, as a loaded server's rounds showed.)
+fn evicting_a_waiting_turn_frees_its_shared_rows() {
+    let (model, plain) = (models::tiny_private("model.onnx"), models::tiny_private("model.onnx"));
+    model.set_shared_prefix_tokens(2048);
+    let options = ConversationOptions::default();
+    let history = |i: usize| -> Vec<(&'static str, String)> {
+        (0..3)
+            .map(|t| {
+                let body: String = (0..6).map(|k| format!("let v{k} = f{i}_{t}(x{k}, {k});\n")).collect();
+                ("user", format!("conversation {i}, part {t}:\n{body}"))
+            })
+            .collect()
+    };
+    let mut convs: Vec<Conversation> = (0..3)
+        .map(|i| {
+            let mut c = Conversation::new(&model, options.clone()).unwrap();
+            take(&mut c, &history(i));
+            c
+        })
+        .collect();
+    let held: u64 = convs.iter().map(|c| c.context_len() as u64).sum::<u64>() * TINY_KV_BYTES_PER_TOKEN;
+    let snapshot = model.ledger_snapshot().expect("the census is on in the tests");
+    assert_eq!(
+        (snapshot.ledger, snapshot.census),
+        (held, held),
+        "three caches, held once each"
+    );
+    let next = |i: usize| ("user", format!("and now conversation {i}?"));
+    let want: Vec<Vec<f32>> = (0..3)
+        .map(|i| {
+            let mut context = Context::default();
+            for (role, text) in history(i) {
+                context.push(&text, role);
+            }
+            let span = context.push(&next(i).1, next(i).0);
+            oracle(&plain, &context.ids, span, &options)
+        })
+        .collect();
+
+    let room = KvBudget::new(model.clone(), held);
+    let texts: Vec<(&str, String)> = (0..3).map(next).collect();
+    let results = {
+        let mut requests: Vec<TurnRequest<'_>> = convs
+            .iter_mut()
+            .zip(&texts)
+            .map(|(conversation, (role, text))| TurnRequest {
+                conversation,
+                text,
+                role,
+            })
+            .collect();
+        run_turns_within(
+            &mut requests,
+            BatchLimits {
+                max_turns: 1,
+                ..Default::default()
+            },
+            &room,
+        )
+    };
+    for (i, (r, want)) in results.into_iter().zip(&want).enumerate() {
+        let out = r.unwrap_or_else(|e| panic!("conversation {i}: {e}"));
+        assert_close(&format!("conversation {i}"), &out.embedding, want, F32);
+    }
+    assert!(
+        room.evictions() >= 2,
+        "the first turn evicted the others: {}",
+        room.evictions()
+    );
+    let after = model.ledger_snapshot().unwrap();
+    assert!(
+        after.peak <= held,
+        "the census's peak {} within the budget {held}",
+        after.peak
+    );
+    assert_eq!(after.ledger, after.census);
 }
