@@ -6,6 +6,7 @@ configuration, against all-MiniLM-L6-v2 in the same run.
     python bench/quality/run.py --fit-head   # refit models/heads/<model>.safetensors
     python bench/quality/run.py --fit-head --also-probe TEXT   # and cache TEXT's vectors in the same passes
     python bench/quality/run.py --model DIR --fit-head --head-out FILE [--stats-out FILE]   # for DIR's card's probe
+    python bench/quality/run.py --sets python,rust,conv_long --n 400 --own-heads convmean   # a partial run
 
 Sets (bench/quality/datasets.py): docstring -> code in Python (standard
 library) and Rust (cargo registry), held-out Python (third-party packages in
@@ -167,7 +168,7 @@ class CachedEmbed:
         return self.cache.embed(name, items, self.probe)
 
 
-def fit_heads_here(background, embed, log) -> dict[str, "es.HeadInput"]:
+def fit_heads_here(background, embed, log, which=("python_only", "rust_only", "convmean")) -> dict[str, "es.HeadInput"]:
     """Heads fitted here, as callables: on one language's head pairs each
     (the generalisation check: each scored on the other language), and on
     every pair with the conversation's mean in place of the turn's (issue 24
@@ -181,12 +182,16 @@ def fit_heads_here(background, embed, log) -> dict[str, "es.HeadInput"]:
         files.setdefault(r["set"], []).append(r["file"])
     heads = {}
     for lang in ("python", "rust"):
+        if f"{lang}_only" not in which:
+            continue
         qs, ds = vecs[lang]
         xq, xd = x(qs), x(ds)
         v = es.validation_files(files[lang])
         w, score, step = es.fit_head([(xq[~v], xd[~v])], [(xq[v], xd[v])])
         log(f"head fitted on {lang} only: validation MRR@10 {score:.4f} at step {step}")
         heads[f"{lang}_only"] = (lambda vv, w=w: x(vv) @ w)
+    if "convmean" not in which:
+        return heads
     xc = es.HeadInput(background, mean_key="convmean")
     groups, val = [], []
     for name, (qs, ds) in vecs.items():
@@ -229,8 +234,12 @@ def main(argv=None):
     ap.add_argument("--also-probe", action="append", default=[], help="a probe computed in the same passes and cached, for a later run whose model card has it (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
+    ap.add_argument("--own-heads", default="python_only,rust_only,convmean", help="which of the heads fitted here to fit (comma-separated)")
     ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here (on one language each, and the conversation mean's: the check rows; their 9,200 pairs are most of a run's model time)")
     args = ap.parse_args(argv)
+    unknown = set(args.own_heads.split(",")) - {"python_only", "rust_only", "convmean"}
+    if unknown:
+        ap.error(f"--own-heads: unknown {sorted(unknown)} (python_only, rust_only, convmean)")
     if args.report_only:
         write_report(json.loads(args.json.read_text()), args.out)
         return
@@ -277,7 +286,7 @@ def main(argv=None):
     served_head = ServedHead(read_safetensors(head_file)) if head_file.exists() else None
     if served_head is None:
         log(f"{head_file} is missing: the learned head is not measured")
-    own_heads = {} if args.smoke or args.no_own_heads else fit_heads_here(background, embed, log)
+    own_heads = {} if args.smoke or args.no_own_heads else fit_heads_here(background, embed, log, args.own_heads.split(","))
     wanted = set(args.sets.split(","))
     mini = MiniLM(find_model(ROOT / ".venv"))
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "cpu": platform.processor() or platform.machine(), "sets": {}}
