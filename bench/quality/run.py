@@ -248,6 +248,9 @@ def main(argv=None):
     sets = datasets.all_sets()
     for k, v in sets.items():
         log(f"{k}: {len(v)} pairs ({sum(p.part == 'fit' for p in v)} fit, {sum(p.part == 'eval' for p in v)} eval)")
+    empty = [k for k in ("python", "rust", "heldout") if k in args.sets.split(",") and not sets.get(k)]
+    if empty and not (args.write_background or args.write_head_pairs or args.fit_head):
+        sys.exit(f"no pairs for {empty}: the rust set reads the cargo registry (run `cargo fetch` in the project), heldout the packages in .venv")
     if args.write_background:
         es.write_background(sets)
         return
