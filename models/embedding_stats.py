@@ -309,6 +309,9 @@ def head_metadata(name: str, hidden: int, probe: str) -> dict[str, str]:
         "pairs_sha256": head_pairs_hash(),
         "tool_version": HEAD_TOOL_VERSION,
         "components": str(HEAD_COMPONENTS),
+        # Its mean part was fitted on the conversation's mean (a Converse
+        # stream's default, MEAN_OVER_CONVERSATION; a single text's is its own).
+        "mean_over": "conversation",
     }
 
 
@@ -366,9 +369,12 @@ def write_head(name: str, out: Path, background: dict[str, np.ndarray], embed, l
     `embed(set_name, items)` gives the pooled vectors of items (as
     pooled.Qwen.embed with the probe `embed.probe_text`, which the head's
     metadata names); `limit` caps the pairs per set (the tiny test model's
-    quick fit). Returns the fit's summary."""
+    quick fit). The mean part is the conversation's mean (a conversation's
+    every plain token; a single text's own mean): what a Converse stream
+    pools by default, and what Embed pools for its one text. Returns the
+    fit's summary."""
     rows = head_pairs(limit)
-    x = HeadInput(background)
+    x = HeadInput(background, mean_key="convmean")
     groups, val = [], []
     files_by_set: dict[str, list[str]] = {}
     for r in rows:

@@ -45,8 +45,10 @@ def test_statistics_are_reproducible_and_what_they_say(tmp_path):
 
 def test_head_is_reproducible_and_what_it_says(tmp_path):
     """A fresh fit over the tiny model writes the installed head byte for
-    byte. Its metadata names the probe and the pairs (sha256); its whitening
-    is the background's PCA whitening; its matrix, applied as the server
+    byte. Its metadata names the probe, the pairs (sha256) and the mean it
+    takes (the conversation's: a conversation's every plain token, a single
+    text's own mean); its whitening is the background's PCA whitening of the
+    probe and of the conversation means; its matrix, applied as the server
     applies it, ranks the validation pairs at least as well as the
     identity it starts from (the fit keeps its best validation step), and
     its outputs come ordered by their variance over the background."""
@@ -65,8 +67,10 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
     assert meta["probe"] == probe
     assert meta["pairs_sha256"] == hashlib.sha256((MODELS / "head_pairs.jsonl").read_bytes()).hexdigest()
     assert (meta["model"], meta["hidden_size"], meta["format"]) == ("tiny-random-qwen2", "64", "1")
+    assert meta["mean_over"] == "conversation"
+    pooled = {"probe": "probe", "mean": "convmean"}
     for key in ("probe", "mean"):
-        want = es.Transform.pca_whiten(background[f"{key}:final"], es.HEAD_COMPONENTS)
+        want = es.Transform.pca_whiten(background[f"{pooled[key]}:final"], es.HEAD_COMPONENTS)
         np.testing.assert_allclose(t[f"{key}.mean"], want.mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(t[f"{key}.proj"], want.proj, rtol=1e-5, atol=1e-6)
     assert t["head"].shape == (128, 128)
@@ -74,7 +78,7 @@ def test_head_is_reproducible_and_what_it_says(tmp_path):
     assert fit["step"] == summary["step"] and 0 <= fit["step"] <= es.HEAD_STEPS, fit
 
     def apply(v):
-        x = np.concatenate([es.unit((v[f"{k}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"])[0] for k in ("probe", "mean")], 1)
+        x = np.concatenate([es.unit((v[f"{pooled[k]}:final"] - t[f"{k}.mean"]) @ t[f"{k}.proj"])[0] for k in ("probe", "mean")], 1)
         return x, x @ t["head"]
 
     x, y = apply(background)
