@@ -53,10 +53,10 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny");
 //! let model = Model::open(dir, &ModelOptions::default())?;
-//! let mut conv = Conversation::new(&model, ConversationOptions::default())?;
+//! let mut conv = Conversation::new(&model, ConversationOptions::for_model(&model))?;
 //! let first: Vec<f32> = conv.embed("def add(a, b):\n    return a + b")?;
 //! let second = conv.embed("Now make it subtract.")?; // sees the first turn too
-//! // The defaults: the probe's and the mean's vectors through the learned head.
+//! // The defaults: the probe's vector and the conversation's mean through the learned head.
 //! assert_eq!(first.len(), model.embedding_head().expect("a base model has its head").dimensions);
 //! assert!(conv.context_len() > 0);
 //! conv.reset();

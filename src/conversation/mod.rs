@@ -21,9 +21,11 @@
 //! ([`Pooling::Probe`]; the probe's rows are then cut from the new cache, so
 //! the conversation's cache is what it would be without it), or both the
 //! probe's row and the mean are taken ([`Pooling::ProbeMean`]); the mean is
-//! the turn's text's, or with [`MeanOver::Conversation`] the whole
+//! the turn's text's, or with [`MeanOver::Conversation`] (a server
+//! stream's default, [`ConversationOptions::for_model`]) the whole
 //! context's (its tokens but the special ones: a running sum the
-//! conversation carries, summed again by every rebuild). The vector
+//! conversation carries, which an eviction keeps and a slide, a reset or a
+//! restore sums again, after a shared prefix that carries one). The vector
 //! is then standardised with the model's background statistics of that
 //! pooling (for [`Pooling::ProbeMean`]: each part on its own, each
 //! L2-normalised, side by side; or through the learned head,

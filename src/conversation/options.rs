@@ -58,6 +58,11 @@ impl Pooling {
         }
     }
 
+    /// Whether the pooling takes a mean (and so reads [`MeanOver`]).
+    pub fn takes_mean(self) -> bool {
+        matches!(self, Pooling::Mean | Pooling::ProbeMean)
+    }
+
     /// The tokens that ride after the turn on `model`: the probe's, the end
     /// token, or none.
     pub fn appended(self, model: &Model) -> &[u32] {
@@ -121,10 +126,15 @@ impl Standardize {
 }
 
 /// Which tokens [`Pooling::Mean`] (and [`Pooling::ProbeMean`]'s mean) averages.
+///
+/// A Converse stream's default is [`MeanOver::default_for`] its pooling (the
+/// conversation); `Default` is the turn, what options stored before the
+/// field existed were.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MeanOver {
     /// The turn's text tokens (each of which attended to the whole context).
+    /// What `Embed` pools for its one text (its template's tokens left out).
     #[default]
     Turn,
     /// Every token of the context after the turn that is not one of the
@@ -136,6 +146,20 @@ pub enum MeanOver {
     /// rebuild (after a slide, a reset, an eviction or a resume) sums its
     /// rows again from the first.
     Conversation,
+}
+
+impl MeanOver {
+    /// A conversation's default for `pooling`: the conversation for the
+    /// poolings that take a mean (measured in QUALITY.md: it wins every
+    /// conversation set, and the shipped head is fitted for it), the turn
+    /// (which nothing reads) for the others.
+    pub fn default_for(pooling: Pooling) -> MeanOver {
+        if pooling.takes_mean() {
+            MeanOver::Conversation
+        } else {
+            MeanOver::Turn
+        }
+    }
 }
 
 /// What kind of text a turn is, for the model's input-type templates.
@@ -207,6 +231,10 @@ pub struct ConversationOptions {
     pub mean_over: MeanOver,
 }
 
+/// PROBE_MEAN through the head, its mean the turn's ([`MeanOver`]'s
+/// `Default`, so that a stored session without the field reads as it was
+/// made). [`ConversationOptions::for_model`] is a server stream's defaults
+/// on a model: its card's pooling, the conversation's mean.
 impl Default for ConversationOptions {
     fn default() -> Self {
         Self {
@@ -228,13 +256,15 @@ impl Default for ConversationOptions {
 
 impl ConversationOptions {
     /// The defaults on `model`: its card's pooling, standardised as
-    /// [`Standardize::default_for`] says, normalised as the card says.
+    /// [`Standardize::default_for`] says, normalised as the card says, its
+    /// mean (if it takes one) over [`MeanOver::default_for`] it.
     pub fn for_model(model: &Model) -> Self {
         let pooling = Pooling::native(model.card().pooling);
         Self {
             pooling,
             standardize: Standardize::default_for(pooling, model),
             normalize: model.card().normalize,
+            mean_over: MeanOver::default_for(pooling),
             ..Self::default()
         }
     }
@@ -302,7 +332,7 @@ impl ConversationOptions {
         if self.standardize == Standardize::Head && model.embedding_head().is_none() {
             return Err(OptionsError::NoHead(model.card().pooling.name()));
         }
-        if self.mean_over == MeanOver::Conversation && !matches!(self.pooling, Pooling::Mean | Pooling::ProbeMean) {
+        if self.mean_over == MeanOver::Conversation && !self.pooling.takes_mean() {
             return Err(OptionsError::MeanOverNeedsMean);
         }
         if self.pooling == Pooling::EndToken {

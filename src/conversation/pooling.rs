@@ -47,10 +47,13 @@ impl RowSum {
 #[derive(Debug)]
 struct ContextRows {
     /// Per row of the sequence from its first, whether it is summed (not a
-    /// special token); rows past its end (the probe's) are not.
+    /// special token, nor a row the sum already holds); rows past its end
+    /// (the probe's) are not.
     plain: Vec<bool>,
-    /// The sum so far: the conversation's before the turn (or an empty one
-    /// when the sequence starts from an empty cache), then the rows taken.
+    /// The first row summed: the rows before it are in the sum already
+    /// (a rebuilt context whose sum the conversation kept).
+    first: usize,
+    /// The sum so far: the one the turn goes on from, then the rows taken.
     sum: RowSum,
 }
 
@@ -86,10 +89,13 @@ impl Pooler {
     }
 
     /// Also sums the rows of the sequence's first `plain.len()` tokens whose
-    /// `plain` is true onto `sum` (the conversation's sum before the
-    /// sequence), for [`MeanOver::Conversation`].
-    pub(crate) fn with_context(mut self, sum: RowSum, plain: Vec<bool>) -> Self {
-        self.context = Some(ContextRows { plain, sum });
+    /// `plain` is true, from row `first` on, onto `sum` (the conversation's
+    /// sum over the context before row `first`), for
+    /// [`MeanOver::Conversation`].
+    pub(crate) fn with_context(mut self, sum: RowSum, mut plain: Vec<bool>, first: usize) -> Self {
+        let first = first.min(plain.len());
+        plain[..first].fill(false);
+        self.context = Some(ContextRows { plain, first, sum });
         self
     }
 
@@ -99,7 +105,7 @@ impl Pooler {
     pub(crate) fn rows(&self) -> Range<usize> {
         let end = self.probe_row.map_or(self.text.end, |r| r + 1);
         match &self.context {
-            Some(c) => 0..end.max(c.plain.len()),
+            Some(c) => c.first.min(self.text.start)..end.max(c.plain.len()),
             None => self.text.start..end,
         }
     }

@@ -8,7 +8,7 @@ use super::{
     options::{ConversationOptions, MeanOver, OptionsError},
     pooling::RowSum,
 };
-use crate::model::{KvCache, Model, Segment};
+use crate::model::{KvCache, Model};
 
 /// One conversation over a shared [`Model`]: its own tokens and KV cache.
 ///
@@ -163,17 +163,6 @@ impl Conversation {
         let released = self.cache.total_bytes();
         self.cache = self.model.empty_cache();
         released
-    }
-
-    /// The deepest live shared segment that begins the context, for a
-    /// rebuild (after an eviction, or of a restored context): only the
-    /// tokens after it are prefilled. None for [`MeanOver::Conversation`],
-    /// whose running sum needs every context row's final state.
-    pub(super) fn surviving_base(&self) -> Option<Arc<Segment>> {
-        if self.options.mean_over == MeanOver::Conversation {
-            return None;
-        }
-        self.model.longest_segment(&self.tokens)
     }
 
     /// Whether the cache covers the context (false after

@@ -593,6 +593,7 @@ fn build(c: &Conversation, turn: Vec<u32>, text: Range<usize>, place: Place) -> 
         segment,
         dropped,
         rebuilt,
+        sum,
     } = place;
     let from_empty = placed.is_some();
     let kept = if from_empty {
@@ -632,7 +633,14 @@ fn build(c: &Conversation, turn: Vec<u32>, text: Range<usize>, place: Place) -> 
     Prefill {
         text,
         turn,
-        pooler: pooler(c, &sequence, probe, text_rows, probe_row, from_empty),
+        pooler: pooler(
+            c,
+            &sequence,
+            probe,
+            text_rows,
+            probe_row,
+            from_empty.then_some((sum, kept)),
+        ),
         sequence,
         from_empty,
         probe,
@@ -652,35 +660,72 @@ fn build(c: &Conversation, turn: Vec<u32>, text: Range<usize>, place: Place) -> 
 /// The pooler of a turn's `sequence` (its last `probe` tokens the probe's
 /// or the end token's), over the text rows `text`: with
 /// [`MeanOver::Conversation`] it also sums every row but the probe's that
-/// is not a special token, onto an empty sum when the sequence starts from
-/// an empty cache, else onto the conversation's.
+/// is not a special token and not in the sum already, onto the
+/// conversation's sum when the sequence runs on its cache, else (`placed`:
+/// the sum a rebuild goes on from and the context tokens it covers, and the
+/// context tokens before the sequence) onto that sum or an empty one.
 fn pooler(
     c: &Conversation,
     sequence: &[u32],
     probe: usize,
     text: std::ops::Range<usize>,
     probe_row: Option<usize>,
-    from_empty: bool,
+    placed: Option<(Option<(pooling::RowSum, usize)>, usize)>,
 ) -> pooling::Pooler {
     let model = c.model();
     let pooler = pooling::Pooler::new(model.spec().hidden_size, text, probe_row);
     if c.options().mean_over != MeanOver::Conversation {
         return pooler;
     }
-    // A conversation forgets its sum only with a cache it no longer has
-    // (restored or rolled back onto tokens): a turn on top of its cache
-    // always has the sum to go on from.
-    debug_assert!(from_empty || c.context_sum().is_some(), "a resident conversation's sum");
-    let sum = match c.context_sum() {
-        Some(sum) if !from_empty => sum.clone(),
-        _ => pooling::RowSum::empty(model.spec().hidden_size),
+    let empty = || pooling::RowSum::empty(model.spec().hidden_size);
+    let (sum, first) = match placed {
+        // A conversation forgets its sum only with a cache it no longer
+        // has (restored or rolled back onto tokens): a turn on top of its
+        // cache always has the sum to go on from.
+        None => {
+            debug_assert!(c.context_sum().is_some(), "a resident conversation's sum");
+            (c.context_sum().cloned().unwrap_or_else(empty), 0)
+        }
+        Some((Some((sum, covers)), before)) => (sum, covers.saturating_sub(before)),
+        Some((None, _)) => (empty(), 0),
     };
     let tokenizer = model.tokenizer();
     let plain = sequence[..sequence.len() - probe]
         .iter()
         .map(|&id| !tokenizer.is_special(id))
         .collect();
-    pooler.with_context(sum, plain)
+    pooler.with_context(sum, plain, first)
+}
+
+/// What an evicted or restored context is rebuilt on: the deepest live
+/// shared segment that begins it (only the tokens after it are prefilled)
+/// and, for [`MeanOver::Conversation`], the running sum the turn goes on
+/// from with the context tokens it covers. That is the conversation's own
+/// sum when it kept it (an eviction keeps it: the rebuilt rows are not
+/// summed again), else (restored, rolled back) the sum through a segment of
+/// the chain that a turn summing the conversation left on it, the rows
+/// after that segment rebuilt and summed; with neither, the whole context
+/// is rebuilt and summed from its first token.
+fn rebuild_base(c: &Conversation) -> (Option<Arc<Segment>>, Option<(pooling::RowSum, usize)>) {
+    let segment = c.model().longest_segment(c.tokens());
+    if c.options().mean_over != MeanOver::Conversation {
+        return (segment, None);
+    }
+    if let Some(sum) = c.context_sum() {
+        return (segment, Some((sum.clone(), c.context_len())));
+    }
+    // The sum over a stretch of tokens does not depend on the options (the
+    // probe's rows are never summed): any replay that kept one will do.
+    let mut at = segment;
+    while let Some(s) = at {
+        if let Some(r) = s.output::<Replay>(|r| r.context_sum.is_some())
+            && let Some(sum) = &r.context_sum
+        {
+            return (Some(s.clone()), Some((sum.clone(), s.end())));
+        }
+        at = s.parent().cloned();
+    }
+    (None, None)
 }
 
 /// Where a turn of `n` tokens goes in a conversation's context.
@@ -697,6 +742,10 @@ struct Place {
     dropped: usize,
     /// Context tokens recomputed because the cache had been evicted.
     rebuilt: usize,
+    /// For [`MeanOver::Conversation`] on a rebuild: the running sum the
+    /// turn goes on from, and how many of the context's first tokens it
+    /// covers (`None`: an empty sum).
+    sum: Option<(pooling::RowSum, usize)>,
 }
 
 /// The window's rule for a turn of `n` tokens (at most the window): on top
@@ -712,15 +761,17 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
                 segment: None,
                 dropped: 0,
                 rebuilt: 0,
+                sum: None,
             });
         }
-        let segment = c.surviving_base();
+        let (segment, sum) = rebuild_base(c);
         let from = segment.as_ref().map_or(0, |s| s.end());
         return Ok(Place {
             base: Some(c.tokens()[from..].to_vec()),
             segment,
             dropped: 0,
             rebuilt: ctx - from,
+            sum,
         });
     }
     match o.overflow {
@@ -734,6 +785,7 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
             segment: None,
             dropped: ctx,
             rebuilt: 0,
+            sum: None,
         }),
         Overflow::Slide => {
             let keep = o.keep_tokens.min(ctx);
@@ -756,6 +808,7 @@ fn place(c: &Conversation, n: usize) -> Result<Place, TurnError> {
                 base: Some(kept),
                 segment: None,
                 rebuilt: 0,
+                sum: None,
             })
         }
     }

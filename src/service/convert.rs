@@ -63,9 +63,12 @@ fn input_type(value: i32) -> Result<InputType, ServiceError> {
     }
 }
 
-fn mean_over(value: i32) -> Result<MeanOver, ServiceError> {
+/// The mean asked for; unset, `pooling`'s default (the conversation's for
+/// the poolings that take a mean).
+fn mean_over(value: i32, pooling: Pooling) -> Result<MeanOver, ServiceError> {
     match pb::MeanOver::try_from(value) {
-        Ok(pb::MeanOver::Unspecified | pb::MeanOver::Turn) => Ok(MeanOver::Turn),
+        Ok(pb::MeanOver::Unspecified) => Ok(MeanOver::default_for(pooling)),
+        Ok(pb::MeanOver::Turn) => Ok(MeanOver::Turn),
         Ok(pb::MeanOver::Conversation) => Ok(MeanOver::Conversation),
         Err(_) => Err(ServiceError::UnknownEnum {
             field: "mean_over",
@@ -88,7 +91,7 @@ fn overflow(value: i32) -> Result<Overflow, ServiceError> {
 
 /// An `Embed` request's options over the server's defaults on `model` (a
 /// stream's: the same pooling and standardisation; each text is a one-turn
-/// conversation).
+/// conversation whose mean is its text's, its template left out).
 pub fn embed_options(
     req: &pb::EmbedRequest,
     limits: &Limits,
@@ -102,6 +105,7 @@ pub fn embed_options(
         normalize: req.normalize.unwrap_or(base.normalize),
         standardize: standardize(req.standardize, pooling, model)?,
         input_type: input_type(req.input_type)?,
+        mean_over: MeanOver::Turn,
         ..base
     })
 }
@@ -135,7 +139,7 @@ impl Limits {
             include_turn_mean: o.include_turn_mean,
             standardize: standardize(o.standardize, pooling, model)?,
             input_type: input_type(o.input_type)?,
-            mean_over: mean_over(o.mean_over)?,
+            mean_over: mean_over(o.mean_over, pooling)?,
             ..base
         })
     }

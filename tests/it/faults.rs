@@ -8,13 +8,12 @@
 //! until the test releases them. Streams take the defaults (PROBE_MEAN): the
 //! probe's 12 tokens ride at the end of each turn's call(s).
 
-use stateful_embedder::conversation::ConversationOptions;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use crate::support::{
     DEADLINE, models,
-    oracle::{F32, assert_close, oracle},
+    oracle::{F32, assert_close, oracle, stream_defaults},
     server::{Gate, Launch, TestServer},
     stream::{Talker, answer, embedding, end_status, open, turn},
     tokens,
@@ -117,7 +116,7 @@ async fn a_failed_batch_still_answers_every_turn() {
     for ((_, rx), text) in shorts.iter_mut().zip(&texts) {
         let r = answer(rx).await;
         let (ids, span) = tokens::turn(text, "user");
-        let want = oracle(&model, &ids, span, &ConversationOptions::default());
+        let want = oracle(&model, &ids, span, &stream_defaults());
         assert_close(text, &embedding(&r).values, &want, F32);
     }
     let after = server.wait_stats("all answered", |s| s.queued_turns == 0).await;

@@ -17,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     DEADLINE, models,
-    oracle::{F32, assert_close, cosine, oracle},
+    oracle::{F32, assert_close, close, cosine, oracle, stream_defaults},
     server::{BIN, Gate, Launch, TestServer},
     stream::{answer, converse_all, embedding, end_status, error, next, open, open_stream, options, reset, turn},
     tokens::{self, Context},
@@ -30,8 +30,12 @@ const TURNS: [(&str, &str); 3] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// The engine's oracle holds over the wire: each streamed turn equals the one-shot embedding.
+/// The engine's oracle holds over the wire: each streamed turn equals the
+/// one-shot embedding under the documented defaults (PROBE_MEAN through the
+/// head, its mean over the whole conversation), which is not the turn
+/// mean's vector after the first turn.
 async fn oracle_holds_over_the_wire() {
+    use stateful_embedder::conversation::MeanOver;
     let server = TestServer::start(&[]).await;
     let mut client = server.client().await;
     let requests = TURNS
@@ -47,9 +51,21 @@ async fn oracle_holds_over_the_wire() {
     for (i, ((text, role), r)) in TURNS.iter().zip(&responses).enumerate() {
         let before = context.ids.len();
         let span = context.push(text, role);
-        let want = oracle(&model, &context.ids, span, &ConversationOptions::default());
+        let documented = stream_defaults();
+        let want = oracle(&model, &context.ids, span.clone(), &documented);
         let e = embedding(r);
         assert_close(&format!("turn {i}"), &e.values, &want, F32);
+        let turn_mean = ConversationOptions {
+            mean_over: MeanOver::Turn,
+            ..documented
+        };
+        let other = oracle(&model, &context.ids, span, &turn_mean);
+        if i > 0 {
+            assert!(
+                !close(&e.values, &other, F32),
+                "turn {i}: the default pooled the turn's mean"
+            );
+        }
         assert_eq!(e.context_tokens as usize, context.ids.len());
         assert_eq!(e.turn_tokens as usize, context.ids.len() - before);
     }
@@ -150,7 +166,7 @@ async fn in_band_errors_keep_the_session() {
     let mut context = Context::default();
     context.push(TURNS[1].0, "user");
     let span = context.push(TURNS[2].0, "assistant");
-    let want = oracle(&model, &context.ids, span, &ConversationOptions::default());
+    let want = oracle(&model, &context.ids, span, &stream_defaults());
     assert_close("turn after errors", &last.values, &want, F32);
 
     // Options that cannot work are an in-band error too, and the defaults stay.
@@ -317,6 +333,9 @@ async fn quality_options_over_the_wire() {
                 pb::InputType::Document => InputType::Document,
                 pb::InputType::Unspecified => InputType::Raw,
             },
+            // Embed's mean is its text's (MEAN_OVER_TURN: the query
+            // template's tokens left out), whatever a stream's default.
+            mean_over: stateful_embedder::conversation::MeanOver::Turn,
             ..Default::default()
         };
         let mut conv = Conversation::new(&model, o).unwrap();
@@ -833,7 +852,7 @@ async fn check_short_turns(
     for ((_, stream), text) in streams.iter_mut().zip(texts) {
         let r = answer(stream).await;
         let (ids, span) = tokens::turn(text, "user");
-        let want = oracle(&model, &ids, span, &ConversationOptions::default());
+        let want = oracle(&model, &ids, span, &stream_defaults());
         assert_close(&format!("stream {}", r.tag), &embedding(&r).values, &want, F32);
         assert_eq!(embedding(&r).context_tokens as usize, ids.len());
         context += u64::from(embedding(&r).context_tokens);

@@ -475,48 +475,65 @@ fn shared_prefixes_are_bit_exact() {
 /// session restored from a store, on any replica) is rebuilt on the longest
 /// live shared prefix that begins it: only the tokens after it are
 /// prefilled (the rebuilt-token count and the tokens-saved counter), and its
-/// next vector meets the oracle. The control: once no conversation reads
+/// next vector meets the oracle. With MEAN_OVER_CONVERSATION (the restored
+/// context has no running sum) it goes on from the sum a turn left on the
+/// prefix; a prefix made by conversations that kept no sum gives it none,
+/// and everything is recomputed. The control: once no conversation reads
 /// that prefix, the same restore recomputes everything.
 fn a_restored_context_rebuilds_on_a_live_prefix() {
-    let (model, plain) = (models::tiny_private("model.onnx"), models::tiny_private("model.onnx"));
-    model.set_shared_prefix_tokens(2048);
-    let options = ConversationOptions::default();
-    let mut turns = prefix();
-    let p = tokens_of(&turns);
-    let mut holder = Conversation::new(&model, options.clone()).unwrap();
-    take(&mut holder, &turns);
-    turns.push(("user", "fn own() -> bool { true }".to_string()));
-    turns.push(("assistant", "It is always true.".to_string()));
-    let (tokens, n) = {
-        let mut gone = Conversation::new(&model, options.clone()).unwrap();
-        take(&mut gone, &turns);
-        (gone.tokens().to_vec(), gone.turns())
-    };
-    let next = ("user", "And now?".to_string());
-    let mut context = Context { ids: tokens.clone() };
-    let span = context.push(&next.1, next.0);
-    let want = oracle(&plain, &context.ids, span, &options);
+    for (held_as, restored_as) in [
+        (MeanOver::Turn, MeanOver::Turn),
+        (MeanOver::Conversation, MeanOver::Conversation),
+        (MeanOver::Turn, MeanOver::Conversation),
+    ] {
+        let what = format!("prefix held as {held_as:?}, restored as {restored_as:?}");
+        // Every conversation before the restore (the prefix's holder, and
+        // the one whose context is restored) takes its turns as `held_as`.
+        let (model, plain) = (models::tiny_private("model.onnx"), models::tiny_private("model.onnx"));
+        model.set_shared_prefix_tokens(2048);
+        let over = |mean_over| ConversationOptions {
+            mean_over,
+            ..ConversationOptions::default()
+        };
+        let options = over(restored_as);
+        let mut turns = prefix();
+        let p = tokens_of(&turns);
+        let mut holder = Conversation::new(&model, over(held_as)).unwrap();
+        take(&mut holder, &turns);
+        turns.push(("user", "fn own() -> bool { true }".to_string()));
+        turns.push(("assistant", "It is always true.".to_string()));
+        let (tokens, n) = {
+            let mut gone = Conversation::new(&model, over(held_as)).unwrap();
+            take(&mut gone, &turns);
+            (gone.tokens().to_vec(), gone.turns())
+        };
+        let next = ("user", "And now?".to_string());
+        let mut context = Context { ids: tokens.clone() };
+        let span = context.push(&next.1, next.0);
+        let want = oracle(&plain, &context.ids, span, &options);
 
-    let restore = || {
-        let saved = model.prefix_stats().tokens_saved;
-        let mut c = Conversation::restored(&model, options.clone(), tokens.clone(), n).unwrap();
-        let out = c.turn(&next.1, next.0).expect("the restored conversation's turn");
-        assert_close("restored", &out.embedding, &want, F32);
-        (c, out.rebuilt_tokens, model.prefix_stats().tokens_saved - saved)
-    };
-    let (restored, rebuilt, saved) = restore();
-    assert_eq!(
-        (rebuilt, saved),
-        (tokens.len() - p, p as u64),
-        "rebuilt on the live prefix"
-    );
-    drop((holder, restored));
-    let (_, rebuilt, saved) = restore();
-    assert_eq!(
-        (rebuilt, saved),
-        (tokens.len(), 0),
-        "no live prefix: everything recomputed"
-    );
+        let restore = || {
+            let saved = model.prefix_stats().tokens_saved;
+            let mut c = Conversation::restored(&model, options.clone(), tokens.clone(), n).unwrap();
+            let out = c.turn(&next.1, next.0).expect("the restored conversation's turn");
+            assert_close(&what, &out.embedding, &want, F32);
+            (c, out.rebuilt_tokens, model.prefix_stats().tokens_saved - saved)
+        };
+        let (restored, rebuilt, saved) = restore();
+        let expected = if held_as == restored_as {
+            (tokens.len() - p, p as u64)
+        } else {
+            (tokens.len(), 0)
+        };
+        assert_eq!((rebuilt, saved), expected, "{what}: rebuilt on the live prefix");
+        drop((holder, restored));
+        let (_, rebuilt, saved) = restore();
+        assert_eq!(
+            (rebuilt, saved),
+            (tokens.len(), 0),
+            "{what}: no live prefix: everything recomputed"
+        );
+    }
 }
 
 #[test]

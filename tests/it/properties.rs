@@ -76,8 +76,11 @@ fn wire_overflow(v: i32) -> Option<Overflow> {
     })
 }
 
-fn wire_mean_over(v: i32) -> Option<MeanOver> {
+/// The documented rule: unset is the conversation for the poolings that
+/// take a mean (MEAN, PROBE_MEAN), the turn for the others.
+fn wire_mean_over(v: i32, pooling: Pooling) -> Option<MeanOver> {
     Some(match v {
+        0 if matches!(pooling, Pooling::Mean | Pooling::ProbeMean) => MeanOver::Conversation,
         0 | 1 => MeanOver::Turn,
         2 => MeanOver::Conversation,
         _ => return None,
@@ -236,7 +239,7 @@ proptest! {
                 prop_assert_eq!(Some(options.standardize), wire_standardize(o.standardize, pooling));
                 prop_assert_eq!(Some(options.input_type), wire_input_type(o.input_type));
                 prop_assert_eq!(Some(options.overflow), wire_overflow(o.overflow));
-                prop_assert_eq!(Some(options.mean_over), wire_mean_over(o.mean_over));
+                prop_assert_eq!(Some(options.mean_over), wire_mean_over(o.mean_over, pooling));
                 prop_assert_eq!(options.dimensions, (o.dimensions != 0).then_some(o.dimensions as usize));
                 prop_assert_eq!(options.normalize, o.normalize.unwrap_or(true));
                 let window = if o.max_context_tokens == 0 { limits.max_context_tokens } else { o.max_context_tokens as usize };
@@ -264,7 +267,7 @@ proptest! {
                     wire_standardize(o.standardize, p).is_some()
                         && wire_input_type(o.input_type).is_some()
                         && wire_overflow(o.overflow).is_some()
-                        && wire_mean_over(o.mean_over).is_some()
+                        && wire_mean_over(o.mean_over, p).is_some()
                 });
                 prop_assert!(
                     !known || o.max_context_tokens as usize > limits.max_context_tokens,

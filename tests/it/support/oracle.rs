@@ -22,6 +22,19 @@ pub fn oracle(model: &Model, ids: &[u32], span: Range<usize>, options: &Conversa
     oracle_by(model, ids, span, options, &|ids, keep| one_shot(model, ids, keep))
 }
 
+/// A Converse stream's defaults as the proto documents them (on a base
+/// model's card): PROBE_MEAN through the learned head, its mean over the
+/// whole conversation. Written out here, not read from the server's own
+/// defaults.
+pub fn stream_defaults() -> ConversationOptions {
+    ConversationOptions {
+        pooling: Pooling::ProbeMean,
+        standardize: Standardize::Head,
+        mean_over: MeanOver::Conversation,
+        ..ConversationOptions::default()
+    }
+}
+
 /// How [`oracle_by`] runs the model over a sequence: the hidden rows of
 /// `keep` (indices into `ids`).
 pub type Run<'a> = &'a dyn Fn(&[u32], Range<usize>) -> Vec<Vec<f32>>;

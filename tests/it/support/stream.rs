@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use super::{
     DEADLINE, models,
-    oracle::{F32, assert_close, oracle},
+    oracle::{F32, assert_close, oracle, stream_defaults},
     tokens::Context,
 };
 
@@ -175,7 +175,7 @@ impl Talker {
             tx,
             rx,
             context: Context::default(),
-            options: ConversationOptions::default(),
+            options: stream_defaults(),
         }
     }
 
