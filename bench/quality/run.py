@@ -329,9 +329,8 @@ def main(argv=None):
             probe_mean["served_head"] = served_head
             # Truncated widths (the `dimensions` option) of the default.
             for w in WIDTHS:
-                probe_mean[f"served_head@{w}"] = ServedHead(served_head.t, width=w)
-            # The conversation's mean in place of the turn's, through the
-            # head fitted on turn means (no head is fitted for it yet).
+                probe_mean[f"served_head_convmean@{w}"] = ServedHead(served_head.t, mean_key="convmean", width=w)
+            # The conversation's mean (the default; the head is fitted for it).
             probe_mean["served_head_convmean"] = ServedHead(served_head.t, mean_key="convmean")
         if served is not None:
             probe_mean["whiten"] = side_by_side(served)
@@ -390,10 +389,13 @@ def cpu_features() -> str:
 
 # What the server offers, by the harness's row names (pooling:layer|transform|q=query template).
 SERVED = [
-    ("PROBE_MEAN, learned head (the default)", "probe_mean|served_head|q=raw"),
-    ("PROBE_MEAN, learned head, first 512 of 768 dims (`dimensions: 512`)", "probe_mean|served_head@512|q=raw"),
-    ("PROBE_MEAN, learned head, first 256 dims", "probe_mean|served_head@256|q=raw"),
-    ("PROBE_MEAN, learned head, first 128 dims", "probe_mean|served_head@128|q=raw"),
+    # A single text's conversation mean is its own mean: on the code sets the
+    # default row is Embed's vector, on the conversation sets a stream's.
+    ("PROBE_MEAN over the conversation, learned head (the default)", "probe_mean|served_head_convmean|q=raw"),
+    ("the default, first 512 of 768 dims (`dimensions: 512`)", "probe_mean|served_head_convmean@512|q=raw"),
+    ("the default, first 256 dims", "probe_mean|served_head_convmean@256|q=raw"),
+    ("the default, first 128 dims", "probe_mean|served_head_convmean@128|q=raw"),
+    ("PROBE_MEAN, learned head, MEAN_OVER_TURN", "probe_mean|served_head|q=raw"),
     ("PROBE_MEAN, learned head, query input type", "probe_mean|served_head|q=query"),
     ("PROBE_MEAN, head fitted on Python pairs only (check)", "probe_mean|head_python_only|q=raw"),
     ("PROBE_MEAN, head fitted on Rust pairs only (check)", "probe_mean|head_rust_only|q=raw"),
@@ -411,12 +413,11 @@ SERVED = [
     ("MEAN over the conversation, whitened", "convmean:final|served_whiten|q=raw"),
     ("MEAN over the conversation, raw", "convmean:final|raw|q=raw"),
     ("PROBE_MEAN over the conversation, whitened (side by side, no head)", "probe_mean|whiten_convmean|q=raw"),
-    ("PROBE_MEAN over the conversation, head fitted on turn means", "probe_mean|served_head_convmean|q=raw"),
-    ("PROBE_MEAN over the conversation, head fitted for it (on every pair; check)", "probe_mean|head_convmean|q=raw"),
+    ("PROBE_MEAN over the conversation, head fitted here (check: the shipped head's fit again)", "probe_mean|head_convmean|q=raw"),
     ("LAST_TOKEN, z-score", "last:final|served|q=raw"),
     ("LAST_TOKEN, raw", "last:final|raw|q=raw"),
 ]
-DEFAULT_ROW = "probe_mean|served_head|q=raw"
+DEFAULT_ROW = "probe_mean|served_head_convmean|q=raw"
 WIDTHS = (128, 256, 512)  # of the head's 768
 MARKER = "<!-- Hand-written from here on: make quality keeps everything below this line. -->"
 
