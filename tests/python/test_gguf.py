@@ -357,7 +357,8 @@ def test_the_server_serves_a_converted_gguf(d, vocabulary, tmp_path, pb):
     """`serve` on the converted directory: GetModelInfo names the file's
     model; Embed's raw MEAN vector is the reference's mean over the text; and
     each turn of a conversation, prefilled on the cached context, is the mean
-    of its rows in the reference's one-shot forward of the whole conversation."""
+    of its rows (MEAN_OVER_TURN) or of every row (the default) in the
+    reference's one-shot forward of the whole conversation."""
     import grpc  # noqa: PLC0415
 
     pb2, rpc = pb
@@ -382,9 +383,15 @@ def test_the_server_serves_a_converted_gguf(d, vocabulary, tmp_path, pb):
             ), info
             assert info.name.startswith(f"served-{d.arch}-"), info.name
             reply = stub.Embed(pb2.EmbedRequest(texts=[TEXT], **raw), timeout=DEADLINE)
-            requests = [pb2.ConverseRequest(options=pb2.SessionOptions(**raw))]
+            # The turn's own rows (the default mean is the conversation's).
+            turn_mean = pb2.SessionOptions(**raw, mean_over=pb2.MEAN_OVER_TURN)
+            requests = [pb2.ConverseRequest(options=turn_mean)]
             requests += [pb2.ConverseRequest(turn=pb2.Turn(text=t)) for t in TURNS]
             answers = list(stub.Converse(iter(requests), timeout=DEADLINE))
+            # The default mean: the whole conversation's (no turn here has a
+            # special token, so every row of the context).
+            requests[0] = pb2.ConverseRequest(options=pb2.SessionOptions(**raw))
+            whole = list(stub.Converse(iter(requests), timeout=DEADLINE))
     except grpc.RpcError as e:
         pytest.fail(f"the server failed on the converted model: {e.code()} {e.details()}")
     finally:
@@ -396,16 +403,22 @@ def test_the_server_serves_a_converted_gguf(d, vocabulary, tmp_path, pb):
     assert relative(got, want) <= TOLERANCE, f"Embed: {relative(got, want):.2e}"
 
     assert [a.WhichOneof("result") for a in answers] == ["ready"] + ["embedding"] * len(TURNS), answers
+    assert [a.WhichOneof("result") for a in whole] == ["ready"] + ["embedding"] * len(TURNS), whole
     conversation = []
-    for k, (text, answer) in enumerate(zip(TURNS, answers[1:])):
+    for k, (text, answer, over_all) in enumerate(zip(TURNS, answers[1:], whole[1:])):
         turn = token_ids(tokenizer, text)
         start = len(conversation)
         conversation += turn
         assert answer.embedding.context_tokens == len(conversation)
-        want = reference(held, d, conversation)[start:].mean(axis=0)
+        rows = reference(held, d, conversation)
+        want = rows[start:].mean(axis=0)
         got = np.array(answer.embedding.values, dtype=np.float64)
         print(f"{d.arch} served, turn {k + 1}: within {relative(got, want):.1e} of the one-shot reference")
         assert relative(got, want) <= TOLERANCE, f"turn {k + 1}: {relative(got, want):.2e}"
+        whole_got = np.array(over_all.embedding.values, dtype=np.float64)
+        assert relative(whole_got, rows.mean(axis=0)) <= TOLERANCE, f"turn {k + 1}, conversation mean: {relative(whole_got, rows.mean(axis=0)):.2e}"
+        if k > 0:
+            assert relative(whole_got, want) > 1e-2, f"turn {k + 1}: the default pooled the turn alone"
     # The conversation's bound sees a lost context: turn 3 alone differs.
     alone = reference(held, d, token_ids(tokenizer, TURNS[-1])).mean(axis=0)
     assert relative(got, alone) > 1e-2, f"turn 3 without its context: {relative(got, alone):.2e}"
