@@ -168,7 +168,7 @@ class CachedEmbed:
         return self.cache.embed(name, items, self.probe)
 
 
-def fit_heads_here(background, embed, log, which=("python_only", "rust_only", "convmean")) -> dict[str, "es.HeadInput"]:
+def fit_heads_here(background, embed, log, which=("python_only", "rust_only")) -> dict[str, "es.HeadInput"]:
     """Heads fitted here, as callables: on one language's head pairs each
     (the generalisation check: each scored on the other language), and on
     every pair with the conversation's mean in place of the turn's (issue 24
@@ -234,7 +234,7 @@ def main(argv=None):
     ap.add_argument("--also-probe", action="append", default=[], help="a probe computed in the same passes and cached, for a later run whose model card has it (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running anything")
     ap.add_argument("--sets", default="python,rust,heldout,conv_two_turn,conv_multi_turn,conv_long", help="the sets to score (comma-separated; a partial run, e.g. with --out elsewhere)")
-    ap.add_argument("--own-heads", default="python_only,rust_only,convmean", help="which of the heads fitted here to fit (comma-separated)")
+    ap.add_argument("--own-heads", default="python_only,rust_only", help="which of the heads fitted here to fit (comma-separated; convmean is the shipped head's own fit since 2026-12-05, a reproducibility check worth a rerun only after the fit changes)")
     ap.add_argument("--no-own-heads", action="store_true", help="skip the heads fitted here (on one language each, and the conversation mean's: the check rows; their 9,200 pairs are most of a run's model time)")
     args = ap.parse_args(argv)
     unknown = set(args.own_heads.split(",")) - {"python_only", "rust_only", "convmean"}
